@@ -1,0 +1,200 @@
+"""Service settings (environment, ``IMBOT_`` prefix) and the operator's policy file (YAML).
+
+``Settings`` holds what differs between deployments and secrets; ``Policy`` holds
+what operators edit as data: bots, which messages are AI conversations, models
+and prices, routes, moderation and canned replies. Both are frozen and built once
+in each service's ``main()``.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from core.errors import ConfigurationError
+
+DEFAULT_POLICY_FILE = Path(__file__).with_name("default_policy.yaml")
+
+
+def _split_commas(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IMBOT_", frozen=True, extra="ignore")
+
+    # -- gateway --------------------------------------------------------------
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8080
+    callback_path: str = "/easemob/callback"
+    callback_secrets: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    # Reject callbacks whose Easemob timestamp is further than this from our clock
+    # (replay protection). 0 turns the check off; Easemob documents no window.
+    callback_timestamp_window_s: float = 0.0
+    callback_max_body_bytes: int = 64 * 1024
+    # How long the gateway waits for Kafka to acknowledge a publish before it
+    # answers by the fail policy. Keep it well under the rule's wait time (200 ms).
+    publish_timeout_ms: int = 120
+    # Remember this many recently published msg_ids so an Easemob duplicate
+    # (a second matching rule, an edit) is not published and billed twice.
+    dedupe_window: int = 100_000
+
+    # -- kafka ----------------------------------------------------------------
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    # True when the broker is the embedded Tansu: applies its workarounds
+    # (one record per batch, short fetch waits, short group timeouts).
+    kafka_embedded: bool = False
+    kafka_idempotent_producer: bool = False
+    topic_prefix: str = ""
+    topic_partitions: int = 6
+    topic_replication: int = 1
+    consumer_fetch_max_wait_ms: int = 10
+
+    # -- stages ---------------------------------------------------------------
+    stage_max_in_flight: int = 64  # concurrent messages per stage worker (distinct conversations)
+    stage_deadline_s: float = 60.0  # retries of one message stop here, then DLQ
+    stage_retry_base_s: float = 0.2
+    stage_retry_max_s: float = 5.0
+    worker_metrics_port: int = 0  # 0: no metrics server (imbot dev picks ports)
+    worker_group: str = ""  # consumer group; default derived from the stages run
+
+    # -- storage --------------------------------------------------------------
+    database_url: str = "sqlite+aiosqlite:///./imbot.db"
+
+    # -- easemob REST ---------------------------------------------------------
+    easemob_base_url: str = "https://a1.easemob.com"
+    easemob_org: str = "demo-org"
+    easemob_app: str = "demo-app"
+    easemob_client_id: str = ""
+    easemob_client_secret: SecretStr = SecretStr("")
+    easemob_timeout_s: float = 10.0
+
+    # -- operations -----------------------------------------------------------
+    policy_file: Path = DEFAULT_POLICY_FILE
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    @field_validator("callback_secrets", mode="before")
+    @classmethod
+    def _secrets_from_commas(cls, value: object) -> object:
+        return _split_commas(value)
+
+    def topic(self, base: str) -> str:
+        return f"{self.topic_prefix}{base}" if self.topic_prefix else base
+
+    @cached_property
+    def policy(self) -> Policy:
+        return load_policy(self.policy_file)
+
+    def secret_values(self) -> list[str]:
+        return [s.get_secret_value() for s in self.callback_secrets]
+
+
+# ---------------------------------------------------------------------------
+# Policy (YAML)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Bot(_Frozen):
+    id: str
+    name: str = ""
+    route: str = "default"
+
+
+class AiRules(_Frozen):
+    """Which messages belong to an AI conversation."""
+
+    direct_to_bot: bool = True  # 1:1 messages whose `to` is a bot account
+    group_mention: bool = True  # group/chatroom messages that @-mention a bot (ext.em_at_list)
+    mention_all: bool = False  # whether @all counts as mentioning the bot
+    ext_flag: str | None = "imbot_ai"  # ext key whose truthy value marks a message as AI
+    ext_bot_key: str = "imbot_bot"  # ext key naming the bot to answer (with ext_flag)
+    chat_types: tuple[Literal["chat", "group", "chatroom"], ...] = ("chat", "group", "chatroom")
+    body_types: tuple[str, ...] = ("txt",)
+
+
+class CallbackPolicy(_Frozen):
+    # What Easemob is told about the user's own message once it is published:
+    # pass = deliver it to the recipients (the bot's inbox / the group) as usual;
+    # intercept = block it (only the AI reply is delivered).
+    ai_message: Literal["pass", "intercept"] = "pass"
+    intercept_code: str = "IMBOT_AI_HANDLED"
+    # What to answer when Kafka cannot take the message within the budget.
+    kafka_failure: Literal["pass", "block"] = "pass"
+    kafka_failure_code: str = "IMBOT_UNAVAILABLE"
+
+
+class Route(_Frozen):
+    models: tuple[str, ...]
+    system_prompt: str | None = None
+    max_output_tokens: int | None = 1024
+    history_turns: int = 10
+    history_token_budget: int = 2000
+
+
+class Replies(_Frozen):
+    fallback: str = "抱歉，AI 助手暂时无法回答，请稍后再试。"
+    blocked_input: str = "抱歉，这个问题我无法回答。"
+    blocked_output: str = "抱歉，这个回答未能通过内容审核。"
+    rejected: str = "抱歉，这个问题我无法回答。"
+    unsupported: str = "目前我只能阅读文字消息。"
+
+
+class Policy(_Frozen):
+    bots: tuple[Bot, ...] = (Bot(id="ai_bot", name="AI"),)
+    ai: AiRules = AiRules()
+    callback: CallbackPolicy = CallbackPolicy()
+    # Model catalog and moderation config are validated by their owners
+    # (adapters.registry, streams.moderation) so core stays free of their schemas.
+    models: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    routes: dict[str, Route] = Field(default_factory=lambda: {"default": Route(models=("demo",))})
+    moderation: dict[str, Any] = Field(default_factory=dict)
+    replies: Replies = Replies()
+
+    @cached_property
+    def bot_ids(self) -> frozenset[str]:
+        return frozenset(b.id for b in self.bots)
+
+    def bot(self, bot_id: str) -> Bot | None:
+        for b in self.bots:
+            if b.id == bot_id:
+                return b
+        return None
+
+
+def load_policy(path: Path) -> Policy:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read policy file {path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigurationError(f"policy file {path} is not valid YAML: {exc}") from None
+    try:
+        policy = Policy.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigurationError(f"policy file {path} is invalid: {exc}") from None
+    for name, route in policy.routes.items():
+        for model in route.models:
+            if model not in policy.models:
+                raise ConfigurationError(f"route {name!r} names unknown model {model!r}")
+    if "default" not in policy.routes:
+        raise ConfigurationError("policy file needs a route named 'default'")
+    return policy
+
+
+def load_settings(**overrides: Any) -> Settings:
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigurationError(f"invalid IMBOT_ settings: {exc}") from None
+    return settings
