@@ -32,7 +32,9 @@ class ChatType(StrEnum):
     chatroom = "chatroom"
 
 
-BodyType = Literal["txt", "img", "audio", "video", "file", "loc", "cmd", "custom", "combine", "unknown"]
+BodyType = Literal[
+    "txt", "img", "audio", "video", "file", "loc", "cmd", "custom", "combine", "unknown"
+]
 
 
 class _Model(BaseModel):
@@ -161,7 +163,9 @@ def decode_envelope(raw: bytes | None) -> Envelope:
     try:
         return Envelope.model_validate(data)
     except ValidationError as exc:
-        raise UndecodableError(f"record is not a valid envelope: {exc.error_count()} errors") from None
+        raise UndecodableError(
+            f"record is not a valid envelope: {exc.error_count()} errors"
+        ) from None
 
 
 class DlqRecord(_Model):

