@@ -86,7 +86,9 @@ class Completion(_Model):
     attempts: int = 1
 
 
-ReplyKind = Literal["answer", "blocked_input", "blocked_output", "fallback", "rejected"]
+ReplyKind = Literal[
+    "answer", "blocked_input", "blocked_output", "fallback", "rejected", "unsupported"
+]
 
 
 class Reply(_Model):

@@ -1,0 +1,161 @@
+"""The ``imbot`` command: one entry point for every service and tool."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+from core.errors import ConfigurationError
+from core.logs import configure_logging
+from core.settings import Settings, load_settings
+
+
+def _settings() -> Settings:
+    settings = load_settings()
+    configure_logging(settings.log_level, json=settings.log_json)
+    settings.policy  # noqa: B018 - validate the policy file before anything starts
+    return settings
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from gateway.app import main
+
+    main(_settings())
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from streams.worker import PROCESSING_STAGES, main
+
+    main(_settings(), args.stage or PROCESSING_STAGES)
+    return 0
+
+
+def cmd_sender(args: argparse.Namespace) -> int:
+    from streams.worker import main
+
+    main(_settings(), ("send",))
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from core.db import upgrade
+
+    settings = load_settings()
+    upgrade(settings.database_url)
+    print(f"database migrated: {settings.database_url.split('@')[-1]}")
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from core.devstack import DevStack, simulate
+
+    started = time.monotonic()
+    stack = DevStack()
+    try:
+        stack.start()
+        stack.wait_ready(timeout=60)
+        env = stack.env
+        print("imbot dev is starting…", flush=True)
+        result = simulate(stack.simulator_url, "你好", timeout=60)
+        took = time.monotonic() - started
+        replies = result["replies"]
+        print(
+            f"""
+imbot is running (first reply after {took:.1f}s).
+
+  Easemob callback URL  {stack.callback_url}
+  callback secret       {stack.secret}   (IMBOT_CALLBACK_SECRETS)
+  Kafka (embedded)      {env["IMBOT_KAFKA_BOOTSTRAP"]}
+  database              {env["IMBOT_DATABASE_URL"]}
+  Easemob simulator     {stack.simulator_url}   (messages: {stack.simulator_url}/_sim/messages)
+  metrics               http://127.0.0.1:{stack.gateway_port}/metrics
+  logs                  {stack.log_dir}/
+
+  model: {"DEMO MODEL (canned replies, not an LLM) — configure a real provider in the policy file" if _demo_only() else "as configured in the policy file"}
+  first reply: {json.dumps(replies, ensure_ascii=False)[:300]}
+
+Try:  imbot simulate "介绍一下你自己"      Stop: Ctrl-C
+""",
+            flush=True,
+        )
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        while True:
+            stack.check_alive()
+            time.sleep(1)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stack.stop()
+
+
+def _demo_only() -> bool:
+    policy = load_settings().policy
+    return all(
+        policy.models[m].get("provider") == "demo" for r in policy.routes.values() for m in r.models
+    )
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from core.devstack import STATE_FILE, simulate
+
+    url = args.simulator_url
+    if not url:
+        if not STATE_FILE.exists():
+            print(
+                "no running `imbot dev` found (start it, or pass --simulator-url)", file=sys.stderr
+            )
+            return 2
+        url = json.loads(STATE_FILE.read_text())["simulator_url"]
+    result = simulate(url, args.text, sender=args.sender, bot=args.bot, timeout=args.timeout)
+    replies = result["replies"]
+    print(json.dumps(replies, ensure_ascii=False, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imbot", description="LLMs behind an Easemob IM app")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser(
+        "dev", help="run everything locally (embedded Kafka, SQLite, simulator, demo model)"
+    ).set_defaults(func=cmd_dev)
+    sub.add_parser("gateway", help="serve the Easemob before-send callback").set_defaults(
+        func=cmd_gateway
+    )
+    worker = sub.add_parser("worker", help="run pipeline stages (default: all processing stages)")
+    worker.add_argument(
+        "--stage",
+        action="append",
+        choices=["moderate-in", "route", "model", "moderate-out", "send"],
+        help="run only this stage (repeatable)",
+    )
+    worker.set_defaults(func=cmd_worker)
+    sub.add_parser("sender", help="deliver replies through the Easemob REST API").set_defaults(
+        func=cmd_sender
+    )
+    sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
+    simulate = sub.add_parser("simulate", help="send a signed test callback and print the reply")
+    simulate.add_argument("text")
+    simulate.add_argument("--sender", default="alice")
+    simulate.add_argument("--bot", default="ai_bot")
+    simulate.add_argument("--timeout", type=float, default=30.0)
+    simulate.add_argument("--simulator-url", default="")
+    simulate.set_defaults(func=cmd_simulate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigurationError as exc:
+        print(f"imbot: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""Everything on one machine: embedded broker, SQLite, simulator, gateway, workers.
+
+Used by ``imbot dev``, by the end-to-end tests and by the start-up benchmark, so
+all three run the same processes the same way. Each service is a real child
+process (``python -m core.cli …``) configured only through ``IMBOT_`` variables,
+exactly as on Kubernetes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import httpx
+
+from core.db import upgrade
+from core.kafka import EmbeddedBroker, free_port
+
+STATE_FILE = Path(".imbot/dev.json")
+
+
+@dataclass
+class DevStack:
+    """Starts and stops the whole system. ``env`` overrides come on top of os.environ."""
+
+    env: dict[str, str] = field(default_factory=dict)
+    log_dir: Path = Path(".imbot/logs")
+    gateway_port: int = 0
+    simulator_port: int = 0
+    secret: str = "dev-callback-secret"
+    broker: EmbeddedBroker | None = None
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    _logs: list[IO[bytes]] = field(default_factory=list)
+
+    def base_env(self) -> dict[str, str]:
+        env = {**os.environ, **self.env}
+        if "IMBOT_KAFKA_BOOTSTRAP" not in env:
+            if self.broker is None:
+                self.broker = EmbeddedBroker()
+                self.broker.start()
+            env["IMBOT_KAFKA_BOOTSTRAP"] = self.broker.bootstrap
+            env["IMBOT_KAFKA_EMBEDDED"] = "true"
+        self.gateway_port = (
+            self.gateway_port or int(env.get("IMBOT_GATEWAY_PORT") or 0) or free_port()
+        )
+        self.simulator_port = self.simulator_port or free_port()
+        env["IMBOT_GATEWAY_PORT"] = str(self.gateway_port)
+        env.setdefault("IMBOT_CALLBACK_SECRETS", self.secret)
+        self.secret = env["IMBOT_CALLBACK_SECRETS"].split(",")[0].strip()
+        env.setdefault("IMBOT_DATABASE_URL", "sqlite+aiosqlite:///./.imbot/imbot.db")
+        env.setdefault("IMBOT_EASEMOB_BASE_URL", f"http://127.0.0.1:{self.simulator_port}")
+        env.setdefault("IMBOT_EASEMOB_CLIENT_ID", "dev-client")
+        env.setdefault("IMBOT_EASEMOB_CLIENT_SECRET", "dev-client-secret")
+        env.setdefault("IMBOT_EASEMOB_ORG", "demo-org")
+        env.setdefault("IMBOT_EASEMOB_APP", "demo-app")
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        self.env = env
+        return env
+
+    @property
+    def callback_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}/easemob/callback"
+
+    @property
+    def simulator_url(self) -> str:
+        return f"http://127.0.0.1:{self.simulator_port}"
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        out = (self.log_dir / f"{name}.log").open("ab")
+        self._logs.append(out)
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def start(self, *, worker_stages: tuple[str, ...] | None = None) -> None:
+        env = self.base_env()
+        url = env["IMBOT_DATABASE_URL"]
+        if url.startswith("sqlite") and ":///./" in url:
+            Path(url.split(":///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
+        upgrade(url)
+        from core.kafka import ensure_topics
+        from core.settings import load_settings
+
+        settings = load_settings(
+            kafka_bootstrap=env["IMBOT_KAFKA_BOOTSTRAP"],
+            kafka_embedded=env.get("IMBOT_KAFKA_EMBEDDED", "").lower() == "true",
+            topic_prefix=env.get("IMBOT_TOPIC_PREFIX", ""),
+        )
+        import asyncio
+
+        asyncio.run(ensure_topics(settings))
+        self._spawn(
+            "simulator",
+            [
+                "-m", "simulator",
+                "--port", str(self.simulator_port),
+                "--gateway-url", self.callback_url,
+                "--secret", self.secret,
+                "--org", env["IMBOT_EASEMOB_ORG"],
+                "--app", env["IMBOT_EASEMOB_APP"],
+                "--client-id", env["IMBOT_EASEMOB_CLIENT_ID"],
+                "--client-secret", env["IMBOT_EASEMOB_CLIENT_SECRET"],
+            ],
+            env,
+        )  # fmt: skip
+        self._spawn("gateway", ["-m", "core.cli", "gateway"], env)
+        stage_args: list[str] = []
+        for stage in worker_stages or ():
+            stage_args += ["--stage", stage]
+        self._spawn("worker", ["-m", "core.cli", "worker", *stage_args], env)
+        self._spawn("sender", ["-m", "core.cli", "sender"], env)
+        self.write_state()
+
+    def restart(self, name: str) -> None:
+        """Kill a service hard (SIGKILL, like a crashed pod) and start it again."""
+        proc = self.procs[name]
+        args = list(proc.args)[1:]  # type: ignore[arg-type]
+        self.kill(name)
+        self._spawn(name, [str(a) for a in args], self.env)
+
+    def kill(self, name: str) -> None:
+        proc = self.procs.pop(name)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def write_state(self) -> None:
+        STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
+        STATE_FILE.write_text(
+            json.dumps(
+                {
+                    "callback_url": self.callback_url,
+                    "simulator_url": self.simulator_url,
+                    "kafka_bootstrap": self.env.get("IMBOT_KAFKA_BOOTSTRAP"),
+                    "database_url": self.env.get("IMBOT_DATABASE_URL"),
+                }
+            )
+        )
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        checks = {
+            "gateway": f"http://127.0.0.1:{self.gateway_port}/readyz",
+            "simulator": f"{self.simulator_url}/_sim/messages",
+        }
+        pending = dict(checks)
+        while pending and time.monotonic() < deadline:
+            self.check_alive()
+            for name, url in list(pending.items()):
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(url, timeout=1.0).status_code == 200:
+                        del pending[name]
+            time.sleep(0.1)
+        if pending:
+            raise RuntimeError(f"not ready after {timeout}s: {sorted(pending)}; see {self.log_dir}")
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"{name} exited with code {proc.returncode}; see {self.log_dir}/{name}.log"
+                )
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for name, proc in list(self.procs.items()):
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            del self.procs[name]
+        for handle in self._logs:
+            handle.close()
+        self._logs.clear()
+        if self.broker is not None:
+            self.broker.stop()
+            self.broker = None
+
+
+def simulate(
+    simulator_url: str,
+    text: str,
+    *,
+    sender: str = "alice",
+    bot: str = "ai_bot",
+    timeout: float = 30.0,
+) -> dict[str, object]:
+    """Fire one signed callback through the simulator and wait for the reply it receives."""
+    with httpx.Client(base_url=simulator_url, timeout=timeout + 5) as client:
+        since = time.time() * 1000
+        fired = client.post(
+            "/_sim/callback", json={"from": sender, "to": bot, "text": text, "chat_type": "chat"}
+        )
+        fired.raise_for_status()
+        waited = client.get(
+            "/_sim/wait", params={"to": sender, "count": 1, "timeout": timeout, "since": since}
+        )
+        waited.raise_for_status()
+        return {"callback": fired.json(), "replies": waited.json()}

@@ -1,0 +1,287 @@
+"""History and ledger access: every SQL statement the pipeline runs lives here.
+
+One ``Store`` per process over one async engine. Writes are idempotent (keyed by
+msg_id, or msg_id + part), so a stage that sees a record twice leaves one row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import and_, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from core.db import (
+    Conversation,
+    Delivery,
+    Message,
+    ModerationAudit,
+    Usage,
+    check_migrated,
+    create_engine,
+    utcnow,
+)
+from core.envelope import Envelope, Turn
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    detector: str
+    rule: str
+    category: str
+    action: str
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerRow:
+    part: int
+    status: str
+    easemob_msg_id: str | None
+    attempts: int
+
+
+def estimate_tokens(text: str) -> int:
+    """Cheap token estimate for the history budget: ~1 token per CJK char, ~4 chars otherwise."""
+    cjk = sum(1 for ch in text if ord(ch) > 0x2E80)
+    return cjk + (len(text) - cjk + 3) // 4
+
+
+class Store:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.sessions = async_sessionmaker(engine, expire_on_commit=False)
+        self._dialect = engine.dialect.name
+
+    @classmethod
+    async def open(cls, url: str, *, check: bool = True) -> Store:
+        engine = create_engine(url)
+        if check:
+            try:
+                await check_migrated(engine)
+            except Exception:
+                await engine.dispose()
+                raise
+        return cls(engine)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    def _insert_ignore(self, table: type[object], index: Sequence[str]):  # type: ignore[no-untyped-def]
+        """INSERT … ON CONFLICT DO NOTHING, in this engine's dialect."""
+        if self._dialect == "postgresql":
+            return postgresql.insert(table).on_conflict_do_nothing(index_elements=list(index))
+        return sqlite.insert(table).on_conflict_do_nothing(index_elements=list(index))
+
+    # -- moderation audit ----------------------------------------------------
+
+    async def record_audit(self, msg_id: str, stage: str, entries: Iterable[AuditEntry]) -> None:
+        rows = [
+            {
+                "msg_id": msg_id,
+                "stage": stage,
+                "detector": e.detector,
+                "rule": e.rule[:120],
+                "category": e.category[:64],
+                "action": e.action,
+                "created_at": utcnow(),
+            }
+            for e in entries
+        ]
+        if not rows:
+            return
+        stmt = self._insert_ignore(ModerationAudit, ("msg_id", "stage", "detector", "rule"))
+        async with self.sessions.begin() as session:
+            await session.execute(stmt, rows)
+
+    # -- history ---------------------------------------------------------------
+
+    async def history_window(
+        self,
+        conversation_id: str,
+        *,
+        turns: int,
+        token_budget: int,
+        before_msg_id: str | None = None,
+    ) -> tuple[Turn, ...]:
+        """The last ``turns`` messages of a conversation that fit in ``token_budget``, oldest first.
+
+        Uses the (conversation_id, id) index: one backward range scan.
+        """
+        if turns <= 0:
+            return ()
+        query = (
+            select(Message.role, Message.text, Message.tokens, Message.msg_id)
+            .where(Message.conversation_id == conversation_id)
+            .order_by(Message.id.desc())
+            .limit(turns + 1)
+        )
+        async with self.sessions() as session:
+            rows = (await session.execute(query)).all()
+        picked: list[Turn] = []
+        used = 0
+        for role, text, tokens, msg_id in rows:
+            if msg_id == before_msg_id:
+                continue  # the message being answered is not its own history
+            cost = tokens if tokens is not None else estimate_tokens(text)
+            if used + cost > token_budget or len(picked) >= turns:
+                break
+            used += cost
+            picked.append(Turn(role="assistant" if role == "assistant" else "user", content=text))
+        picked.reverse()
+        return tuple(picked)
+
+    async def record_exchange(self, env: Envelope, reply_text: str, *, reply_kind: str) -> None:
+        """Write the user's message and the reply (idempotent), the conversation and usage."""
+        now = utcnow()
+        user_text = env.user_text
+        async with self.sessions.begin() as session:
+            await self._upsert_conversation(session, env, now)
+            await session.execute(
+                self._insert_ignore(Message, ("msg_id",)),
+                [
+                    {
+                        "msg_id": env.msg_id,
+                        "conversation_id": env.conversation_id,
+                        "role": "user",
+                        "author": env.sender,
+                        "text": user_text,
+                        "kind": env.content.type,
+                        "reply_to": None,
+                        "tokens": estimate_tokens(user_text),
+                        "created_at": now,
+                    },
+                    {
+                        "msg_id": f"{env.msg_id}:reply",
+                        "conversation_id": env.conversation_id,
+                        "role": "assistant",
+                        "author": env.bot,
+                        "text": reply_text,
+                        "kind": reply_kind,
+                        "reply_to": env.msg_id,
+                        "tokens": (env.completion.output_tokens if env.completion else None),
+                        "created_at": now,
+                    },
+                ],
+            )
+            c = env.completion
+            if c is not None:
+                await session.execute(
+                    self._insert_ignore(Usage, ("msg_id",)),
+                    [
+                        {
+                            "msg_id": env.msg_id,
+                            "conversation_id": env.conversation_id,
+                            "model": c.model,
+                            "provider": c.provider,
+                            "input_tokens": c.input_tokens,
+                            "output_tokens": c.output_tokens,
+                            "cost": c.cost,
+                            "currency": c.currency,
+                            "latency_ms": c.latency_ms,
+                            "created_at": now,
+                        }
+                    ],
+                )
+
+    async def _upsert_conversation(
+        self, session: AsyncSession, env: Envelope, now: datetime
+    ) -> None:
+        await session.execute(
+            self._insert_ignore(Conversation, ("id",)),
+            [
+                {
+                    "id": env.conversation_id,
+                    "chat_type": env.chat_type.value,
+                    "bot": env.bot,
+                    "created_at": now,
+                    "last_message_at": now,
+                }
+            ],
+        )
+        await session.execute(
+            update(Conversation)
+            .where(Conversation.id == env.conversation_id)
+            .values(last_message_at=now)
+        )
+
+    # -- delivery ledger -----------------------------------------------------
+
+    async def ledger(self, msg_id: str) -> dict[int, LedgerRow]:
+        query = select(
+            Delivery.part, Delivery.status, Delivery.easemob_msg_id, Delivery.attempts
+        ).where(Delivery.msg_id == msg_id)
+        async with self.sessions() as session:
+            rows = (await session.execute(query)).all()
+        return {r.part: LedgerRow(r.part, r.status, r.easemob_msg_id, r.attempts) for r in rows}
+
+    async def claim_part(
+        self, msg_id: str, part: int, parts: int, target_kind: str, target: str
+    ) -> LedgerRow:
+        """Record that ``part`` is about to be sent; returns the row as it now stands."""
+        async with self.sessions.begin() as session:
+            await session.execute(
+                self._insert_ignore(Delivery, ("msg_id", "part")),
+                [
+                    {
+                        "msg_id": msg_id,
+                        "part": part,
+                        "parts": parts,
+                        "target_kind": target_kind,
+                        "target": target,
+                        "status": "sending",
+                        "attempts": 0,
+                        "created_at": utcnow(),
+                    }
+                ],
+            )
+            await session.execute(
+                update(Delivery)
+                .where(
+                    and_(
+                        Delivery.msg_id == msg_id, Delivery.part == part, Delivery.status != "sent"
+                    )
+                )
+                .values(attempts=Delivery.attempts + 1)
+            )
+            row = (
+                await session.execute(
+                    select(
+                        Delivery.part, Delivery.status, Delivery.easemob_msg_id, Delivery.attempts
+                    ).where(and_(Delivery.msg_id == msg_id, Delivery.part == part))
+                )
+            ).one()
+        return LedgerRow(row.part, row.status, row.easemob_msg_id, row.attempts)
+
+    async def mark_sent(self, msg_id: str, part: int, easemob_msg_id: str) -> None:
+        async with self.sessions.begin() as session:
+            await session.execute(
+                update(Delivery)
+                .where(and_(Delivery.msg_id == msg_id, Delivery.part == part))
+                .values(status="sent", easemob_msg_id=easemob_msg_id, sent_at=utcnow(), error=None)
+            )
+
+    async def mark_failed(self, msg_id: str, part: int, error: str) -> None:
+        async with self.sessions.begin() as session:
+            await session.execute(
+                update(Delivery)
+                .where(
+                    and_(
+                        Delivery.msg_id == msg_id, Delivery.part == part, Delivery.status != "sent"
+                    )
+                )
+                .values(status="failed", error=error[:500])
+            )
+
+    async def count(self, table: type[object], **where: object) -> int:
+        """Row count, for operations tooling and tests."""
+        query = select(func.count()).select_from(table)
+        for column, value in where.items():
+            query = query.where(getattr(table, column) == value)
+        async with self.sessions() as session:
+            return int((await session.execute(query)).scalar_one())
+
+
+__all__ = ["AuditEntry", "LedgerRow", "Store", "estimate_tokens"]

@@ -1,0 +1,219 @@
+"""The per-message error boundary every stage runs inside.
+
+Nothing escapes it: a Faust agent that raises skips the message for good, so
+each record ends in exactly one of these ways —
+
+* handled: the stage's outputs are published (acks=all), then the record is
+  acknowledged;
+* undecodable (not an envelope): a DLQ record with the raw bytes;
+* retryable failure (``RetryableError``, timeouts): retried with jittered
+  exponential backoff until the stage's deadline, then DLQ;
+* fatal (``FatalError``, ``ConfigurationError``, any unexpected exception): DLQ.
+
+After DLQ, when a user is waiting for an answer, the stage's polite fallback
+reply goes to ``imbot.outbound`` so the conversation does not just go silent.
+If Kafka itself cannot take the DLQ record the boundary keeps trying (the
+record stays unacknowledged, so even a crash meanwhile loses nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from prometheus_client import Counter, Histogram
+
+from core import topics
+from core.envelope import DlqRecord, Envelope, decode_envelope, encode_envelope
+from core.errors import ImbotError, RetryableError, UndecodableError
+from core.settings import Settings
+
+log = logging.getLogger("imbot.boundary")
+
+PROCESSED = Counter(
+    "imbot_stage_messages_total", "Records handled by a stage, by outcome", ["stage", "outcome"]
+)
+RETRIES = Counter("imbot_stage_retries_total", "Retries inside the boundary", ["stage", "error"])
+STAGE_SECONDS = Histogram(
+    "imbot_stage_seconds",
+    "Time from a stage receiving a record to its outputs being acknowledged",
+    ["stage"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Emit:
+    topic: str  # base topic name (core.topics), prefixed on publish
+    envelope: Envelope
+
+
+class Stage(Protocol):
+    name: str
+    input_topic: str
+    user_waiting: bool  # whether a fatal failure should send the user a fallback reply
+
+    async def handle(self, env: Envelope, *, deadline: float) -> Sequence[Emit]: ...
+
+    def fallback(self, env: Envelope, error: BaseException) -> Emit | None: ...
+
+
+class Outputs:
+    """Publishes stage outputs with acks=all; shared by the stages of one worker."""
+
+    def __init__(self, settings: Settings, producer: AIOKafkaProducer) -> None:
+        self.settings = settings
+        self.producer = producer
+
+    async def publish(self, base_topic: str, key: bytes | None, value: bytes) -> None:
+        await self.producer.send_and_wait(self.settings.topic(base_topic), value, key=key)
+
+
+def _backoff(attempt: int, base: float, cap: float) -> float:
+    return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
+
+
+class Boundary:
+    def __init__(self, stage: Stage, outputs: Outputs, settings: Settings) -> None:
+        self.stage = stage
+        self.outputs = outputs
+        self.settings = settings
+
+    async def __call__(self, event: Any) -> bool:
+        """Handle one Faust event; returns whether it may be acknowledged."""
+        message = event.message
+        started = time.perf_counter()
+        outcome = await self.process(
+            event.key, event.value, message.topic, message.partition, message.offset
+        )
+        PROCESSED.labels(self.stage.name, outcome).inc()
+        STAGE_SECONDS.labels(self.stage.name).observe(time.perf_counter() - started)
+        return True
+
+    async def process(
+        self, key: bytes | None, value: bytes | None, topic: str, partition: int, offset: int
+    ) -> str:
+        where = {"stage": self.stage.name, "topic": topic, "partition": partition, "offset": offset}
+        try:
+            env = decode_envelope(value)
+        except UndecodableError as exc:
+            log.warning("undecodable record to DLQ", extra={**where, "error": str(exc)})
+            await self._dlq(key, value, where, exc, attempts=1, env=None)
+            return "undecodable"
+
+        ids = {"msg_id": env.msg_id, "conversation": env.conversation_id}
+        deadline = time.monotonic() + self.settings.stage_deadline_s
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                emits = await self.stage.handle(env, deadline=deadline)
+            except (RetryableError, TimeoutError) as exc:
+                retry_after = exc.retry_after if isinstance(exc, RetryableError) else None
+                delay = retry_after or _backoff(
+                    attempt, self.settings.stage_retry_base_s, self.settings.stage_retry_max_s
+                )
+                if time.monotonic() + delay < deadline:
+                    RETRIES.labels(self.stage.name, type(exc).__name__).inc()
+                    log.info(
+                        "retrying",
+                        extra={
+                            **where,
+                            **ids,
+                            "attempt": attempt,
+                            "delay_s": round(delay, 3),
+                            "error": str(exc),
+                        },
+                    )
+                    await asyncio.sleep(delay)
+                    continue
+                log.error(
+                    "retries exhausted, to DLQ",
+                    extra={**where, **ids, "attempts": attempt, "error": str(exc)},
+                )
+                await self._fail(key, value, where, exc, attempt, env)
+                return "exhausted"
+            except ImbotError as exc:
+                log.error(
+                    "fatal, to DLQ", extra={**where, **ids, "error": str(exc), "kind": exc.kind}
+                )
+                await self._fail(key, value, where, exc, attempt, env)
+                return "fatal"
+            except Exception as exc:  # a bug: never let it kill the agent
+                log.exception("unexpected error, to DLQ", extra={**where, **ids})
+                await self._fail(key, value, where, exc, attempt, env)
+                return "error"
+            # Publishing is retried on its own, never by re-running the stage: a
+            # completed model call must not be paid for again because Kafka hiccuped.
+            for emit in emits:
+                await self._publish_forever(emit.topic, key, encode_envelope(emit.envelope))
+            return "ok"
+
+    async def _fail(
+        self,
+        key: bytes | None,
+        value: bytes | None,
+        where: dict[str, Any],
+        exc: BaseException,
+        attempts: int,
+        env: Envelope,
+    ) -> None:
+        await self._dlq(key, value, where, exc, attempts=attempts, env=env)
+        if self.stage.user_waiting:
+            emit = self.stage.fallback(env, exc)
+            if emit is not None:
+                await self._publish_forever(emit.topic, key, encode_envelope(emit.envelope))
+
+    async def _dlq(
+        self,
+        key: bytes | None,
+        value: bytes | None,
+        where: dict[str, Any],
+        exc: BaseException,
+        *,
+        attempts: int,
+        env: Envelope | None,
+    ) -> None:
+        text: str | None = None
+        b64: str | None = None
+        if value is not None:
+            try:
+                text = value.decode("utf-8")
+            except UnicodeDecodeError:
+                b64 = base64.b64encode(value).decode()
+        record = DlqRecord(
+            stage=self.stage.name,
+            topic=where["topic"],
+            partition=where["partition"],
+            offset=where["offset"],
+            key=key.decode("utf-8", "replace") if key is not None else None,
+            value=text,
+            value_b64=b64,
+            error_kind=exc.kind if isinstance(exc, ImbotError) else type(exc).__name__,
+            error=str(exc)[:2000],
+            attempts=attempts,
+            msg_id=env.msg_id if env else None,
+            conversation_id=env.conversation_id if env else None,
+        )
+        await self._publish_forever(topics.DLQ, key, record.model_dump_json().encode())
+
+    async def _publish_forever(self, base_topic: str, key: bytes | None, value: bytes) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await self.outputs.publish(base_topic, key, value)
+                return
+            except KafkaError as exc:
+                log.error(
+                    "cannot publish, retrying", extra={"topic": base_topic, "error": str(exc)}
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)

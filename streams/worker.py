@@ -1,0 +1,136 @@
+"""Runs stages as Faust agents: ``imbot worker [--stage …]`` and ``imbot sender``.
+
+Each stage is one agent on its input topic. Every record goes through
+``KeyedLanes`` (concurrency across conversations, order within one, ack after
+done) and the ``Boundary`` (retries, DLQ, fallback reply). The stages of one
+process share one output producer, one database engine, one model catalog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import faust
+from prometheus_client import start_http_server
+
+from core.errors import ConfigurationError
+from core.kafka import ensure_topics, new_producer
+from core.logs import JsonFormatter
+from core.settings import Settings
+from streams.boundary import Boundary, Outputs
+from streams.faust_app import create_app
+from streams.lanes import KeyedLanes
+from streams.stages import STAGES, Context
+
+log = logging.getLogger("imbot.worker")
+
+PROCESSING_STAGES = ("moderate-in", "route", "model", "moderate-out")
+
+
+class Runtime:
+    """Resources of one worker process, opened on first use inside the event loop."""
+
+    def __init__(self, settings: Settings, stages: Sequence[str]) -> None:
+        self.settings = settings
+        self.stages = tuple(stages)
+        self._lock: asyncio.Lock | None = None
+        self.ctx: Context | None = None
+        self.outputs: Outputs | None = None
+        self._closers: list[Any] = []
+
+    async def ready(self) -> tuple[Context, Outputs]:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self.ctx is None or self.outputs is None:
+                await self._open()
+        assert self.ctx is not None
+        assert self.outputs is not None
+        return self.ctx, self.outputs
+
+    async def _open(self) -> None:
+        from sender.store import Store
+
+        settings = self.settings
+        policy = settings.policy
+        await ensure_topics(settings)
+        store = await Store.open(settings.database_url)
+        self._closers.append(store.close)
+        ctx = Context(settings=settings, policy=policy, store=store)
+        if {"moderate-in", "moderate-out"} & set(self.stages):
+            from streams.moderation import Moderator
+
+            ctx.moderator = Moderator.from_config(
+                policy.moderation, base_dir=settings.policy_file.parent
+            )
+        if "model" in self.stages:
+            from adapters import build_catalog
+
+            ctx.catalog = build_catalog(policy.models)
+            self._closers.append(ctx.catalog.aclose)
+        if "send" in self.stages:
+            from sender.service import ReplySender
+
+            ctx.sender = ReplySender.from_settings(settings, store)
+            self._closers.append(ctx.sender.aclose)
+        producer = new_producer(settings)
+        await producer.start()
+        self._closers.append(producer.stop)
+        self.outputs = Outputs(settings, producer)
+        self.ctx = ctx
+        log.info("worker ready", extra={"stages": list(self.stages)})
+
+    async def close(self) -> None:
+        for close in reversed(self._closers):
+            try:
+                await close()
+            except Exception:
+                log.exception("error while closing")
+        self._closers.clear()
+
+
+def build(settings: Settings, stages: Sequence[str]) -> tuple[faust.App, Runtime]:
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ConfigurationError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    group = settings.worker_group or (
+        "imbot-stages" if tuple(stages) == PROCESSING_STAGES else "imbot-" + "-".join(stages)
+    )
+    app = create_app(settings, group)
+    runtime = Runtime(settings, stages)
+
+    for stage_name in stages:
+        stage_cls = STAGES[stage_name]
+        topic = app.topic(settings.topic(stage_cls.input_topic), key_type=bytes, value_type=bytes)
+
+        async def agent(stream: Any, stage_cls: Any = stage_cls) -> None:
+            ctx, outputs = await runtime.ready()
+            boundary = Boundary(stage_cls(ctx), outputs, settings)
+            await KeyedLanes(boundary, max_in_flight=settings.stage_max_in_flight).consume(stream)
+
+        app.agent(topic, name=f"imbot.stage.{stage_name}")(agent)
+
+    @app.on_before_shutdown.connect
+    async def _close(app: faust.App, *args: Any, signal: Any = None, **kwargs: Any) -> None:
+        await runtime.close()
+
+    return app, runtime
+
+
+def main(settings: Settings, stages: Sequence[str]) -> None:
+    app, _ = build(settings, stages)
+    if settings.worker_metrics_port:
+        start_http_server(settings.worker_metrics_port, addr=settings.gateway_host)
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter())
+    worker = faust.Worker(
+        app,
+        loglevel=settings.log_level.lower() if settings.log_level.lower() != "warning" else "warn",
+        loghandlers=[handler] if settings.log_json else None,
+        quiet=True,
+        redirect_stdouts=False,
+    )
+    worker.execute_from_commandline()
