@@ -154,7 +154,7 @@ class CallbackHandler:
             else orjson.dumps({"valid": False, "code": cb.kafka_failure_code})
         )
 
-    async def __call__(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
         outcome, response = await self._handle(request)
         CALLBACKS.labels(outcome).inc()
@@ -240,7 +240,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[PUBLISHER] = publisher
     app.cleanup_ctx.append(_kafka_ctx)
-    app.router.add_post(settings.callback_path, CallbackHandler(settings, publisher))
+    app.router.add_post(settings.callback_path, CallbackHandler(settings, publisher).handle)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

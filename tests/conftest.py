@@ -1,0 +1,113 @@
+"""Shared fixtures: one real embedded Kafka broker and one real PostgreSQL database per session."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Iterator
+
+import asyncpg
+import pytest
+
+from core.db import upgrade
+from core.kafka import EmbeddedBroker
+from core.settings import Settings, load_settings
+
+PG_ADMIN_DSN = os.environ.get("IMBOT_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[EmbeddedBroker]:
+    with EmbeddedBroker() as b:
+        yield b
+
+
+@pytest.fixture
+def topic_prefix() -> str:
+    """Unique topic names per test: tests share one broker without seeing each other."""
+    return f"t{uuid.uuid4().hex[:8]}."
+
+
+@pytest.fixture
+def make_settings(broker: EmbeddedBroker, topic_prefix: str, tmp_path: object):  # type: ignore[no-untyped-def]
+    def make(**overrides: object) -> Settings:
+        base: dict[str, object] = {
+            "kafka_bootstrap": broker.bootstrap,
+            "kafka_embedded": True,
+            "topic_prefix": topic_prefix,
+            "topic_partitions": 3,
+            "callback_secrets": "test-secret,old-secret",
+            "database_url": f"sqlite+aiosqlite:///{tmp_path}/imbot.db",
+            "log_json": False,
+        }
+        base.update(overrides)
+        return load_settings(**base)
+
+    return make
+
+
+async def _create_database(name: str) -> None:
+    conn = await asyncpg.connect(PG_ADMIN_DSN)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
+async def _drop_database(name: str) -> None:
+    conn = await asyncpg.connect(PG_ADMIN_DSN)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database for this test session (dropped afterwards)."""
+    name = f"imbot_test_{uuid.uuid4().hex[:10]}"
+    asyncio.run(_create_database(name))
+    url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
+    upgrade(url)
+    try:
+        yield url
+    finally:
+        asyncio.run(_drop_database(name))
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: object) -> str:
+    url = f"sqlite+aiosqlite:///{tmp_path}/imbot.db"
+    upgrade(url)
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """Run a test against both supported databases."""
+    if request.param == "sqlite":
+        return str(request.getfixturevalue("sqlite_url"))
+    return str(request.getfixturevalue("pg_url"))
+
+
+async def consume_all(bootstrap: str, topic: str, count: int, timeout: float = 10.0) -> list[tuple[bytes | None, bytes | None]]:
+    """Read ``count`` records from the start of ``topic`` (all partitions)."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", fetch_max_wait_ms=10, group_id=None
+    )
+    await consumer.start()
+    out: list[tuple[bytes | None, bytes | None]] = []
+    try:
+        async with asyncio.timeout(timeout):
+            while len(out) < count:
+                batch = await consumer.getmany(timeout_ms=100)
+                for records in batch.values():
+                    out.extend((r.key, r.value) for r in records)
+    except TimeoutError:
+        pass
+    finally:
+        await consumer.stop()
+    return out
