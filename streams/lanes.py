@@ -6,12 +6,18 @@ messages with the same key form a lane and run one after another; lanes run
 concurrently, up to ``max_in_flight`` messages in all (back-pressure: the
 consumer stops reading when the limit is reached).
 
-Faust commits only the contiguous prefix of acknowledged offsets of a
-partition, and a stream created with ``noack()`` acknowledges nothing by
-itself. Each event is acknowledged through the stream (``stream.ack(event)``)
-only after its handler finished — results published or the record sent to the
-DLQ — so a crash before that leaves the offset uncommitted and the record is
-redelivered: at-least-once, never lost.
+Acknowledgement is where this can lose messages, so it is done carefully. The
+stream is read with ``noack()`` and each event is acknowledged through the
+stream (``stream.ack(event)``) only after its handler finished — results
+published or the record sent to the DLQ. And events are acknowledged **in
+offset order per partition**: an event that finishes early waits until every
+earlier event of its partition has finished too. Faust commits "the contiguous
+prefix of acknowledged offsets", but its gap check is off by one (faust-streaming
+0.15.3, ``Consumer._new_offset``: with offset 2 unacknowledged after a commit at
+2, acknowledged 3 and 4 are committed as 5, skipping 2 — see
+``tests/integration/test_lanes_commit.py``). Acknowledging in order never gives
+Faust a gap to get wrong, and the committed offset never passes a message that
+is still being worked on: a crash redelivers it (at-least-once, never lost).
 """
 
 from __future__ import annotations
@@ -19,23 +25,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
-
-
-class EventLike(Protocol):
-    key: Any
-    value: Any
-    message: Any
-
-
-class AckingStream(Protocol):
-    def events(self) -> Any: ...
-
-    async def ack(self, event: Any) -> bool: ...
-
+from typing import Any
 
 Handler = Callable[[Any], Awaitable[bool]]  # returns False to leave the event unacknowledged
+
+
+class _Pending:
+    __slots__ = ("done", "event")
+
+    def __init__(self, event: Any) -> None:
+        self.event = event
+        self.done = False
 
 
 class KeyedLanes:
@@ -44,6 +46,7 @@ class KeyedLanes:
         self._slots = asyncio.Semaphore(max_in_flight)
         self._lanes: dict[Any, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._partitions: dict[Any, deque[_Pending]] = {}
 
     @property
     def in_flight(self) -> int:
@@ -55,22 +58,32 @@ class KeyedLanes:
         try:
             async for event in quiet.events():
                 await self._slots.acquire()
+                pending = _Pending(event)
+                self._partitions.setdefault(event.message.tp, deque()).append(pending)
                 key = event.key
-                task = asyncio.create_task(self._run(self._lanes.get(key), quiet, event))
+                task = asyncio.create_task(self._run(self._lanes.get(key), quiet, pending))
                 self._lanes[key] = task
                 self._tasks.add(task)
                 task.add_done_callback(functools.partial(self._finished, key))
         finally:
-            # Stopping (shutdown or rebalance): in-flight work is not acknowledged
-            # unless it completes, so anything cut short is redelivered.
+            # Stopping (shutdown or rebalance): in-flight work is acknowledged only
+            # if it completes, so anything cut short is redelivered.
             await self.drain()
 
-    async def _run(self, previous: asyncio.Task[None] | None, stream: Any, event: Any) -> None:
+    async def _run(
+        self, previous: asyncio.Task[None] | None, stream: Any, pending: _Pending
+    ) -> None:
         if previous is not None:
             with contextlib.suppress(BaseException):
                 await asyncio.shield(previous)
-        if await self.handler(event):
-            await stream.ack(event)
+        if await self.handler(pending.event):
+            pending.done = True
+            await self._ack_ready(stream, pending.event.message.tp)
+
+    async def _ack_ready(self, stream: Any, tp: Any) -> None:
+        queue = self._partitions.get(tp)
+        while queue and queue[0].done:
+            await stream.ack(queue.popleft().event)
 
     def _finished(self, key: Any, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)

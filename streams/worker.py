@@ -114,7 +114,7 @@ def build(settings: Settings, stages: Sequence[str]) -> tuple[faust.App, Runtime
         app.agent(topic, name=f"imbot.stage.{stage_name}")(agent)
 
     @app.on_before_shutdown.connect
-    async def _close(app: faust.App, *args: Any, signal: Any = None, **kwargs: Any) -> None:
+    async def _close(app: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         await runtime.close()
 
     return app, runtime

@@ -91,12 +91,18 @@ def db_url(request: pytest.FixtureRequest) -> str:
     return str(request.getfixturevalue("pg_url"))
 
 
-async def consume_all(bootstrap: str, topic: str, count: int, timeout: float = 10.0) -> list[tuple[bytes | None, bytes | None]]:
+async def consume_all(
+    bootstrap: str, topic: str, count: int, timeout: float = 10.0
+) -> list[tuple[bytes | None, bytes | None]]:
     """Read ``count`` records from the start of ``topic`` (all partitions)."""
     from aiokafka import AIOKafkaConsumer
 
     consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", fetch_max_wait_ms=10, group_id=None
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=10,
+        group_id=None,
     )
     await consumer.start()
     out: list[tuple[bytes | None, bytes | None]] = []

@@ -35,7 +35,9 @@ async def _client(settings: Settings) -> TestClient:  # type: ignore[type-arg]
 
 
 @pytest.fixture
-async def gateway(make_settings: Callable[..., Settings]) -> AsyncIterator[tuple[TestClient, Settings]]:  # type: ignore[type-arg]
+async def gateway(
+    make_settings: Callable[..., Settings],
+) -> AsyncIterator[tuple[TestClient, Settings]]:  # type: ignore[type-arg]
     settings = make_settings()
     client = await _client(settings)
     yield client, settings
@@ -44,7 +46,9 @@ async def gateway(make_settings: Callable[..., Settings]) -> AsyncIterator[tuple
 
 async def _post(client: TestClient, body: Any) -> tuple[int, dict[str, Any]]:  # type: ignore[type-arg]
     raw = body if isinstance(body, bytes) else orjson.dumps(body)
-    resp = await client.post("/easemob/callback", data=raw, headers={"Content-Type": "application/json"})
+    resp = await client.post(
+        "/easemob/callback", data=raw, headers={"Content-Type": "application/json"}
+    )
     return resp.status, await resp.json()
 
 
@@ -58,18 +62,33 @@ async def test_ai_message_is_published_keyed_by_conversation_then_answered(gatew
     key, value = records[0]
     env = decode_envelope(value)
     assert key == b"chat:ai_bot:alice"
-    assert (env.msg_id, env.content.text, env.sender, env.bot) == (data["msg_id"], "你好", "alice", "ai_bot")
+    assert (env.msg_id, env.content.text, env.sender, env.bot) == (
+        data["msg_id"],
+        "你好",
+        "alice",
+        "ai_bot",
+    )
 
 
 @pytest.mark.parametrize(
-    ("chat_type", "shape"), [("chat", "bodies"), ("groupchat", "bodies"), ("group", "flat"), ("chatroom", "flat")]
+    ("chat_type", "shape"),
+    [("chat", "bodies"), ("groupchat", "bodies"), ("group", "flat"), ("chatroom", "flat")],
 )
-async def test_every_chat_type_and_shape_reaches_kafka(gateway: Any, chat_type: str, shape: str) -> None:
+async def test_every_chat_type_and_shape_reaches_kafka(
+    gateway: Any, chat_type: str, shape: str
+) -> None:
     client, settings = gateway
     if chat_type == "chat":
         data = callback("hi", shape=shape)
     else:
-        data = callback("hi", chat_type=chat_type, to="g42", group_id="g42", shape=shape, ext={"em_at_list": ["ai_bot"]})
+        data = callback(
+            "hi",
+            chat_type=chat_type,
+            to="g42",
+            group_id="g42",
+            shape=shape,
+            ext={"em_at_list": ["ai_bot"]},
+        )
     status, body = await _post(client, data)
     assert (status, body) == (200, {"valid": True})
     records = await consume_all(settings.kafka_bootstrap, settings.topic(topics.INBOUND), 1)
@@ -80,7 +99,10 @@ async def test_non_ai_message_is_answered_without_touching_kafka(gateway: Any) -
     client, settings = gateway
     status, body = await _post(client, callback("hi bob", to="bob"))
     assert (status, body) == (200, {"valid": True})
-    assert await consume_all(settings.kafka_bootstrap, settings.topic(topics.INBOUND), 1, timeout=1.0) == []
+    assert (
+        await consume_all(settings.kafka_bootstrap, settings.topic(topics.INBOUND), 1, timeout=1.0)
+        == []
+    )
 
 
 async def test_wrong_secret_is_401_with_a_json_error(gateway: Any) -> None:
@@ -88,7 +110,10 @@ async def test_wrong_secret_is_401_with_a_json_error(gateway: Any) -> None:
     status, body = await _post(client, callback(secret="wrong"))
     assert status == 401
     assert body["error"] == "bad_signature"
-    assert await consume_all(settings.kafka_bootstrap, settings.topic(topics.INBOUND), 1, timeout=1.0) == []
+    assert (
+        await consume_all(settings.kafka_bootstrap, settings.topic(topics.INBOUND), 1, timeout=1.0)
+        == []
+    )
 
 
 async def test_old_secret_still_accepted_during_rotation(gateway: Any) -> None:
@@ -130,7 +155,9 @@ async def test_duplicate_callback_is_published_once(gateway: Any) -> None:
     data = callback("same message")
     assert await _post(client, data) == (200, {"valid": True})
     assert await _post(client, dict(data)) == (200, {"valid": True})
-    records = await consume_all(settings.kafka_bootstrap, settings.topic(topics.INBOUND), 2, timeout=1.5)
+    records = await consume_all(
+        settings.kafka_bootstrap, settings.topic(topics.INBOUND), 2, timeout=1.5
+    )
     assert len(records) == 1
 
 
@@ -150,7 +177,9 @@ async def test_intercept_policy_blocks_the_users_message(
         await client.close()
 
 
-@pytest.mark.parametrize(("policy", "expected"), [("pass", {"valid": True}), ("block", {"valid": False, "code": "DOWN"})])
+@pytest.mark.parametrize(
+    ("policy", "expected"), [("pass", {"valid": True}), ("block", {"valid": False, "code": "DOWN"})]
+)
 async def test_kafka_unreachable_answers_by_fail_policy_within_budget(
     make_settings: Callable[..., Settings], tmp_path: Any, policy: str, expected: dict[str, Any]
 ) -> None:

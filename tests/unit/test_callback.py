@@ -23,7 +23,12 @@ POLICY = Policy(bots=(Bot(id="ai_bot"), Bot(id="helper_bot")))
             1600060847294,
             "d4840ca528ea49e01cfbacb970d91a64",
         ),
-        ("orgname#appname_966475585536657404", "s3cr3t", 1642589932646, "a4155932eb2e64df2508b1709038af3c"),
+        (
+            "orgname#appname_966475585536657404",
+            "s3cr3t",
+            1642589932646,
+            "a4155932eb2e64df2508b1709038af3c",
+        ),
         (
             "XXXX-XXXX#test_0990a64f-XXXX-XXXX-8696-cf3b48b20e7e",
             "a1b2c3d4e5f6",
@@ -32,7 +37,9 @@ POLICY = Policy(bots=(Bot(id="ai_bot"), Bot(id="helper_bot")))
         ),
     ],
 )
-def test_signature_matches_reference_vectors(call_id: str, secret: str, timestamp: int, security: str) -> None:
+def test_signature_matches_reference_vectors(
+    call_id: str, secret: str, timestamp: int, security: str
+) -> None:
     assert expected_security(call_id, secret, timestamp) == security
     assert verify_signature(call_id, timestamp, security.upper(), ["other", secret])
     assert not verify_signature(call_id, timestamp + 1, security, [secret])
@@ -95,7 +102,9 @@ def test_image_body_keeps_its_fields() -> None:
 
 
 def test_combined_message_without_type_is_recognised() -> None:
-    content, _ = normalise_content({"subType": "sub_combine", "title": "聊天记录", "combineLevel": 1})
+    content, _ = normalise_content(
+        {"subType": "sub_combine", "title": "聊天记录", "combineLevel": 1}
+    )
     assert content is not None
     assert content.type == "combine"
 
@@ -123,15 +132,25 @@ def test_message_from_a_bot_is_never_ai() -> None:
 @pytest.mark.parametrize("chat_type", ["group", "groupchat"])
 def test_group_message_mentioning_bot_is_ai(chat_type: str) -> None:
     data = callback(
-        "@AI 帮我总结一下", chat_type=chat_type, to="2289781", group_id="2289781", ext={"em_at_list": ["ai_bot"]}
+        "@AI 帮我总结一下",
+        chat_type=chat_type,
+        to="2289781",
+        group_id="2289781",
+        ext={"em_at_list": ["ai_bot"]},
     )
     env = decide(data, POLICY).envelope
     assert env is not None
-    assert (env.chat_type, env.conversation_id, env.to) == (ChatType.group, "group:2289781", "2289781")
+    assert (env.chat_type, env.conversation_id, env.to) == (
+        ChatType.group,
+        "group:2289781",
+        "2289781",
+    )
 
 
 def test_group_message_without_mention_is_not_ai() -> None:
-    data = callback(chat_type="groupchat", to="2289781", group_id="2289781", ext={"em_at_list": ["bob"]})
+    data = callback(
+        chat_type="groupchat", to="2289781", group_id="2289781", ext={"em_at_list": ["bob"]}
+    )
     assert decide(data, POLICY).envelope is None
 
 
@@ -143,7 +162,13 @@ def test_mention_all_counts_only_when_configured() -> None:
 
 
 def test_chatroom_message_mentioning_bot_is_ai() -> None:
-    data = callback(shape="flat", chat_type="chatroom", to="1851453", group_id="1851453", ext={"em_at_list": ["ai_bot"]})
+    data = callback(
+        shape="flat",
+        chat_type="chatroom",
+        to="1851453",
+        group_id="1851453",
+        ext={"em_at_list": ["ai_bot"]},
+    )
     env = decide(data, POLICY).envelope
     assert env is not None
     assert (env.chat_type, env.conversation_id) == (ChatType.chatroom, "room:1851453")
