@@ -27,9 +27,7 @@ def machine() -> str:
 def write_section(name: str, title: str, command: str, body: str) -> None:
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     stamp = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    section = (
-        f"{start}\n## {title}\n\n`{command}` — {stamp}, {machine()}\n\n{body.strip()}\n{end}"
-    )
+    section = f"{start}\n## {title}\n\n`{command}` — {stamp}, {machine()}\n\n{body.strip()}\n{end}"
     text = DOC.read_text(encoding="utf-8") if DOC.exists() else HEADER
     if start in text and end in text:
         before, rest = text.split(start, 1)

@@ -147,7 +147,7 @@ def conversation_id(chat_type: ChatType, *, bot: str, sender: str, group_id: str
 
 
 def encode_envelope(env: Envelope) -> bytes:
-    return orjson.dumps(env.model_dump(mode="json", exclude_none=True))
+    return env.__pydantic_serializer__.to_json(env, exclude_none=True)
 
 
 def decode_envelope(raw: bytes | None) -> Envelope:

@@ -125,7 +125,7 @@ def producer_kwargs(settings: Settings) -> dict[str, Any]:
         "linger_ms": 0,
         "request_timeout_ms": 10_000,
     }
-    if settings.kafka_embedded:
+    if settings.single_record_batches:
         # Tansu reports wrong end offsets for multi-record batches.
         kwargs["max_batch_size"] = 1
     return kwargs

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     # (one record per batch, short fetch waits, short group timeouts).
     kafka_embedded: bool = False
     kafka_idempotent_producer: bool = False
+    # One record per produce batch (Tansu's end-offset defect). Defaults to on with
+    # the embedded broker, off with a real cluster; see docs/benchmarks.md for its cost.
+    kafka_single_record_batches: bool | None = None
     topic_prefix: str = ""
     topic_partitions: int = 6
     topic_replication: int = 1
@@ -85,6 +88,12 @@ class Settings(BaseSettings):
     @classmethod
     def _secrets_from_commas(cls, value: object) -> object:
         return _split_commas(value)
+
+    @property
+    def single_record_batches(self) -> bool:
+        if self.kafka_single_record_batches is None:
+            return self.kafka_embedded
+        return self.kafka_single_record_batches
 
     def topic(self, base: str) -> str:
         return f"{self.topic_prefix}{base}" if self.topic_prefix else base

@@ -90,7 +90,8 @@ class Publisher:
         if producer is None:
             return "not_connected"
         try:
-            await asyncio.wait_for(producer.send_and_wait(self.topic, value, key=key), timeout)
+            async with asyncio.timeout(timeout):
+                await producer.send_and_wait(self.topic, value, key=key)
         except TimeoutError:
             return "timeout"
         except KafkaError as exc:
@@ -142,6 +143,7 @@ class CallbackHandler:
         self.max_body = settings.callback_max_body_bytes
         self.timeout = settings.publish_timeout_ms / 1000.0
         self.recent = RecentIds(settings.dedupe_window)
+        self._metrics: dict[str, tuple[Counter, Histogram]] = {}
         cb = self.policy.callback
         self.accepted = (
             _VALID
@@ -157,8 +159,11 @@ class CallbackHandler:
     async def handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
         outcome, response = await self._handle(request)
-        CALLBACKS.labels(outcome).inc()
-        LATENCY.labels(outcome).observe(time.perf_counter() - started)
+        metrics = self._metrics.get(outcome)
+        if metrics is None:
+            metrics = self._metrics[outcome] = (CALLBACKS.labels(outcome), LATENCY.labels(outcome))
+        metrics[0].inc()
+        metrics[1].observe(time.perf_counter() - started)
         return response
 
     async def _handle(self, request: web.Request) -> tuple[str, web.Response]:
