@@ -55,9 +55,10 @@ def create_app(settings: Settings, group: str) -> faust.App:
         "stream_wait_empty": True,
         "processing_guarantee": "at_least_once",
     }
+    if settings.single_record_batches:
+        conf["producer_max_batch_size"] = 1
     if settings.kafka_embedded:
         conf.update(
-            producer_max_batch_size=1,
             broker_session_timeout=6.0,
             broker_rebalance_timeout=3.0,
             broker_heartbeat_interval=1.0,
