@@ -11,6 +11,8 @@ if a Faust upgrade stops this from taking effect.
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -49,6 +51,8 @@ def create_app(settings: Settings, group: str) -> faust.App:
         "topic_disable_leader": True,
         "web_enabled": False,
         "store": "memory://",
+        # Faust wants a data directory even without tables; keep it out of the CWD.
+        "datadir": str(Path(tempfile.gettempdir()) / "imbot-faust"),
         "consumer_auto_offset_reset": "earliest",
         "broker_commit_interval": 0.5,
         "producer_acks": -1,
