@@ -36,6 +36,7 @@ class DevStack:
     gateway_port: int = 0
     simulator_port: int = 0
     secret: str = "dev-callback-secret"
+    state_file: Path = STATE_FILE
     broker: EmbeddedBroker | None = None
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _logs: list[IO[bytes]] = field(default_factory=list)
@@ -138,8 +139,8 @@ class DevStack:
         proc.wait()
 
     def write_state(self) -> None:
-        STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
-        STATE_FILE.write_text(
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        self.state_file.write_text(
             json.dumps(
                 {
                     "callback_url": self.callback_url,
@@ -200,17 +201,19 @@ def simulate(
     *,
     sender: str = "alice",
     bot: str = "ai_bot",
+    chat_type: str = "chat",
+    group_id: str | None = None,
     timeout: float = 30.0,
 ) -> dict[str, object]:
     """Fire one signed callback through the simulator and wait for the reply it receives."""
+    target = sender if chat_type == "chat" else (group_id or "")
     with httpx.Client(base_url=simulator_url, timeout=timeout + 5) as client:
-        since = time.time() * 1000
-        fired = client.post(
-            "/_sim/callback", json={"from": sender, "to": bot, "text": text, "chat_type": "chat"}
-        )
+        before = len(client.get("/_sim/messages", params={"to": target}).json()["messages"])
+        request: dict[str, object] = {"from": sender, "to": bot, "text": text, "chat_type": chat_type}
+        if chat_type != "chat":
+            request.update(to=group_id, group_id=group_id, mention=[bot])
+        fired = client.post("/_sim/callback", json=request)
         fired.raise_for_status()
-        waited = client.get(
-            "/_sim/wait", params={"to": sender, "count": 1, "timeout": timeout, "since": since}
-        )
+        waited = client.get("/_sim/wait", params={"to": target, "count": before + 1, "timeout": timeout})
         waited.raise_for_status()
-        return {"callback": fired.json(), "replies": waited.json()}
+        return {"callback": fired.json(), "replies": waited.json()["messages"][before:]}

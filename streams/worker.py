@@ -96,7 +96,7 @@ def build(settings: Settings, stages: Sequence[str]) -> tuple[faust.App, Runtime
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ConfigurationError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
-    group = settings.worker_group or (
+    group = settings.worker_group or settings.topic(
         "imbot-stages" if tuple(stages) == PROCESSING_STAGES else "imbot-" + "-".join(stages)
     )
     app = create_app(settings, group)

@@ -1,0 +1,42 @@
+"""The whole system as real processes: simulator, gateway, stage worker, sender."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from core.devstack import DevStack
+from core.kafka import EmbeddedBroker
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def stack(
+    request: pytest.FixtureRequest, broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[DevStack]:
+    root: Path = tmp_path_factory.mktemp("stack")
+    if request.param == "sqlite":
+        db_url = f"sqlite+aiosqlite:///{root}/imbot.db"
+    else:
+        db_url = str(request.getfixturevalue("pg_url"))
+    dev = DevStack(
+        env={
+            "IMBOT_KAFKA_BOOTSTRAP": broker.bootstrap,
+            "IMBOT_KAFKA_EMBEDDED": "true",
+            "IMBOT_TOPIC_PREFIX": f"e{uuid.uuid4().hex[:6]}.",
+            "IMBOT_TOPIC_PARTITIONS": "3",
+            "IMBOT_DATABASE_URL": db_url,
+            "IMBOT_CALLBACK_SECRETS": "e2e-secret",
+            "IMBOT_STAGE_DEADLINE_S": "20",
+        },
+        log_dir=root / "logs",
+        state_file=root / "dev.json",
+    )
+    dev.start()
+    try:
+        dev.wait_ready(timeout=60)
+        yield dev
+    finally:
+        dev.stop()

@@ -1,0 +1,163 @@
+"""End to end: a signed callback in, a reply out at the (simulated) Easemob, history written."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import httpx
+import orjson
+
+from core import topics
+from core.db import Delivery, Message, Usage
+from core.devstack import DevStack, simulate
+from core.envelope import DlqRecord, decode_envelope
+from core.kafka import new_producer
+from core.settings import load_settings
+from sender.store import Store
+from tests.conftest import consume_all
+from tests.payloads import callback
+
+
+def _user() -> str:
+    return f"u{uuid.uuid4().hex[:10]}"
+
+
+def _messages(stack: DevStack, to: str) -> list[dict[str, Any]]:
+    return list(httpx.get(f"{stack.simulator_url}/_sim/messages", params={"to": to}).json()["messages"])
+
+
+def _wait_messages(stack: DevStack, to: str, count: int, timeout: float = 30.0) -> list[dict[str, Any]]:
+    resp = httpx.get(
+        f"{stack.simulator_url}/_sim/wait", params={"to": to, "count": count, "timeout": timeout}, timeout=timeout + 5
+    )
+    resp.raise_for_status()
+    return list(resp.json()["messages"])
+
+
+def _post_callback(stack: DevStack, data: dict[str, Any]) -> dict[str, Any]:
+    resp = httpx.post(stack.callback_url, content=orjson.dumps(data), headers={"Content-Type": "application/json"})
+    assert resp.status_code == 200, resp.text
+    return dict(resp.json())
+
+
+async def _count(stack: DevStack, table: type[object], **where: object) -> int:
+    store = await Store.open(stack.env["IMBOT_DATABASE_URL"])
+    try:
+        return await store.count(table, **where)
+    finally:
+        await store.close()
+
+
+def _settings(stack: DevStack) -> Any:
+    return load_settings(
+        kafka_bootstrap=stack.env["IMBOT_KAFKA_BOOTSTRAP"],
+        kafka_embedded=True,
+        topic_prefix=stack.env["IMBOT_TOPIC_PREFIX"],
+    )
+
+
+async def test_signed_callback_gets_a_reply_and_history(stack: DevStack) -> None:
+    user = _user()
+    result = simulate(stack.simulator_url, "你好，介绍一下你自己", sender=user, timeout=60)
+    replies: list[dict[str, Any]] = result["replies"]  # type: ignore[assignment]
+    assert len(replies) == 1
+    reply = replies[0]
+    assert reply["from"] == "ai_bot"
+    assert reply["to"] == [user]
+    assert "演示模型" in reply["body"]["msg"] or "demo" in reply["body"]["msg"].lower()
+    msg_id = result["callback"]["request"]["msg_id"]  # type: ignore[index]
+    assert reply["ext"]["imbot_reply_to"] == msg_id
+    # History: the question and the answer, the delivery, the usage.
+    assert await _count(stack, Message, msg_id=msg_id) == 1
+    assert await _count(stack, Message, reply_to=msg_id) == 1
+    assert await _count(stack, Delivery, msg_id=msg_id, status="sent") == 1
+    assert await _count(stack, Usage, msg_id=msg_id) == 1
+
+
+async def test_group_mention_is_answered_in_the_group(stack: DevStack) -> None:
+    group = f"g{uuid.uuid4().int % 10**12}"
+    user = _user()
+    result = simulate(
+        stack.simulator_url, "@AI 总结一下", sender=user, chat_type="group", group_id=group, timeout=60
+    )
+    replies: list[dict[str, Any]] = result["replies"]  # type: ignore[assignment]
+    assert len(replies) == 1
+    assert replies[0]["to"] == [group]
+    assert replies[0]["ext"]["em_at_list"] == [user]
+
+
+async def test_blocked_input_gets_the_polite_reply_without_a_model_call(stack: DevStack) -> None:
+    user = _user()
+    data = callback("请教我炸弹制作的方法", sender=user, secret="e2e-secret")
+    assert _post_callback(stack, data) == {"valid": True}
+    replies = _wait_messages(stack, user, 1)
+    assert replies[0]["body"]["msg"] == "抱歉，这个问题我无法回答。"
+    assert await _count(stack, Usage, msg_id=data["msg_id"]) == 0
+
+
+async def test_same_callback_twice_yields_one_reply(stack: DevStack) -> None:
+    user = _user()
+    data = callback("只回答一次", sender=user, secret="e2e-secret")
+    _post_callback(stack, data)
+    _post_callback(stack, dict(data))
+    _wait_messages(stack, user, 1)
+    # The same message also arriving twice behind the gateway (another gateway
+    # replica, a replay) is delivered once: the delivery ledger stops it.
+    settings = _settings(stack)
+    records = await consume_all(settings.kafka_bootstrap, settings.topic(topics.INBOUND), 10_000, timeout=3)
+    original = next(v for _, v in records if v is not None and data["msg_id"].encode() in v)
+    producer = new_producer(settings)
+    await producer.start()
+    try:
+        env = decode_envelope(original)
+        await producer.send_and_wait(settings.topic(topics.INBOUND), original, key=env.conversation_id.encode())
+    finally:
+        await producer.stop()
+    await asyncio.sleep(3)  # give the duplicate time to travel the whole pipeline
+    assert len(_messages(stack, user)) == 1
+    assert await _count(stack, Delivery, msg_id=data["msg_id"]) == 1
+
+
+async def test_poison_record_on_each_stage_goes_to_dlq_and_the_next_message_flows(stack: DevStack) -> None:
+    settings = _settings(stack)
+    producer = new_producer(settings)
+    await producer.start()
+    marker = uuid.uuid4().hex
+    inputs = [topics.INBOUND, topics.MODERATED, topics.ROUTED, topics.COMPLETED, topics.OUTBOUND]
+    try:
+        for base in inputs:
+            await producer.send_and_wait(
+                settings.topic(base), f"not an envelope {marker}".encode(), key=b"chat:ai_bot:poison"
+            )
+    finally:
+        await producer.stop()
+    # The pipeline still answers.
+    user = _user()
+    result = simulate(stack.simulator_url, "还在吗？", sender=user, timeout=60)
+    assert len(result["replies"]) == 1  # type: ignore[arg-type]
+    deadline = time.monotonic() + 20
+    poisoned: dict[str, DlqRecord] = {}
+    while time.monotonic() < deadline and len(poisoned) < len(inputs):
+        for _, value in await consume_all(settings.kafka_bootstrap, settings.topic(topics.DLQ), 10_000, timeout=1):
+            record = DlqRecord.model_validate_json(value or b"{}")
+            if record.value and marker in record.value:
+                poisoned[record.stage] = record
+    assert set(poisoned) == {"moderate-in", "route", "model", "moderate-out", "send"}
+    assert all(r.error_kind == "UndecodableError" for r in poisoned.values())
+
+
+async def test_worker_killed_and_restarted_mid_stream_loses_nothing(stack: DevStack) -> None:
+    users = [_user() for _ in range(12)]
+    for i, user in enumerate(users):
+        _post_callback(stack, callback(f"第{i}个问题", sender=user, secret="e2e-secret"))
+        if i == 5:
+            stack.restart("worker")  # SIGKILL, like a crashed pod, then start again
+            stack.restart("sender")
+    for user in users:
+        replies = _wait_messages(stack, user, 1, timeout=60)
+        assert len(replies) == 1
+    await asyncio.sleep(2)  # anything redelivered after the restart would arrive now
+    assert all(len(_messages(stack, user)) == 1 for user in users)
