@@ -131,6 +131,9 @@ class Store:
             used += cost
             picked.append(Turn(role="assistant" if role == "assistant" else "user", content=text))
         picked.reverse()
+        # A window must start with the user's turn (some providers require it).
+        while picked and picked[0].role == "assistant":
+            picked.pop(0)
         return tuple(picked)
 
     async def record_exchange(self, env: Envelope, reply_text: str, *, reply_kind: str) -> None:

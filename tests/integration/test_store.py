@@ -1,0 +1,140 @@
+"""History, ledger and audit on real SQLite and real PostgreSQL."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from sqlalchemy import text
+
+from core.db import Delivery, Message, ModerationAudit, Usage
+from core.envelope import ChatType, Completion, Content, Envelope, Verdict, conversation_id
+from core.errors import ConfigurationError
+from sender.store import AuditEntry, Store
+
+
+def _env(conv: str, n: int, text_: str = "问题") -> Envelope:
+    return Envelope(
+        msg_id=f"{conv}-{n}",
+        conversation_id=conv,
+        chat_type=ChatType.direct,
+        sender="alice",
+        to="ai_bot",
+        bot="ai_bot",
+        content=Content(type="txt", text=f"{text_}{n}"),
+        completion=Completion(
+            text=f"回答{n}",
+            finish_reason="stop",
+            model="demo",
+            provider="demo",
+            input_tokens=3,
+            output_tokens=4,
+        ),
+    )
+
+
+@pytest.fixture
+async def store(db_url: str) -> Store:
+    s = await Store.open(db_url)
+    yield s  # type: ignore[misc]
+    await s.close()
+
+
+async def test_exchange_is_recorded_once_and_read_back_as_history(store: Store) -> None:
+    conv = conversation_id(
+        ChatType.direct, bot="ai_bot", sender=f"u{uuid.uuid4().hex[:8]}", group_id=None
+    )
+    for n in range(3):
+        env = _env(conv, n)
+        await store.record_exchange(env, f"回答{n}", reply_kind="answer")
+        await store.record_exchange(
+            env, f"回答{n}", reply_kind="answer"
+        )  # redelivered: no new rows
+    assert await store.count(Message, conversation_id=conv) == 6
+    assert await store.count(Usage, conversation_id=conv) == 3
+    window = await store.history_window(conv, turns=4, token_budget=1000)
+    assert [(t.role, t.content) for t in window] == [
+        ("user", "问题1"),
+        ("assistant", "回答1"),
+        ("user", "问题2"),
+        ("assistant", "回答2"),
+    ]
+
+
+async def test_history_respects_the_token_budget(store: Store) -> None:
+    conv = f"chat:ai_bot:{uuid.uuid4().hex[:8]}"
+    for n in range(3):
+        await store.record_exchange(_env(conv, n, "长" * 50), "短", reply_kind="answer")
+    window = await store.history_window(conv, turns=10, token_budget=60)
+    # newest first until the budget is spent: the last answer (4 tokens) and question (51)
+    assert [t.content for t in window] == ["长" * 50 + "2", "短"]
+
+
+async def test_masked_text_is_what_history_keeps(store: Store) -> None:
+    conv = f"chat:ai_bot:{uuid.uuid4().hex[:8]}"
+    env = _env(conv, 1).model_copy(
+        update={
+            "moderation_in": Verdict(
+                action="mask", text="我的电话是[手机号]", categories=("pii.mobile",)
+            )
+        }
+    )
+    await store.record_exchange(env, "好的", reply_kind="answer")
+    window = await store.history_window(conv, turns=2, token_budget=100)
+    assert window[0].content == "我的电话是[手机号]"
+
+
+async def test_ledger_claims_and_marks_parts(store: Store) -> None:
+    msg_id = uuid.uuid4().hex
+    row = await store.claim_part(msg_id, 0, 2, "users", "alice")
+    assert (row.status, row.attempts) == ("sending", 1)
+    again = await store.claim_part(
+        msg_id, 0, 2, "users", "alice"
+    )  # crash before mark_sent, retried
+    assert (again.status, again.attempts) == ("sending", 2)
+    await store.mark_sent(msg_id, 0, "1029457500870543736")
+    await store.claim_part(msg_id, 1, 2, "users", "alice")
+    await store.mark_failed(msg_id, 1, "400 bad request")
+    ledger = await store.ledger(msg_id)
+    assert ledger[0].status == "sent"
+    assert ledger[0].easemob_msg_id == "1029457500870543736"
+    assert ledger[1].status == "failed"
+    assert await store.count(Delivery, msg_id=msg_id) == 2
+
+
+async def test_audit_entries_are_idempotent(store: Store) -> None:
+    msg_id = uuid.uuid4().hex
+    entries = [
+        AuditEntry("pii", "mobile", "pii.mobile", "mask"),
+        AuditEntry("lexicon", "w1", "violence", "block"),
+    ]
+    await store.record_audit(msg_id, "input", entries)
+    await store.record_audit(msg_id, "input", entries)
+    assert await store.count(ModerationAudit, msg_id=msg_id) == 2
+
+
+async def test_history_query_uses_the_conversation_index_on_postgres(pg_url: str) -> None:
+    store = await Store.open(pg_url)
+    try:
+        async with store.engine.connect() as conn:
+            await conn.execute(text("SET enable_seqscan = off"))
+            plan = (
+                (
+                    await conn.execute(
+                        text(
+                            "EXPLAIN SELECT role, text FROM messages WHERE conversation_id = 'chat:ai_bot:x' "
+                            "ORDER BY id DESC LIMIT 11"
+                        )
+                    )
+                )
+                .scalars()
+                .all()
+            )
+        assert any("ix_messages_conversation_id_id" in line for line in plan), plan
+    finally:
+        await store.close()
+
+
+async def test_unmigrated_database_is_refused_with_a_clear_message(tmp_path: object) -> None:
+    with pytest.raises(ConfigurationError, match="imbot migrate"):
+        await Store.open(f"sqlite+aiosqlite:///{tmp_path}/empty.db")
