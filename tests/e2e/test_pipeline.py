@@ -26,19 +26,27 @@ def _user() -> str:
 
 
 def _messages(stack: DevStack, to: str) -> list[dict[str, Any]]:
-    return list(httpx.get(f"{stack.simulator_url}/_sim/messages", params={"to": to}).json()["messages"])
+    return list(
+        httpx.get(f"{stack.simulator_url}/_sim/messages", params={"to": to}).json()["messages"]
+    )
 
 
-def _wait_messages(stack: DevStack, to: str, count: int, timeout: float = 30.0) -> list[dict[str, Any]]:
+def _wait_messages(
+    stack: DevStack, to: str, count: int, timeout: float = 30.0
+) -> list[dict[str, Any]]:
     resp = httpx.get(
-        f"{stack.simulator_url}/_sim/wait", params={"to": to, "count": count, "timeout": timeout}, timeout=timeout + 5
+        f"{stack.simulator_url}/_sim/wait",
+        params={"to": to, "count": count, "timeout": timeout},
+        timeout=timeout + 5,
     )
     resp.raise_for_status()
     return list(resp.json()["messages"])
 
 
 def _post_callback(stack: DevStack, data: dict[str, Any]) -> dict[str, Any]:
-    resp = httpx.post(stack.callback_url, content=orjson.dumps(data), headers={"Content-Type": "application/json"})
+    resp = httpx.post(
+        stack.callback_url, content=orjson.dumps(data), headers={"Content-Type": "application/json"}
+    )
     assert resp.status_code == 200, resp.text
     return dict(resp.json())
 
@@ -81,7 +89,12 @@ async def test_group_mention_is_answered_in_the_group(stack: DevStack) -> None:
     group = f"g{uuid.uuid4().int % 10**12}"
     user = _user()
     result = simulate(
-        stack.simulator_url, "@AI 总结一下", sender=user, chat_type="group", group_id=group, timeout=60
+        stack.simulator_url,
+        "@AI 总结一下",
+        sender=user,
+        chat_type="group",
+        group_id=group,
+        timeout=60,
     )
     replies: list[dict[str, Any]] = result["replies"]  # type: ignore[assignment]
     assert len(replies) == 1
@@ -107,13 +120,17 @@ async def test_same_callback_twice_yields_one_reply(stack: DevStack) -> None:
     # The same message also arriving twice behind the gateway (another gateway
     # replica, a replay) is delivered once: the delivery ledger stops it.
     settings = _settings(stack)
-    records = await consume_all(settings.kafka_bootstrap, settings.topic(topics.INBOUND), 10_000, timeout=3)
+    records = await consume_all(
+        settings.kafka_bootstrap, settings.topic(topics.INBOUND), 10_000, timeout=3
+    )
     original = next(v for _, v in records if v is not None and data["msg_id"].encode() in v)
     producer = new_producer(settings)
     await producer.start()
     try:
         env = decode_envelope(original)
-        await producer.send_and_wait(settings.topic(topics.INBOUND), original, key=env.conversation_id.encode())
+        await producer.send_and_wait(
+            settings.topic(topics.INBOUND), original, key=env.conversation_id.encode()
+        )
     finally:
         await producer.stop()
     await asyncio.sleep(3)  # give the duplicate time to travel the whole pipeline
@@ -121,7 +138,9 @@ async def test_same_callback_twice_yields_one_reply(stack: DevStack) -> None:
     assert await _count(stack, Delivery, msg_id=data["msg_id"]) == 1
 
 
-async def test_poison_record_on_each_stage_goes_to_dlq_and_the_next_message_flows(stack: DevStack) -> None:
+async def test_poison_record_on_each_stage_goes_to_dlq_and_the_next_message_flows(
+    stack: DevStack,
+) -> None:
     settings = _settings(stack)
     producer = new_producer(settings)
     await producer.start()
@@ -130,7 +149,9 @@ async def test_poison_record_on_each_stage_goes_to_dlq_and_the_next_message_flow
     try:
         for base in inputs:
             await producer.send_and_wait(
-                settings.topic(base), f"not an envelope {marker}".encode(), key=b"chat:ai_bot:poison"
+                settings.topic(base),
+                f"not an envelope {marker}".encode(),
+                key=b"chat:ai_bot:poison",
             )
     finally:
         await producer.stop()
@@ -141,7 +162,9 @@ async def test_poison_record_on_each_stage_goes_to_dlq_and_the_next_message_flow
     deadline = time.monotonic() + 20
     poisoned: dict[str, DlqRecord] = {}
     while time.monotonic() < deadline and len(poisoned) < len(inputs):
-        for _, value in await consume_all(settings.kafka_bootstrap, settings.topic(topics.DLQ), 10_000, timeout=1):
+        for _, value in await consume_all(
+            settings.kafka_bootstrap, settings.topic(topics.DLQ), 10_000, timeout=1
+        ):
             record = DlqRecord.model_validate_json(value or b"{}")
             if record.value and marker in record.value:
                 poisoned[record.stage] = record
