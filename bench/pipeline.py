@@ -13,6 +13,7 @@ every hop costs on the embedded broker without the fix (reference: embedded-kafk
 from __future__ import annotations
 
 import asyncio
+import itertools
 import statistics
 import tempfile
 import time
@@ -111,7 +112,7 @@ async def _hops(stack: DevStack) -> dict[str, float]:
     for _, value in records:
         env = decode_envelope(value)
         stamps = {"gateway": env.received_at, **env.stamps}
-        for prev, name in zip(order, order[1:], strict=False):
+        for prev, name in itertools.pairwise(order):
             if prev in stamps and name in stamps:
                 gaps[name].append(stamps[name] - stamps[prev])
     return {name: statistics.median(v) for name, v in gaps.items() if v}
