@@ -1,0 +1,144 @@
+"""The error boundary with a real producer on the real broker."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import pytest
+
+from core import topics
+from core.envelope import (
+    ChatType,
+    Content,
+    DlqRecord,
+    Envelope,
+    Reply,
+    decode_envelope,
+    encode_envelope,
+)
+from core.errors import FatalError, RetryableError
+from core.kafka import ensure_topics, new_producer
+from core.settings import Settings
+from streams.boundary import Boundary, Emit, Outputs
+from tests.conftest import consume_all
+
+
+def _env() -> Envelope:
+    return Envelope(
+        msg_id="1290000000000000001",
+        conversation_id="chat:ai_bot:alice",
+        chat_type=ChatType.direct,
+        sender="alice",
+        to="ai_bot",
+        bot="ai_bot",
+        content=Content(type="txt", text="你好"),
+    )
+
+
+class ScriptedStage:
+    """A stage whose handle() fails as scripted, then succeeds."""
+
+    name = "scripted"
+    input_topic = topics.ROUTED
+    user_waiting = True
+
+    def __init__(self, failures: Sequence[Exception]) -> None:
+        self.failures = list(failures)
+        self.calls = 0
+
+    async def handle(self, env: Envelope, *, deadline: float) -> Sequence[Emit]:
+        self.calls += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        return [Emit(topics.COMPLETED, env.stamped(self.name))]
+
+    def fallback(self, env: Envelope, error: BaseException) -> Emit | None:
+        return Emit(
+            topics.OUTBOUND, env.stamped(self.name, reply=Reply(text="稍后再试", kind="fallback"))
+        )
+
+
+@pytest.fixture
+async def outputs(make_settings: Callable[..., Settings]) -> Outputs:
+    settings = make_settings(stage_deadline_s=2.0, stage_retry_base_s=0.01, stage_retry_max_s=0.05)
+    await ensure_topics(settings)
+    producer = new_producer(settings)
+    await producer.start()
+    yield Outputs(settings, producer)  # type: ignore[misc]
+    await producer.stop()
+
+
+async def _read(outputs: Outputs, base: str, n: int = 1, timeout: float = 3.0) -> list[bytes]:
+    records = await consume_all(
+        outputs.settings.kafka_bootstrap, outputs.settings.topic(base), n, timeout
+    )
+    return [v for _, v in records if v is not None]
+
+
+async def test_retryable_failures_are_retried_then_published(outputs: Outputs) -> None:
+    stage = ScriptedStage([RetryableError("429"), RetryableError("503")])
+    outcome = await Boundary(stage, outputs, outputs.settings).process(
+        b"k", encode_envelope(_env()), "t", 0, 7
+    )
+    assert (outcome, stage.calls) == ("ok", 3)
+    [value] = await _read(outputs, topics.COMPLETED)
+    assert "scripted" in decode_envelope(value).stamps
+
+
+async def test_retries_stop_at_the_deadline_then_dlq_and_fallback(outputs: Outputs) -> None:
+    stage = ScriptedStage([RetryableError("down")] * 10_000)
+    outcome = await Boundary(stage, outputs, outputs.settings).process(
+        b"k", encode_envelope(_env()), "t", 0, 7
+    )
+    assert outcome == "exhausted"
+    [dlq] = await _read(outputs, topics.DLQ)
+    record = DlqRecord.model_validate_json(dlq)
+    assert (record.stage, record.error_kind, record.offset) == ("scripted", "RetryableError", 7)
+    assert record.attempts > 1
+    [fallback] = await _read(outputs, topics.OUTBOUND)
+    assert decode_envelope(fallback).reply == Reply(text="稍后再试", kind="fallback")
+
+
+async def test_fatal_goes_to_dlq_once_without_retry(outputs: Outputs) -> None:
+    stage = ScriptedStage([FatalError("bad request", reason="bad_request")])
+    outcome = await Boundary(stage, outputs, outputs.settings).process(
+        b"k", encode_envelope(_env()), "t", 0, 1
+    )
+    assert (outcome, stage.calls) == ("fatal", 1)
+    [dlq] = await _read(outputs, topics.DLQ)
+    assert DlqRecord.model_validate_json(dlq).error_kind == "FatalError"
+
+
+async def test_a_bug_in_a_stage_is_contained(outputs: Outputs) -> None:
+    stage = ScriptedStage([ZeroDivisionError("oops")])
+    outcome = await Boundary(stage, outputs, outputs.settings).process(
+        b"k", encode_envelope(_env()), "t", 0, 1
+    )
+    assert outcome == "error"
+    [dlq] = await _read(outputs, topics.DLQ)
+    assert DlqRecord.model_validate_json(dlq).error_kind == "ZeroDivisionError"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\xff\xfe not utf-8",
+        b"[1, 2]",
+        b'{"schema_version": 99}',
+        b'{"schema_version": 1, "msg_id": 5}',
+        None,
+    ],
+)
+async def test_undecodable_records_keep_their_bytes_in_the_dlq(
+    outputs: Outputs, raw: bytes | None
+) -> None:
+    stage = ScriptedStage([])
+    outcome = await Boundary(stage, outputs, outputs.settings).process(b"k", raw, "t", 2, 9)
+    assert (outcome, stage.calls) == ("undecodable", 0)
+    [dlq] = await _read(outputs, topics.DLQ)
+    record = DlqRecord.model_validate_json(dlq)
+    assert (record.error_kind, record.partition, record.offset) == ("UndecodableError", 2, 9)
+    if raw == b"\xff\xfe not utf-8":
+        assert record.value_b64 is not None
+    elif raw is not None:
+        assert record.value == raw.decode()
