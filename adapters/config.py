@@ -1,0 +1,155 @@
+"""The model catalog schema: one entry per model id, discriminated by ``provider``.
+
+``core.settings.Policy.models`` keeps the raw mapping; ``build_catalog`` validates
+it here so core stays free of provider details. Prices and secrets' *names* live
+in the YAML; secret values come only from the environment.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Price(_Frozen):
+    """List price per one million tokens."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    currency: Literal["CNY", "USD"]
+
+    def cost(self, input_tokens: int, output_tokens: int) -> float:
+        return (input_tokens * self.input + output_tokens * self.output) / 1_000_000
+
+
+class CircuitConfig(_Frozen):
+    # Consecutive failed calls (retryable, configuration, quota) that open the circuit.
+    failure_threshold: int = Field(default=5, ge=1)
+    # How long an open circuit skips the model before one probe call is let through.
+    cooldown_s: float = Field(default=30.0, gt=0)
+
+
+class RetryConfig(_Frozen):
+    # Attempts on this model before falling back to the next in the chain.
+    max_attempts: int = Field(default=3, ge=1)
+    base_delay_s: float = Field(default=0.5, ge=0)
+    max_delay_s: float = Field(default=8.0, ge=0)
+    # A server's Retry-After above this is not waited for: fall back instead.
+    max_retry_after_s: float = Field(default=60.0, ge=0)
+
+
+class _ModelEntry(_Frozen):
+    model: str = ""  # defaults to the catalog key
+    base_url: str = ""
+    api_key_env: str | None = None
+    price: Price
+    max_concurrency: int = Field(default=16, ge=1)
+    # Entries naming the same group share one concurrency limit (one provider quota).
+    concurrency_group: str | None = None
+    timeout_s: float = Field(default=60.0, gt=0)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    circuit: CircuitConfig = CircuitConfig()
+    retry: RetryConfig = RetryConfig()
+    # Extra non-secret request headers (e.g. an OpenAI-Project id).
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("base_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+
+class OpenAIConfig(_ModelEntry):
+    """OpenAI chat completions and every compatible server (vLLM, Qianfan v2,
+    DashScope compatible mode, Ollama /v1, …), chosen by ``base_url``."""
+
+    provider: Literal["openai"]
+    base_url: str = "https://api.openai.com/v1"
+    # Reasoning models reject max_tokens; Qianfan v2 and older servers want max_tokens.
+    max_tokens_field: Literal["max_completion_tokens", "max_tokens"] = "max_completion_tokens"
+    # Where the hashed end-user id goes; None sends nothing.
+    user_field: Literal["safety_identifier", "user"] | None = "safety_identifier"
+    # Ask for the usage chunk when streaming (stream_options.include_usage).
+    stream_usage: bool = True
+
+
+class AnthropicConfig(_ModelEntry):
+    provider: Literal["anthropic"]
+    base_url: str = "https://api.anthropic.com/v1"
+    api_key_env: str | None = "ANTHROPIC_API_KEY"
+    anthropic_version: str = "2023-06-01"
+    # Anthropic requires max_tokens; used when the request has no limit.
+    default_max_tokens: int = Field(default=1024, ge=1)
+
+
+class ErnieConfig(_ModelEntry):
+    """Baidu ERNIE v1 (wenxinworkshop) with OAuth access-token exchange."""
+
+    provider: Literal["ernie"]
+    base_url: str = "https://aip.baidubce.com/rpc/2.0/ai_custom/v1/wenxinworkshop/chat"
+    token_url: str = "https://aip.baidubce.com/oauth/2.0/token"
+    # The path segment after /chat/ (e.g. completions_pro); defaults to ``model``.
+    endpoint: str | None = None
+    api_key_env: str | None = "QIANFAN_AK"
+    secret_key_env: str = "QIANFAN_SK"
+
+
+class DashScopeConfig(_ModelEntry):
+    """Alibaba Tongyi via the DashScope native API."""
+
+    provider: Literal["dashscope"]
+    base_url: str = "https://dashscope.aliyuncs.com/api/v1"
+    api_key_env: str | None = "DASHSCOPE_API_KEY"
+    path: str = "/services/aigc/text-generation/generation"
+    # Streamed frames carry only the new fragment (true) or the whole text so far (false).
+    incremental_output: bool = True
+    workspace: str | None = None
+
+
+class SparkConfig(_ModelEntry):
+    """iFlytek Spark HTTP API (OpenAI-like, with Spark's own codes)."""
+
+    provider: Literal["spark"]
+    base_url: str = "https://spark-api-open.xf-yun.com/v1"
+    # The APIPassword, or "APIKey:APISecret" for older consoles; sent as a Bearer token.
+    api_key_env: str | None = "SPARK_API_PASSWORD"
+
+
+class OllamaConfig(_ModelEntry):
+    """Local models through Ollama's native /api/chat."""
+
+    provider: Literal["ollama"]
+    base_url: str = "http://localhost:11434"
+    # The first call after start loads the model: allow for it.
+    timeout_s: float = Field(default=120.0, gt=0)
+    keep_alive: str | None = None
+    num_ctx: int | None = None
+
+
+class DemoConfig(_ModelEntry):
+    """Canned replies labelled as coming from the demo model. Not an LLM."""
+
+    provider: Literal["demo"]
+    price: Price = Price(input=0, output=0, currency="CNY")
+    latency_ms: float = Field(default=0.0, ge=0)
+
+
+ModelConfig = Annotated[
+    OpenAIConfig
+    | AnthropicConfig
+    | ErnieConfig
+    | DashScopeConfig
+    | SparkConfig
+    | OllamaConfig
+    | DemoConfig,
+    Field(discriminator="provider"),
+]
+
+
+class CatalogConfig(_Frozen):
+    models: dict[str, ModelConfig]
