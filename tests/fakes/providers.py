@@ -1,0 +1,720 @@
+"""Fake model providers: real aiohttp servers on 127.0.0.1 (random port) that
+replay the documented wire formats (../shared/reference/llm-providers.md).
+
+Each fake answers from a script (``push(Reply(...))``) and otherwise with the
+provider's normal success, streamed when the request asks for a stream. Every
+request is recorded (``fake.requests``) so tests can check what was sent.
+
+    async with FakeOpenAI() as fake:
+        fake.push(openai_error(429, "Rate limit reached", "requests", "rate_limit_exceeded",
+                               headers={"retry-after": "0.1"}))
+        ... base_url=fake.base_url ...
+
+Run one as a process (used by the benchmark): ``python -m tests.fakes.providers openai 8000``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import sys
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+REPLY_TEXT = "你好！有什么可以帮你？"
+REPLY_PARTS = ("你好！", "有什么可以帮你？")
+
+
+@dataclass
+class Reply:
+    """One scripted answer. ``body`` is sent whole; ``frames`` are written one by one
+    (a stream). ``drop_after`` closes the connection after that many frames (or, with
+    ``body``, half-way through it)."""
+
+    status: int = 200
+    body: bytes | None = None
+    frames: Sequence[bytes] | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    content_type: str = "application/json"
+    delay_s: float = 0.0
+    frame_delay_s: float = 0.0
+    drop_after: int | None = None
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    json: Any
+
+
+def dumps(obj: object) -> bytes:
+    return orjson.dumps(obj)
+
+
+def json_reply(obj: object, status: int = 200, headers: Mapping[str, str] | None = None) -> Reply:
+    return Reply(status=status, body=dumps(obj), headers=dict(headers or {}))
+
+
+def sse(frames: Sequence[object], *, space: bool = True, done: bool = True) -> list[bytes]:
+    """OpenAI-style ``data: {json}`` frames, optionally ended by ``data: [DONE]``."""
+    prefix = b"data: " if space else b"data:"
+    out = [prefix + (f if isinstance(f, bytes) else dumps(f)) + b"\n\n" for f in frames]
+    if done:
+        out.append(prefix + b"[DONE]\n\n")
+    return out
+
+
+class FakeProvider:
+    """Base of every fake: an aiohttp app with one catch-all POST handler."""
+
+    routes: Sequence[str] = ()
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host = host
+        self.port = port
+        self.requests: list[Recorded] = []
+        self.script: deque[Reply] = deque()
+        self.reply_text = REPLY_TEXT
+        self.reply_parts: Sequence[str] = REPLY_PARTS
+        self._runner: web.AppRunner | None = None
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        for route in self.routes:
+            app.router.add_post(route, self._handle)
+        return app
+
+    async def start(self) -> FakeProvider:
+        self._runner = web.AppRunner(self.app(), handler_cancellation=True, shutdown_timeout=0.5)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        server = site._server
+        assert server is not None
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> FakeProvider:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def root(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return self.root
+
+    def push(self, *replies: Reply) -> None:
+        """The next requests get these answers, in order; then the default again."""
+        self.script.extend(replies)
+
+    # -- handling -----------------------------------------------------------------
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            body = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            body = None
+        recorded = Recorded(
+            request.method,
+            request.path,
+            dict(request.query),
+            {k.lower(): v for k, v in request.headers.items()},
+            body,
+        )
+        self.requests.append(recorded)
+        reply = self.script.popleft() if self.script else self.default(recorded, request)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return await self.send(request, reply)
+        finally:
+            self.in_flight -= 1
+
+    def default(self, rec: Recorded, request: web.Request) -> Reply:
+        raise NotImplementedError
+
+    async def send(self, request: web.Request, reply: Reply) -> web.StreamResponse:
+        if reply.delay_s:
+            await asyncio.sleep(reply.delay_s)
+        if reply.frames is None:
+            body = reply.body or b""
+            if reply.drop_after is None:
+                return web.Response(
+                    status=reply.status,
+                    body=body,
+                    headers={"Content-Type": reply.content_type, **reply.headers},
+                )
+            response = web.StreamResponse(
+                status=reply.status, headers={"Content-Type": reply.content_type, **reply.headers}
+            )
+            response.content_length = len(body)
+            await response.prepare(request)
+            await response.write(body[: len(body) // 2])
+            _drop(request)
+            return response
+        response = web.StreamResponse(
+            status=reply.status, headers={"Content-Type": reply.content_type, **reply.headers}
+        )
+        await response.prepare(request)
+        for i, frame in enumerate(reply.frames):
+            if reply.drop_after is not None and i >= reply.drop_after:
+                _drop(request)
+                return response
+            if reply.frame_delay_s and i:
+                await asyncio.sleep(reply.frame_delay_s)
+            await response.write(frame)
+        await response.write_eof()
+        return response
+
+
+def _drop(request: web.Request) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+
+
+def _wants_stream(rec: Recorded) -> bool:
+    return isinstance(rec.json, dict) and bool(rec.json.get("stream"))
+
+
+# -- OpenAI (and compatible servers) ------------------------------------------
+
+
+def openai_error(
+    status: int,
+    message: str,
+    type_: str | None = None,
+    code: str | int | None = None,
+    *,
+    headers: Mapping[str, str] | None = None,
+    extra: Mapping[str, object] | None = None,
+) -> Reply:
+    body: dict[str, object] = {
+        "error": {"message": message, "type": type_, "param": None, "code": code}
+    }
+    body.update(extra or {})
+    return json_reply(body, status, headers)
+
+
+class FakeOpenAI(FakeProvider):
+    """``POST /v1/chat/completions``; base_url for clients is ``…/v1``."""
+
+    routes = ("/v1/chat/completions",)
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.finish_reason = "stop"
+        self.usage = {"prompt_tokens": 21, "completion_tokens": 9, "total_tokens": 30}
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.root}/v1"
+
+    def completion_body(self, model: str) -> bytes:
+        return dumps(
+            {
+                "id": "chatcmpl-AbC123",
+                "object": "chat.completion",
+                "created": 1764000000,
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {
+                            "role": "assistant",
+                            "content": self.reply_text,
+                            "refusal": None,
+                        },
+                        "logprobs": None,
+                        "finish_reason": self.finish_reason,
+                    }
+                ],
+                "usage": {**self.usage, "prompt_tokens_details": {"cached_tokens": 0}},
+                "system_fingerprint": "fp_0123abcd",
+            }
+        )
+
+    def stream_frames(self, model: str, *, include_usage: bool) -> list[bytes]:
+        def chunk(delta: dict[str, object], finish: str | None) -> dict[str, object]:
+            return {
+                "id": "chatcmpl-AbC123",
+                "object": "chat.completion.chunk",
+                "created": 1764000000,
+                "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                "usage": None,
+            }
+
+        frames: list[object] = [chunk({"role": "assistant", "content": ""}, None)]
+        frames += [chunk({"content": part}, None) for part in self.reply_parts]
+        frames.append(chunk({}, self.finish_reason))
+        if include_usage:
+            frames.append(
+                {
+                    "id": "chatcmpl-AbC123",
+                    "object": "chat.completion.chunk",
+                    "created": 1764000000,
+                    "model": model,
+                    "choices": [],
+                    "usage": self.usage,
+                }
+            )
+        return sse(frames)
+
+    def default(self, rec: Recorded, request: web.Request) -> Reply:
+        body = rec.json if isinstance(rec.json, dict) else {}
+        model = str(body.get("model", "gpt-4o-mini"))
+        headers = {"x-request-id": f"req_{secrets.token_hex(6)}"}
+        if _wants_stream(rec):
+            include = bool((body.get("stream_options") or {}).get("include_usage"))
+            return Reply(
+                frames=self.stream_frames(model, include_usage=include),
+                content_type="text/event-stream",
+                headers=headers,
+            )
+        return Reply(body=self.completion_body(model), headers=headers)
+
+
+# -- Anthropic ------------------------------------------------------------------
+
+
+def anthropic_error(
+    status: int, type_: str, message: str, *, headers: Mapping[str, str] | None = None
+) -> Reply:
+    return json_reply(
+        {"type": "error", "error": {"type": type_, "message": message}, "request_id": "req_018E"},
+        status,
+        {"request-id": "req_018E", **(headers or {})},
+    )
+
+
+def anthropic_frames(events: Sequence[tuple[str, object]]) -> list[bytes]:
+    return [
+        f"event: {name}\n".encode() + b"data: " + dumps(data) + b"\n\n" for name, data in events
+    ]
+
+
+class FakeAnthropic(FakeProvider):
+    routes = ("/v1/messages",)
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.stop_reason = "end_turn"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.root}/v1"
+
+    def stream_events(self, model: str) -> list[tuple[str, object]]:
+        events: list[tuple[str, object]] = [
+            (
+                "message_start",
+                {
+                    "type": "message_start",
+                    "message": {
+                        "id": "msg_01XyZ",
+                        "type": "message",
+                        "role": "assistant",
+                        "model": model,
+                        "content": [],
+                        "stop_reason": None,
+                        "stop_sequence": None,
+                        "usage": {"input_tokens": 18, "output_tokens": 1},
+                    },
+                },
+            ),
+            (
+                "content_block_start",
+                {
+                    "type": "content_block_start",
+                    "index": 0,
+                    "content_block": {"type": "text", "text": ""},
+                },
+            ),
+            ("ping", {"type": "ping"}),
+        ]
+        for part in self.reply_parts:
+            events.append(
+                (
+                    "content_block_delta",
+                    {
+                        "type": "content_block_delta",
+                        "index": 0,
+                        "delta": {"type": "text_delta", "text": part},
+                    },
+                )
+            )
+        events += [
+            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            (
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": self.stop_reason, "stop_sequence": None},
+                    "usage": {"output_tokens": 12},
+                },
+            ),
+            ("message_stop", {"type": "message_stop"}),
+        ]
+        return events
+
+    def default(self, rec: Recorded, request: web.Request) -> Reply:
+        body = rec.json if isinstance(rec.json, dict) else {}
+        model = str(body.get("model", "claude-haiku-4-5"))
+        headers = {"request-id": "req_018EeWyXxfu5pfWkrYcMdjWG"}
+        if _wants_stream(rec):
+            return Reply(
+                frames=anthropic_frames(self.stream_events(model)),
+                content_type="text/event-stream",
+                headers=headers,
+            )
+        return json_reply(
+            {
+                "id": "msg_01XyZ",
+                "type": "message",
+                "role": "assistant",
+                "model": model,
+                "content": [{"type": "text", "text": self.reply_text}],
+                "stop_reason": self.stop_reason,
+                "stop_sequence": None,
+                "usage": {
+                    "input_tokens": 18,
+                    "cache_creation_input_tokens": 2,
+                    "cache_read_input_tokens": 3,
+                    "output_tokens": 12,
+                },
+            },
+            headers=headers,
+        )
+
+
+# -- Baidu ERNIE v1 ---------------------------------------------------------------
+
+
+def ernie_error(code: int, message: str) -> Reply:
+    """ERNIE v1 reports errors inside an HTTP 200."""
+    return json_reply({"error_code": code, "error_msg": message, "id": "as-err0001"})
+
+
+class FakeErnie(FakeProvider):
+    """Token endpoint ``/oauth/2.0/token`` and chat ``/rpc/2.0/ai_custom/v1/wenxinworkshop/chat/{path}``."""
+
+    routes = ("/oauth/2.0/token", "/rpc/2.0/ai_custom/v1/wenxinworkshop/chat/{endpoint}")
+
+    def __init__(self, *, api_key: str = "ak-test", secret_key: str = "sk-test", **kw: Any) -> None:
+        super().__init__(**kw)
+        self.api_key = api_key
+        self.secret_key = secret_key
+        self.valid_tokens: set[str] = set()
+        self.tokens_issued = 0
+        self.extra: dict[str, object] = {}
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.root}/rpc/2.0/ai_custom/v1/wenxinworkshop/chat"
+
+    @property
+    def token_url(self) -> str:
+        return f"{self.root}/oauth/2.0/token"
+
+    def expire_tokens(self) -> None:
+        self.valid_tokens.clear()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.path == "/oauth/2.0/token":
+            return self._token(request)
+        token = request.query.get("access_token", "")
+        if token not in self.valid_tokens and not self.script:
+            await request.read()
+            self.requests.append(
+                Recorded(request.method, request.path, dict(request.query), {}, None)
+            )
+            return await self.send(request, ernie_error(111, "Access token expired"))
+        return await super()._handle(request)
+
+    def _token(self, request: web.Request) -> web.Response:
+        q = request.query
+        if q.get("client_id") != self.api_key:
+            return web.json_response(
+                {"error": "invalid_client", "error_description": "unknown client id"}
+            )
+        if q.get("client_secret") != self.secret_key:
+            return web.json_response(
+                {"error": "invalid_client", "error_description": "Client authentication failed"}
+            )
+        self.tokens_issued += 1
+        token = f"24.{secrets.token_hex(16)}.2592000.1766592000.282335-{self.tokens_issued}"
+        self.valid_tokens.add(token)
+        return web.json_response(
+            {
+                "refresh_token": "25.b1c2-12345",
+                "expires_in": 2592000,
+                "session_key": "9mzd==",
+                "access_token": token,
+                "scope": "public brain_all_scope wenxinworkshop_mgr",
+                "session_secret": "6a29",
+            }
+        )
+
+    def frame(self, i: int, text: str, *, end: bool) -> dict[str, object]:
+        frame: dict[str, object] = {
+            "id": "as-8fq2k1x0ab",
+            "object": "chat.completion",
+            "created": 1764000000 + i,
+            "sentence_id": i,
+            "is_end": end,
+            "is_truncated": False,
+            "result": text,
+            "need_clear_history": False,
+            "usage": {
+                "prompt_tokens": 14,
+                "completion_tokens": 86 if end else 0,
+                "total_tokens": 100 if end else 14,
+            },
+        }
+        if end:
+            frame["finish_reason"] = "normal"
+        frame.update(self.extra)
+        return frame
+
+    def default(self, rec: Recorded, request: web.Request) -> Reply:
+        if _wants_stream(rec):
+            parts = list(self.reply_parts)
+            frames = [self.frame(i, p, end=i == len(parts) - 1) for i, p in enumerate(parts)]
+            return Reply(frames=sse(frames, done=False), content_type="text/event-stream")
+        body: dict[str, object] = {
+            "id": "as-8fq2k1x0ab",
+            "object": "chat.completion",
+            "created": 1764000000,
+            "result": self.reply_text,
+            "is_truncated": False,
+            "need_clear_history": False,
+            "finish_reason": "normal",
+            "flag": 0,
+            "usage": {"prompt_tokens": 14, "completion_tokens": 86, "total_tokens": 100},
+        }
+        body.update(self.extra)
+        return json_reply(body)
+
+
+# -- DashScope native ---------------------------------------------------------------
+
+
+def dashscope_error(status: int, code: str, message: str) -> Reply:
+    return json_reply(
+        {"code": code, "message": message, "request_id": "5b0c2a4e-err"},
+        status,
+        {"x-request-id": "5b0c2a4e-err"},
+    )
+
+
+def dashscope_frames(
+    frames: Sequence[tuple[str, int, object]], *, start_id: int = 1
+) -> list[bytes]:
+    """DashScope SSE: ``id:N``, ``event:…``, ``:HTTP_STATUS/NNN``, ``data:{json}`` — no spaces."""
+    out = []
+    for i, (event, status, data) in enumerate(frames, start=start_id):
+        out.append(
+            f"id:{i}\nevent:{event}\n:HTTP_STATUS/{status}\n".encode()
+            + b"data:"
+            + dumps(data)
+            + b"\n\n"
+        )
+    return out
+
+
+class FakeDashScope(FakeProvider):
+    routes = ("/api/v1/services/aigc/text-generation/generation",)
+    REQUEST_ID = "5b0c2a4e-8c1d-9f0e-a1b2-3c4d5e6f7a8b"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.root}/api/v1"
+
+    def result_frame(self, text: str, finish: str, output_tokens: int) -> dict[str, object]:
+        return {
+            "output": {
+                "choices": [
+                    {"message": {"content": text, "role": "assistant"}, "finish_reason": finish}
+                ]
+            },
+            "usage": {
+                "total_tokens": 22 + output_tokens,
+                "output_tokens": output_tokens,
+                "input_tokens": 22,
+            },
+            "request_id": self.REQUEST_ID,
+        }
+
+    def stream_frames(self, incremental: bool) -> list[tuple[str, int, object]]:
+        frames: list[tuple[str, int, object]] = []
+        so_far = ""
+        for i, part in enumerate(self.reply_parts):
+            so_far += part
+            frames.append(
+                ("result", 200, self.result_frame(part if incremental else so_far, "null", i + 1))
+            )
+        frames.append(("result", 200, self.result_frame("" if incremental else so_far, "stop", 9)))
+        return frames
+
+    def default(self, rec: Recorded, request: web.Request) -> Reply:
+        wants_sse = rec.headers.get("x-dashscope-sse") == "enable"
+        if wants_sse:
+            params = (rec.json or {}).get("parameters") or {}
+            incremental = bool(params.get("incremental_output"))
+            return Reply(
+                frames=dashscope_frames(self.stream_frames(incremental)),
+                content_type="text/event-stream;charset=UTF-8",
+                headers={"x-request-id": self.REQUEST_ID},
+            )
+        return json_reply(
+            self.result_frame(self.reply_text, "stop", 9), headers={"x-request-id": self.REQUEST_ID}
+        )
+
+
+# -- iFlytek Spark HTTP ---------------------------------------------------------------
+
+
+class FakeSpark(FakeProvider):
+    routes = ("/v1/chat/completions",)
+    SID = "cha000b5678@dx19a0b1c2d3e4f5a6c8"
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.data_space = True  # real captures exist with and without the space
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.root}/v1"
+
+    def default(self, rec: Recorded, request: web.Request) -> Reply:
+        if _wants_stream(rec):
+            frames: list[object] = []
+            for i, part in enumerate(self.reply_parts):
+                chunk: dict[str, object] = {
+                    "code": 0,
+                    "message": "Success",
+                    "sid": self.SID,
+                    "id": self.SID,
+                    "created": 1764000000,
+                    "choices": [{"delta": {"role": "assistant", "content": part}, "index": 0}],
+                }
+                if i == len(self.reply_parts) - 1:
+                    chunk["usage"] = {
+                        "prompt_tokens": 6,
+                        "completion_tokens": 12,
+                        "total_tokens": 18,
+                    }
+                frames.append(chunk)
+            return Reply(
+                frames=sse(frames, space=self.data_space), content_type="text/event-stream"
+            )
+        return json_reply(
+            {
+                "code": 0,
+                "message": "Success",
+                "sid": "cha000b1234@dx19a0b1c2d3e4f5a6b7",
+                "choices": [
+                    {"message": {"role": "assistant", "content": self.reply_text}, "index": 0}
+                ],
+                "usage": {"prompt_tokens": 6, "completion_tokens": 42, "total_tokens": 48},
+            }
+        )
+
+
+# -- Ollama native ------------------------------------------------------------------
+
+
+class FakeOllama(FakeProvider):
+    routes = ("/api/chat",)
+
+    def final(self, model: str, text: str) -> dict[str, object]:
+        return {
+            "model": model,
+            "created_at": "2026-11-24T08:00:00.14Z",
+            "message": {"role": "assistant", "content": text},
+            "done": True,
+            "done_reason": "stop",
+            "total_duration": 1834560334,
+            "load_duration": 101397084,
+            "prompt_eval_count": 24,
+            "prompt_eval_duration": 13074791,
+            "eval_count": 11,
+            "eval_duration": 52479709,
+        }
+
+    def default(self, rec: Recorded, request: web.Request) -> Reply:
+        body = rec.json if isinstance(rec.json, dict) else {}
+        model = str(body.get("model", "qwen2.5:7b"))
+        if body.get("stream", True):  # Ollama streams unless told not to
+            lines = [
+                dumps(
+                    {
+                        "model": model,
+                        "created_at": "2026-11-24T08:00:00.10Z",
+                        "message": {"role": "assistant", "content": part},
+                        "done": False,
+                    }
+                )
+                + b"\n"
+                for part in self.reply_parts
+            ]
+            lines.append(dumps(self.final(model, "")) + b"\n")
+            return Reply(frames=lines, content_type="application/x-ndjson")
+        return json_reply(self.final(model, self.reply_text))
+
+
+FAKES: dict[str, type[FakeProvider]] = {
+    "openai": FakeOpenAI,
+    "anthropic": FakeAnthropic,
+    "ernie": FakeErnie,
+    "dashscope": FakeDashScope,
+    "spark": FakeSpark,
+    "ollama": FakeOllama,
+}
+
+
+async def serve(provider: str, port: int) -> None:
+    fake = FAKES[provider](port=port)
+    await fake.start()
+    print(f"{provider} fake listening on {fake.base_url}", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await fake.close()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    provider = args[0] if args else "openai"
+    port = int(args[1]) if len(args) > 1 else 0
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(provider, port))
+
+
+if __name__ == "__main__":
+    main()
