@@ -105,7 +105,9 @@ async def test_insufficient_quota_is_fatal_and_not_retried(
     openai_fake: FakeOpenAI, make_catalog: CatalogFactory
 ) -> None:
     openai_fake.push(
-        openai_error(429, "You exceeded your current quota", "insufficient_quota", "insufficient_quota")
+        openai_error(
+            429, "You exceeded your current quota", "insufficient_quota", "insufficient_quota"
+        )
     )
     catalog = make_catalog({"gpt": entry(openai_fake)})
     with pytest.raises(FatalError) as caught:
@@ -320,7 +322,9 @@ async def test_qianfan_v2_flag_3_is_never_delivered(
             }
         )
     )
-    catalog = make_catalog({"qianfan": entry(openai_fake, max_tokens_field="max_tokens", user_field="user")})
+    catalog = make_catalog(
+        {"qianfan": entry(openai_fake, max_tokens_field="max_tokens", user_field="user")}
+    )
     with pytest.raises(ContentRejected) as caught:
         await catalog.complete(["qianfan"], REQUEST, deadline_s=5)
     assert caught.value.stage == "output"
