@@ -25,3 +25,9 @@ async def collect(events: AsyncIterator[StreamEvent]) -> tuple[str, list[StreamE
 
 def deltas(events: Sequence[StreamEvent]) -> list[str]:
     return [e.text for e in events if isinstance(e, Delta)]
+
+
+async def drain(events: AsyncIterator[StreamEvent], into: list[StreamEvent]) -> None:
+    """Read a stream to its end (or error), keeping what arrived."""
+    async for event in events:
+        into.append(event)

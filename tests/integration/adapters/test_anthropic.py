@@ -25,9 +25,11 @@ async def test_complete_puts_the_system_prompt_on_top_and_counts_cache_tokens(
 ) -> None:
     catalog = make_catalog({"claude": entry(anthropic_fake)})
     result = await catalog.complete(["claude"], REQUEST, deadline_s=5)
-    assert result.text == "你好！有什么可以帮你？" and result.finish_reason == "stop"
+    assert result.text == "你好！有什么可以帮你？"
+    assert result.finish_reason == "stop"
     assert result.raw_finish_reason == "end_turn"
-    assert result.usage is not None and result.usage.input_tokens == 18 + 2 + 3
+    assert result.usage is not None
+    assert result.usage.input_tokens == 18 + 2 + 3
     assert result.usage.output_tokens == 12
     assert result.provider_request_id == "req_018EeWyXxfu5pfWkrYcMdjWG"
     sent = anthropic_fake.requests[0]
@@ -35,7 +37,8 @@ async def test_complete_puts_the_system_prompt_on_top_and_counts_cache_tokens(
     assert sent.headers["anthropic-version"] == "2023-06-01"
     assert sent.json["system"] == "你是一名简洁的助手。"
     assert sent.json["messages"] == [{"role": "user", "content": "你好"}]
-    assert sent.json["max_tokens"] == 512 and sent.json["metadata"] == {"user_id": "u_3f9a1c"}
+    assert sent.json["max_tokens"] == 512
+    assert sent.json["metadata"] == {"user_id": "u_3f9a1c"}
 
 
 async def test_stream_ignores_pings_and_takes_usage_from_start_and_delta(
@@ -44,7 +47,8 @@ async def test_stream_ignores_pings_and_takes_usage_from_start_and_delta(
     catalog = make_catalog({"claude": entry(anthropic_fake)})
     text, _, done = await collect(catalog.stream(["claude"], REQUEST, deadline_s=5))
     assert text == "你好！有什么可以帮你？"
-    assert done.result is not None and done.result.usage is not None
+    assert done.result is not None
+    assert done.result.usage is not None
     assert (done.result.usage.input_tokens, done.result.usage.output_tokens) == (18, 12)
     assert done.result.provider_request_id == "msg_01XyZ"
 
@@ -74,7 +78,8 @@ async def test_rate_limit_carries_retry_after(
     )
     with pytest.raises(RetryableError) as caught:
         await catalog.complete(["claude"], REQUEST, deadline_s=5)
-    assert caught.value.retry_after == 30 and caught.value.code == "rate_limit_error"
+    assert caught.value.retry_after == 30
+    assert caught.value.code == "rate_limit_error"
     assert caught.value.request_id == "req_018E"
 
 
@@ -121,7 +126,8 @@ async def test_error_classes(
     with pytest.raises(expected) as caught:
         await catalog.complete(["claude"], REQUEST, deadline_s=5)
     if reason is not None:
-        assert isinstance(caught.value, FatalError) and caught.value.reason == reason
+        assert isinstance(caught.value, FatalError)
+        assert caught.value.reason == reason
     assert len(anthropic_fake.requests) == 1
 
 
@@ -147,7 +153,8 @@ async def test_refusal_and_max_tokens_stop_reasons(
     anthropic_fake.stop_reason = "max_tokens"
     _, _, done = await collect(catalog.stream(["claude"], REQUEST, deadline_s=5))
     assert refused.finish_reason == "content_filter"
-    assert done.finish_reason == "length" and done.raw_finish_reason == "max_tokens"
+    assert done.finish_reason == "length"
+    assert done.raw_finish_reason == "max_tokens"
 
 
 async def test_stream_cut_before_message_stop_is_retried(
@@ -157,6 +164,6 @@ async def test_stream_cut_before_message_stop_is_retried(
     anthropic_fake.push(Reply(frames=frames, content_type="text/event-stream", drop_after=2))
     catalog = make_catalog({"claude": entry(anthropic_fake)})
     text, _, done = await collect(catalog.stream(["claude"], REQUEST, deadline_s=5))
-    assert (
-        text == "你好！有什么可以帮你？" and done.result is not None and done.result.attempts == 2
-    )
+    assert text == "你好！有什么可以帮你？"
+    assert done.result is not None
+    assert done.result.attempts == 2

@@ -25,9 +25,11 @@ async def test_complete_sends_nested_input_and_parameters(
 ) -> None:
     catalog = make_catalog({"qwen": entry(dashscope_fake)})
     result = await catalog.complete(["qwen"], REQUEST, deadline_s=5)
-    assert result.text == "你好！有什么可以帮你？" and result.finish_reason == "stop"
+    assert result.text == "你好！有什么可以帮你？"
+    assert result.finish_reason == "stop"
     assert result.provider_request_id == FakeDashScope.REQUEST_ID
-    assert result.usage is not None and (result.usage.input_tokens, result.usage.output_tokens) == (
+    assert result.usage is not None
+    assert (result.usage.input_tokens, result.usage.output_tokens) == (
         22,
         9,
     )
@@ -48,7 +50,8 @@ async def test_stream_appends_or_replaces_by_incremental_output(
     text, events, done = await collect(catalog.stream(["qwen"], REQUEST, deadline_s=5))
     assert text == "你好！有什么可以帮你？"
     assert deltas(events) == ["你好！", "有什么可以帮你？"]
-    assert done.result is not None and done.result.usage is not None
+    assert done.result is not None
+    assert done.result.usage is not None
     assert done.result.usage.output_tokens == 9  # the last cumulative figure
     assert dashscope_fake.requests[0].headers["x-dashscope-sse"] == "enable"
     assert dashscope_fake.requests[0].json["parameters"]["incremental_output"] is incremental
@@ -76,7 +79,8 @@ async def test_moderation_mid_stream_under_200_is_content_rejected(
     with pytest.raises(ContentRejected) as caught:
         async for _ in catalog.stream(["qwen"], REQUEST, deadline_s=5):
             pass
-    assert caught.value.stage == "output" and caught.value.status == 400
+    assert caught.value.stage == "output"
+    assert caught.value.status == 400
     assert caught.value.request_id == "5b0c2a4e-x"
 
 
@@ -91,7 +95,8 @@ async def test_input_moderation_400_is_rejected_without_retry(
     catalog = make_catalog({"qwen": entry(dashscope_fake)})
     with pytest.raises(ContentRejected) as caught:
         await catalog.complete(["qwen"], REQUEST, deadline_s=5)
-    assert caught.value.stage == "input" and caught.value.clear_history
+    assert caught.value.stage == "input"
+    assert caught.value.clear_history
     assert len(dashscope_fake.requests) == 1
 
 

@@ -20,8 +20,10 @@ async def test_default_policy_builds_and_the_demo_says_what_it_is() -> None:
         await catalog.aclose()
     assert result.text.startswith("【演示模型 demo】")
     assert "你好" in result.text  # echoes the question
-    assert result.provider == "demo" and result.model_id == "demo"
-    assert result.cost == 0 and result.currency == "CNY"
+    assert result.provider == "demo"
+    assert result.model_id == "demo"
+    assert result.cost == 0
+    assert result.currency == "CNY"
     assert result.latency_ms < 50
 
 
@@ -32,9 +34,11 @@ async def test_demo_summarises_long_questions_and_streams() -> None:
     started = time.monotonic()
     text, _, done = await collect(catalog.stream(["demo"], request, deadline_s=5))
     assert time.monotonic() - started >= 0.05
-    assert text.startswith("【演示模型 demo】") and "…" in text
+    assert text.startswith("【演示模型 demo】")
+    assert "…" in text
     assert len(text) < 150
-    assert done.result is not None and done.result.text == text
+    assert done.result is not None
+    assert done.result.text == text
 
 
 @pytest.mark.parametrize(

@@ -30,14 +30,17 @@ async def test_token_is_exchanged_once_and_reused(
     second = await catalog.complete(["ernie"], REQUEST, deadline_s=5)
     assert first.text == second.text == "你好！有什么可以帮你？"
     assert first.provider_request_id == "as-8fq2k1x0ab"
-    assert first.usage is not None and first.usage.input_tokens == 14
-    assert first.cost == pytest.approx((14 * 0.8 + 86 * 2.0) / 1e6) and first.currency == "CNY"
+    assert first.usage is not None
+    assert first.usage.input_tokens == 14
+    assert first.cost == pytest.approx((14 * 0.8 + 86 * 2.0) / 1e6)
+    assert first.currency == "CNY"
     assert ernie_fake.tokens_issued == 1
     sent = ernie_fake.requests[0]
     assert sent.path.endswith("/chat/completions_pro")
     assert sent.json["system"] == "你是一名简洁的助手。"
     assert sent.json["messages"] == [{"role": "user", "content": "你好"}]
-    assert sent.json["user_id"] == "u_3f9a1c" and sent.json["max_output_tokens"] == 512
+    assert sent.json["user_id"] == "u_3f9a1c"
+    assert sent.json["max_output_tokens"] == 512
 
 
 async def test_expired_token_is_refreshed_and_the_call_retried_once(
@@ -105,7 +108,8 @@ async def test_need_clear_history_is_a_rejection_that_clears_history(
     catalog = make_catalog({"ernie": entry(ernie_fake)})
     with pytest.raises(ContentRejected) as caught:
         await catalog.complete(["ernie"], REQUEST, deadline_s=5)
-    assert caught.value.clear_history and caught.value.stage == "input"
+    assert caught.value.clear_history
+    assert caught.value.stage == "input"
     with pytest.raises(ContentRejected):
         await collect(catalog.stream(["ernie"], REQUEST, deadline_s=5))
 
@@ -116,8 +120,10 @@ async def test_stream_ends_on_is_end_without_done_sentinel(
     catalog = make_catalog({"ernie": entry(ernie_fake)})
     text, _, done = await collect(catalog.stream(["ernie"], REQUEST, deadline_s=5))
     assert text == "你好！有什么可以帮你？"
-    assert done.finish_reason == "stop" and done.raw_finish_reason == "normal"
-    assert done.result is not None and done.result.usage is not None
+    assert done.finish_reason == "stop"
+    assert done.raw_finish_reason == "normal"
+    assert done.result is not None
+    assert done.result.usage is not None
     assert done.result.usage.output_tokens == 86
 
 
@@ -156,9 +162,9 @@ async def test_stream_closed_before_is_end_is_retried(
         )
     )
     text, _, done = await collect(catalog.stream(["ernie"], REQUEST, deadline_s=5))
-    assert (
-        text == "你好！有什么可以帮你？" and done.result is not None and done.result.attempts == 2
-    )
+    assert text == "你好！有什么可以帮你？"
+    assert done.result is not None
+    assert done.result.attempts == 2
 
 
 async def test_malformed_body_is_retried(

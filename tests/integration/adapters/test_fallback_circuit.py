@@ -48,10 +48,12 @@ async def test_falls_back_to_the_next_model_when_the_first_is_exhausted(
         }
     )
     result = await catalog.complete(["primary", "local"], REQUEST, deadline_s=5)
-    assert result.model_id == "local" and result.provider == "ollama"
+    assert result.model_id == "local"
+    assert result.provider == "ollama"
     assert result.attempts == 4  # three on the primary, one on the local model
     assert result.currency == "CNY"
-    assert len(openai_fake.requests) == 3 and len(ollama_fake.requests) == 1
+    assert len(openai_fake.requests) == 3
+    assert len(ollama_fake.requests) == 1
 
 
 async def test_fatal_error_falls_back_without_retrying(
@@ -64,7 +66,8 @@ async def test_fatal_error_falls_back_without_retrying(
     )
     catalog = make_catalog({"a": openai(openai_fake), "b": openai(openai_fake2)})
     result = await catalog.complete(["a", "b"], REQUEST, deadline_s=5)
-    assert result.model_id == "b" and result.attempts == 2
+    assert result.model_id == "b"
+    assert result.attempts == 2
     assert len(openai_fake.requests) == 1
 
 
@@ -76,7 +79,8 @@ async def test_all_models_failing_raises_the_last_error(
     catalog = make_catalog({"a": openai(openai_fake), "b": openai(openai_fake2)})
     with pytest.raises(FatalError) as caught:
         await catalog.complete(["a", "b"], REQUEST, deadline_s=5)
-    assert caught.value.reason == "bad_request" and caught.value.status == 400
+    assert caught.value.reason == "bad_request"
+    assert caught.value.status == 400
 
 
 async def test_retry_after_longer_than_the_deadline_falls_back_at_once(
@@ -140,7 +144,8 @@ async def test_failed_probe_reopens_the_circuit(
         await catalog.complete(["flaky"], REQUEST, deadline_s=5)
     with pytest.raises(RetryableError) as caught:
         await catalog.complete(["flaky"], REQUEST, deadline_s=5)
-    assert caught.value.code == "circuit_open" and caught.value.retry_after is not None
+    assert caught.value.code == "circuit_open"
+    assert caught.value.retry_after is not None
     await asyncio.sleep(0.25)
     with pytest.raises(RetryableError) as probe:
         await catalog.complete(["flaky"], REQUEST, deadline_s=5)
@@ -159,7 +164,8 @@ async def test_bad_requests_do_not_open_the_circuit(
     with pytest.raises(FatalError):
         await catalog.complete(["m"], REQUEST, deadline_s=5)
     result = await catalog.complete(["m"], REQUEST, deadline_s=5)
-    assert result.model_id == "m" and circuit_state("m") == 0
+    assert result.model_id == "m"
+    assert circuit_state("m") == 0
 
 
 async def test_stream_falls_back_before_the_first_byte(
@@ -169,7 +175,8 @@ async def test_stream_falls_back_before_the_first_byte(
     catalog = make_catalog({"a": openai(openai_fake), "b": openai(openai_fake2)})
     text, _, done = await collect(catalog.stream(["a", "b"], REQUEST, deadline_s=5))
     assert text == "你好！有什么可以帮你？"
-    assert done.result is not None and done.result.model_id == "b"
+    assert done.result is not None
+    assert done.result.model_id == "b"
     assert done.result.attempts == 4
 
 

@@ -33,9 +33,11 @@ async def test_spark_complete_without_finish_reason(
 ) -> None:
     catalog = make_catalog({"spark": spark(spark_fake)})
     result = await catalog.complete(["spark"], REQUEST, deadline_s=5)
-    assert result.text == "你好！有什么可以帮你？" and result.finish_reason == "stop"
+    assert result.text == "你好！有什么可以帮你？"
+    assert result.finish_reason == "stop"
     assert result.provider_request_id == "cha000b1234@dx19a0b1c2d3e4f5a6b7"
-    assert result.usage is not None and result.usage.output_tokens == 42
+    assert result.usage is not None
+    assert result.usage.output_tokens == 42
     sent = spark_fake.requests[0]
     assert sent.headers["authorization"] == f"Bearer {ENV['SPARK_API_PASSWORD']}"
     assert sent.json["user"] == "u_3f9a1c"
@@ -48,8 +50,10 @@ async def test_spark_stream_with_either_data_spelling(
     spark_fake.data_space = space
     catalog = make_catalog({"spark": spark(spark_fake)})
     text, _, done = await collect(catalog.stream(["spark"], REQUEST, deadline_s=5))
-    assert text == "你好！有什么可以帮你？" and done.finish_reason == "stop"
-    assert done.result is not None and done.result.usage is not None
+    assert text == "你好！有什么可以帮你？"
+    assert done.finish_reason == "stop"
+    assert done.result is not None
+    assert done.result.usage is not None
     assert done.result.usage.output_tokens == 12  # from the last content chunk
     assert done.result.provider_request_id == FakeSpark.SID
 
@@ -90,7 +94,8 @@ async def test_spark_input_moderation_mid_stream(
     catalog = make_catalog({"spark": spark(spark_fake)})
     with pytest.raises(ContentRejected) as caught:
         await collect(catalog.stream(["spark"], REQUEST, deadline_s=5))
-    assert caught.value.stage == "input" and caught.value.request_id == "cha000x"
+    assert caught.value.stage == "input"
+    assert caught.value.request_id == "cha000x"
 
 
 @pytest.mark.parametrize(
@@ -111,13 +116,13 @@ async def test_ollama_complete_and_options(
     catalog = make_catalog({"local": ollama(ollama_fake)})
     result = await catalog.complete(["local"], REQUEST, deadline_s=5)
     assert result.text == "你好！有什么可以帮你？"
-    assert result.usage is not None and (result.usage.input_tokens, result.usage.output_tokens) == (
+    assert result.usage is not None
+    assert (result.usage.input_tokens, result.usage.output_tokens) == (
         24,
         11,
     )
-    assert result.provider_request_id is not None and result.provider_request_id.startswith(
-        "local-"
-    )
+    assert result.provider_request_id is not None
+    assert result.provider_request_id.startswith("local-")
     sent = ollama_fake.requests[0].json
     assert sent["stream"] is False  # always explicit: Ollama streams by default
     assert sent["options"] == {"temperature": 0.7, "num_predict": 512}
@@ -126,8 +131,10 @@ async def test_ollama_complete_and_options(
 async def test_ollama_ndjson_stream(ollama_fake: FakeOllama, make_catalog: CatalogFactory) -> None:
     catalog = make_catalog({"local": ollama(ollama_fake)})
     text, _, done = await collect(catalog.stream(["local"], REQUEST, deadline_s=5))
-    assert text == "你好！有什么可以帮你？" and done.finish_reason == "stop"
-    assert done.result is not None and done.result.usage is not None
+    assert text == "你好！有什么可以帮你？"
+    assert done.finish_reason == "stop"
+    assert done.result is not None
+    assert done.result.usage is not None
     assert done.result.usage.output_tokens == 11
 
 
