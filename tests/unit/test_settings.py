@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from core.errors import ConfigurationError
+from core.settings import DEFAULT_POLICY_FILE, load_policy, load_settings
+
+
+def test_callback_secrets_are_comma_separated_for_rotation(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMBOT_CALLBACK_SECRETS", "new-secret, old-secret,")
+    assert load_settings().secret_values() == ["new-secret", "old-secret"]
+
+
+def test_secrets_are_not_shown_in_the_settings_repr(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMBOT_CALLBACK_SECRETS", "hunter2")
+    monkeypatch.setenv("IMBOT_EASEMOB_CLIENT_SECRET", "s3cr3t")
+    text = repr(load_settings())
+    assert "hunter2" not in text
+    assert "s3cr3t" not in text
+
+
+def test_the_default_policy_is_valid() -> None:
+    policy = load_policy(DEFAULT_POLICY_FILE)
+    assert "ai_bot" in policy.bot_ids
+    assert policy.routes["default"].models == ("demo",)
+
+
+def test_route_naming_an_unknown_model_is_a_configuration_error(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text("models: {demo: {provider: demo}}\nroutes: {default: {models: [gpt-x]}}\n")
+    with pytest.raises(ConfigurationError, match="unknown model 'gpt-x'"):
+        load_policy(path)
+
+
+def test_unknown_keys_are_rejected_so_typos_do_not_pass_silently(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text("callback: {ai_mesage: intercept}\n")
+    with pytest.raises(ConfigurationError, match="ai_mesage"):
+        load_policy(path)
+
+
+def test_bad_yaml_is_a_configuration_error(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text("bots: [\n")
+    with pytest.raises(ConfigurationError, match="not valid YAML"):
+        load_policy(path)
