@@ -85,8 +85,9 @@ def retry_after_s(headers: Mapping[str, str], *, now: float | None = None) -> fl
     try:
         value = float(raw)
     except ValueError:
-        parsed = email.utils.parsedate_to_datetime(raw) if raw.strip() else None
-        if parsed is None:
+        try:
+            parsed = email.utils.parsedate_to_datetime(raw)
+        except (TypeError, ValueError, IndexError):
             return None
         value = parsed.timestamp() - (time.time() if now is None else now)
     return value if value > 0 else None
@@ -146,7 +147,7 @@ _BILLING_PHRASES = ("credit balance is too low", "spend limit", "billing")
 
 def refine_fatal(error: ImbotError) -> ImbotError:
     """Sharpen a bad-request FatalError into context-length or billing by its text."""
-    if isinstance(error, FatalError) and error.reason == "bad_request":
+    if isinstance(error, FatalError) and error.reason in ("bad_request", "other"):
         text = f"{error.code or ''} {error.message}".lower()
         if any(p in text for p in _CONTEXT_PHRASES):
             error.reason = "context_length"

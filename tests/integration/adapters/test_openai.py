@@ -218,7 +218,9 @@ async def test_stream_dropped_after_text_was_sent_raises_to_the_caller(
     received: list[StreamEvent] = []
     with pytest.raises(RetryableError):
         await drain(catalog.stream(["gpt"], REQUEST, deadline_s=5), received)
-    assert any(isinstance(e, Delta) for e in received)  # the caller had partial text, so no silent retry
+    assert any(
+        isinstance(e, Delta) for e in received
+    )  # the caller had partial text, so no silent retry
     assert len(openai_fake.requests) == 1
 
 
