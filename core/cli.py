@@ -117,6 +117,21 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_moderate(args: argparse.Namespace) -> int:
+    from streams.moderation import Moderator
+
+    settings = load_settings()
+    moderator = Moderator.from_config(
+        settings.policy.moderation, base_dir=settings.policy_file.parent
+    )
+    if args.output:
+        result = moderator.check_output(args.text)
+    else:
+        result = moderator.check_input(args.text)
+    print(json.dumps(result.to_json(), ensure_ascii=False, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imbot", description="LLMs behind an Easemob IM app")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--timeout", type=float, default=30.0)
     simulate.add_argument("--simulator-url", default="")
     simulate.set_defaults(func=cmd_simulate)
+    moderate = sub.add_parser("moderate", help="print the moderation verdict for a text as JSON")
+    moderate.add_argument("text")
+    moderate.add_argument(
+        "--output", action="store_true", help="review as a model answer (moderate-out)"
+    )
+    moderate.set_defaults(func=cmd_moderate)
+    try:  # TEMPORARY until streams.replay lands
+        from streams.replay import add_cli
+
+        add_cli(sub)
+    except ImportError:
+        pass
     return parser
 
 

@@ -9,6 +9,7 @@ on a database that is behind.
 
 from __future__ import annotations
 
+import concurrent.futures
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -140,7 +141,10 @@ def upgrade(url: str) -> None:
 
     cfg = alembic_config(url)
     assert isinstance(cfg, Config)
-    command.upgrade(cfg, "head")
+    # Alembic's env runs its own event loop; a thread keeps that working when the
+    # caller is itself inside one (tests, tools).
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(command.upgrade, cfg, "head").result()
 
 
 async def check_migrated(engine: AsyncEngine) -> None:

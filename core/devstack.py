@@ -209,11 +209,18 @@ def simulate(
     target = sender if chat_type == "chat" else (group_id or "")
     with httpx.Client(base_url=simulator_url, timeout=timeout + 5) as client:
         before = len(client.get("/_sim/messages", params={"to": target}).json()["messages"])
-        request: dict[str, object] = {"from": sender, "to": bot, "text": text, "chat_type": chat_type}
+        request: dict[str, object] = {
+            "from": sender,
+            "to": bot,
+            "text": text,
+            "chat_type": chat_type,
+        }
         if chat_type != "chat":
             request.update(to=group_id, group_id=group_id, mention=[bot])
         fired = client.post("/_sim/callback", json=request)
         fired.raise_for_status()
-        waited = client.get("/_sim/wait", params={"to": target, "count": before + 1, "timeout": timeout})
+        waited = client.get(
+            "/_sim/wait", params={"to": target, "count": before + 1, "timeout": timeout}
+        )
         waited.raise_for_status()
         return {"callback": fired.json(), "replies": waited.json()["messages"][before:]}

@@ -43,5 +43,5 @@ def configure_logging(level: str = "INFO", *, json: bool = True, service: str = 
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("aiokafka", "faust", "mode", "httpx", "httpcore", "aiohttp.access"):
+    for noisy in ("aiokafka", "faust", "mode", "httpx", "httpcore", "aiohttp.access", "alembic"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

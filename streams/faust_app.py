@@ -40,7 +40,7 @@ class ShortFetchTransport(faust_aiokafka.Transport):
     Consumer = ShortFetchConsumer
 
 
-def create_app(settings: Settings, group: str) -> faust.App:
+def create_app(settings: Settings, group: str, **extra: Any) -> faust.App:
     broker = ";".join(f"kafka://{host}" for host in settings.kafka_bootstrap.split(","))
     conf: dict[str, Any] = {
         "broker": broker,
@@ -68,6 +68,7 @@ def create_app(settings: Settings, group: str) -> faust.App:
             broker_heartbeat_interval=1.0,
             broker_request_timeout=30.0,
         )
+    conf.update(extra)
     app = faust.App(group, **conf)
     if settings.kafka_embedded:
         ShortFetchConsumerThread.fetch_max_wait_ms = settings.consumer_fetch_max_wait_ms

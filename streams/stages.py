@@ -13,6 +13,7 @@ import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client import Counter
 
@@ -21,10 +22,12 @@ from core import topics
 from core.envelope import Completion, Envelope, Reply, ReplyKind, RouteDecision, Verdict
 from core.errors import ContentRejected, RetryableError
 from core.settings import Policy, Settings
-from sender.service import ReplySender
 from sender.store import AuditEntry, Store
 from streams.boundary import Emit
-from streams.moderation import ModerationResult, Moderator
+
+if TYPE_CHECKING:  # loaded only by the workers that run these stages
+    from sender.service import ReplySender
+    from streams.moderation import ModerationResult, Moderator
 
 MODERATION_DECISIONS = Counter(
     "imbot_moderation_decisions_total",

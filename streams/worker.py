@@ -99,7 +99,12 @@ def build(settings: Settings, stages: Sequence[str]) -> tuple[faust.App, Runtime
     group = settings.worker_group or settings.topic(
         "imbot-stages" if tuple(stages) == PROCESSING_STAGES else "imbot-" + "-".join(stages)
     )
-    app = create_app(settings, group)
+    extra: dict[str, Any] = {}
+    if settings.log_json:
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter())
+        extra["loghandlers"] = [handler]
+    app = create_app(settings, group, **extra)
     runtime = Runtime(settings, stages)
 
     for stage_name in stages:
@@ -124,12 +129,10 @@ def main(settings: Settings, stages: Sequence[str]) -> None:
     app, _ = build(settings, stages)
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port, addr=settings.gateway_host)
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter())
+    level = settings.log_level.lower()
     worker = faust.Worker(
         app,
-        loglevel=settings.log_level.lower() if settings.log_level.lower() != "warning" else "warn",
-        loghandlers=[handler] if settings.log_json else None,
+        loglevel={"warning": "warn", "critical": "crit"}.get(level, level),
         quiet=True,
         redirect_stdouts=False,
     )
