@@ -124,10 +124,8 @@ def cmd_moderate(args: argparse.Namespace) -> int:
     moderator = Moderator.from_config(
         settings.policy.moderation, base_dir=settings.policy_file.parent
     )
-    if args.output:
-        result = moderator.check_output(args.text)
-    else:
-        result = moderator.check_input(args.text)
+    check = moderator.check_output if args.output else moderator.check_input
+    result = check(args.text)
     print(json.dumps(result.to_json(), ensure_ascii=False, indent=2))
     return 0
 
