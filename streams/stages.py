@@ -68,14 +68,27 @@ async def _audit(ctx: Context, env: Envelope, stage: str, result: ModerationResu
     await ctx.store.record_audit(env.msg_id, stage, entries)
 
 
-class ModerateIn:
-    name = "moderate-in"
-    input_topic = topics.INBOUND
+class _UserFacingStage:
+    """A stage whose fatal failure answers the waiting user with the fallback reply."""
+
+    name: str
+    input_topic: str
     user_waiting = True
 
     def __init__(self, ctx: Context) -> None:
-        assert ctx.moderator is not None
         self.ctx = ctx
+
+    def fallback(self, env: Envelope, error: BaseException) -> Emit | None:
+        return _fallback(self.ctx, env, self.name)
+
+
+class ModerateIn(_UserFacingStage):
+    name = "moderate-in"
+    input_topic = topics.INBOUND
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        assert ctx.moderator is not None
         self.moderator = ctx.moderator
 
     async def handle(self, env: Envelope, *, deadline: float) -> Sequence[Emit]:
@@ -101,17 +114,10 @@ class ModerateIn:
             ]
         return [Emit(topics.MODERATED, env.stamped(self.name, moderation_in=verdict))]
 
-    def fallback(self, env: Envelope, error: BaseException) -> Emit | None:
-        return _fallback(self.ctx, env, self.name)
 
-
-class Route:
+class Route(_UserFacingStage):
     name = "route"
     input_topic = topics.MODERATED
-    user_waiting = True
-
-    def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
 
     async def handle(self, env: Envelope, *, deadline: float) -> Sequence[Emit]:
         policy = self.ctx.policy
@@ -135,9 +141,6 @@ class Route:
         )
         return [Emit(topics.ROUTED, env.stamped(self.name, route=decision))]
 
-    def fallback(self, env: Envelope, error: BaseException) -> Emit | None:
-        return _fallback(self.ctx, env, self.name)
-
 
 def chat_request(env: Envelope) -> ChatRequest:
     route = env.route
@@ -154,14 +157,13 @@ def chat_request(env: Envelope) -> ChatRequest:
     )
 
 
-class CallModel:
+class CallModel(_UserFacingStage):
     name = "model"
     input_topic = topics.ROUTED
-    user_waiting = True
 
     def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
         assert ctx.catalog is not None
-        self.ctx = ctx
         self.catalog = ctx.catalog
 
     async def handle(self, env: Envelope, *, deadline: float) -> Sequence[Emit]:
@@ -191,18 +193,14 @@ class CallModel:
         )
         return [Emit(topics.COMPLETED, env.stamped(self.name, completion=completion))]
 
-    def fallback(self, env: Envelope, error: BaseException) -> Emit | None:
-        return _fallback(self.ctx, env, self.name)
 
-
-class ModerateOut:
+class ModerateOut(_UserFacingStage):
     name = "moderate-out"
     input_topic = topics.COMPLETED
-    user_waiting = True
 
     def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
         assert ctx.moderator is not None
-        self.ctx = ctx
         self.moderator = ctx.moderator
 
     async def handle(self, env: Envelope, *, deadline: float) -> Sequence[Emit]:
@@ -227,9 +225,6 @@ class ModerateOut:
                 )
             ]
         return [_answer(env, self.name, result.text, "answer", moderation_out=verdict)]
-
-    def fallback(self, env: Envelope, error: BaseException) -> Emit | None:
-        return _fallback(self.ctx, env, self.name)
 
 
 class Send:
