@@ -110,7 +110,9 @@ async def send(request: web.Request) -> web.Response:
         return _error(401)
     if state.delay_s:
         await asyncio.sleep(state.delay_s)
-    if state.inject:
+    if state.inject and state.inject[0][0] == 200:
+        state.inject.popleft()  # a scheduled success: handled normally below
+    elif state.inject:
         status, description = state.inject.popleft()
         if status == 401:
             state.tokens.pop(auth.removeprefix("Bearer "), None)
@@ -192,10 +194,18 @@ async def wait_messages(request: web.Request) -> web.Response:
 
 
 async def inject(request: web.Request) -> web.Response:
-    """``{"status": 429, "count": 2, "description"?: ...}``, ``{"delay_ms": 500}``, ``{"rate_limit": 100}``."""
+    """Failures on demand.
+
+    ``{"status": 429, "count": 2, "description"?: "...", "after"?: 3}`` (the next sends fail,
+    optionally after some succeed), ``{"delay_ms": 500}``, ``{"rate_limit": 100}`` (calls/s,
+    then 429), ``{"max_message_bytes": 5120}`` (then 413), ``{"expire_tokens": true}`` (401).
+    """
     state = request.app[STATE]
     body = await request.json()
     if "status" in body:
+        # "after": let that many sends succeed first (a failure in the middle of a reply)
+        for _ in range(int(body.get("after", 0))):
+            state.inject.append((200, None))
         for _ in range(int(body.get("count", 1))):
             state.inject.append((int(body["status"]), body.get("description")))
     if "delay_ms" in body:

@@ -6,6 +6,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import asyncpg
 import pytest
@@ -63,17 +64,27 @@ async def _drop_database(name: str) -> None:
         await conn.close()
 
 
+def _run(coro: Any) -> None:
+    """Run a coroutine from a sync fixture without touching the current event loop
+    (``asyncio.run`` would unset it under pytest-asyncio)."""
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(coro)
+    finally:
+        loop.close()
+
+
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """A fresh, migrated PostgreSQL database for this test session (dropped afterwards)."""
     name = f"imbot_test_{uuid.uuid4().hex[:10]}"
-    asyncio.run(_create_database(name))
+    _run(_create_database(name))
     url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
     upgrade(url)
     try:
         yield url
     finally:
-        asyncio.run(_drop_database(name))
+        _run(_drop_database(name))
 
 
 @pytest.fixture
