@@ -64,7 +64,7 @@ async def _eventually(
     read: Callable[[], Awaitable[int]], expected: int, timeout: float = 5.0
 ) -> None:
     deadline = time.monotonic() + timeout
-    while (value := await read()) != expected and time.monotonic() < deadline:
+    while (value := await read()) != expected and time.monotonic() < deadline:  # noqa: ASYNC110 - polling a database
         await asyncio.sleep(0.05)
     assert value == expected
 
