@@ -55,7 +55,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     from core.devstack import DevStack, simulate
 
     started = time.monotonic()
-    stack = DevStack()
+    stack = DevStack(usual_ports=True)
     try:
         stack.start()
         stack.wait_ready(timeout=60)
@@ -64,6 +64,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         result = simulate(stack.simulator_url, "你好", timeout=60)
         took = time.monotonic() - started
         replies = result["replies"]
+        first = replies[0]["body"]["msg"] if isinstance(replies, list) and replies else "(none yet)"
         print(
             f"""
 imbot is running (first reply after {took:.1f}s).
@@ -77,9 +78,9 @@ imbot is running (first reply after {took:.1f}s).
   logs                  {stack.log_dir}/
 
   model: {"DEMO MODEL (canned replies, not an LLM) — configure a real provider in the policy file" if _demo_only() else "as configured in the policy file"}
-  first reply: {json.dumps(replies, ensure_ascii=False)[:300]}
+  first reply: {first}
 
-Try:  imbot simulate "介绍一下你自己"      Stop: Ctrl-C
+Try:  .venv/bin/imbot simulate "介绍一下你自己"      Stop: Ctrl-C
 """,
             flush=True,
         )

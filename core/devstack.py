@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,6 +28,16 @@ from core.kafka import EmbeddedBroker, free_port
 STATE_FILE = Path(".imbot/dev.json")
 
 
+def _port_or_free(preferred: int) -> int:
+    """``preferred`` when nothing listens there, else any free port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", preferred))
+        except OSError:
+            return free_port()
+    return preferred
+
+
 @dataclass
 class DevStack:
     """Starts and stops the whole system. ``env`` overrides come on top of os.environ."""
@@ -37,6 +48,7 @@ class DevStack:
     simulator_port: int = 0
     secret: str = "dev-callback-secret"
     state_file: Path = STATE_FILE
+    usual_ports: bool = False  # gateway on 8080 and simulator on 8090 when they are free
     broker: EmbeddedBroker | None = None
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _logs: list[IO[bytes]] = field(default_factory=list)
@@ -49,10 +61,11 @@ class DevStack:
                 self.broker.start()
             env["IMBOT_KAFKA_BOOTSTRAP"] = self.broker.bootstrap
             env["IMBOT_KAFKA_EMBEDDED"] = "true"
-        self.gateway_port = (
-            self.gateway_port or int(env.get("IMBOT_GATEWAY_PORT") or 0) or free_port()
-        )
-        self.simulator_port = self.simulator_port or free_port()
+        self.gateway_port = self.gateway_port or int(env.get("IMBOT_GATEWAY_PORT") or 0)
+        if not self.gateway_port:
+            self.gateway_port = _port_or_free(8080) if self.usual_ports else free_port()
+        if not self.simulator_port:
+            self.simulator_port = _port_or_free(8090) if self.usual_ports else free_port()
         env["IMBOT_GATEWAY_PORT"] = str(self.gateway_port)
         env.setdefault("IMBOT_CALLBACK_SECRETS", self.secret)
         self.secret = env["IMBOT_CALLBACK_SECRETS"].split(",")[0].strip()
