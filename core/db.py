@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -23,6 +24,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    event,
 )
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -118,10 +120,24 @@ class ModerationAudit(Base):
     )
 
 
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL: readers never block the writer, and a commit appends to the log instead
+    # of rewriting pages; synchronous=NORMAL fsyncs at checkpoints, not every commit
+    # (a power cut can lose the last commits, never corrupt the database — fine for
+    # the embedded default; production runs PostgreSQL).
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
 def create_engine(url: str) -> AsyncEngine:
     if url.startswith("sqlite"):
         # One writer at a time; wait rather than fail when another process writes.
-        return create_async_engine(url, connect_args={"timeout": 30})
+        engine = create_async_engine(url, connect_args={"timeout": 30})
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        return engine
     return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
 
 

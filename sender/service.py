@@ -79,6 +79,7 @@ class ReplySender:
         ledger = await self.store.ledger(env.msg_id)
         ids: list[str] = []
         sent_now = 0
+        last = len(parts) - 1
         for index, text in enumerate(parts):
             row = ledger.get(index)
             if row is not None and row.status == "sent":
@@ -86,7 +87,9 @@ class ReplySender:
                 continue
             if time.monotonic() > deadline:
                 raise RetryableError("delivery deadline passed")
-            await self.store.claim_part(env.msg_id, index, len(parts), kind, target)
+            claimed = await self.store.claim_part(env.msg_id, index, len(parts), kind, target)
+            if claimed is None:  # another delivery of the same record got there first
+                continue
             ext: dict[str, object] = {
                 "imbot_reply_to": env.msg_id,
                 "imbot_part": index,
@@ -104,12 +107,13 @@ class ReplySender:
                 if not isinstance(exc, RetryableError):
                     await self.store.mark_failed(env.msg_id, index, str(exc))
                 raise
-            await self.store.mark_sent(env.msg_id, index, easemob_id)
+            # The last part records the history in the same transaction.
+            exchange = (env, reply.text, reply.kind) if index == last else None
+            await self.store.mark_sent(env.msg_id, index, easemob_id, exchange=exchange)
             PARTS_SENT.labels("sent").inc()
             ids.append(easemob_id)
             sent_now += 1
         if sent_now == 0:
             PARTS_SENT.labels("duplicate").inc()
             log.info("duplicate outbound record, nothing sent", extra={"msg_id": env.msg_id})
-        await self.store.record_exchange(env, reply.text, reply_kind=reply.kind)
         return Delivery(parts=len(parts), easemob_msg_ids=tuple(ids), duplicate=sent_now == 0)

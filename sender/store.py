@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import Table, and_, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -138,56 +138,61 @@ class Store:
 
     async def record_exchange(self, env: Envelope, reply_text: str, *, reply_kind: str) -> None:
         """Write the user's message and the reply (idempotent), the conversation and usage."""
+        async with self.sessions.begin() as session:
+            await self._record_exchange(session, env, reply_text, reply_kind)
+
+    async def _record_exchange(
+        self, session: AsyncSession, env: Envelope, reply_text: str, reply_kind: str
+    ) -> None:
         now = utcnow()
         user_text = env.user_text
-        async with self.sessions.begin() as session:
-            await self._upsert_conversation(session, env, now)
+        await self._upsert_conversation(session, env, now)
+        await session.execute(
+            self._insert_ignore(Message, ("msg_id",)),
+            [
+                {
+                    "msg_id": env.msg_id,
+                    "conversation_id": env.conversation_id,
+                    "role": "user",
+                    "author": env.sender,
+                    "text": user_text,
+                    "kind": env.content.type,
+                    "reply_to": None,
+                    "tokens": estimate_tokens(user_text),
+                    "created_at": now,
+                },
+                {
+                    "msg_id": f"{env.msg_id}:reply",
+                    "conversation_id": env.conversation_id,
+                    "role": "assistant",
+                    "author": env.bot,
+                    "text": reply_text,
+                    "kind": reply_kind,
+                    "reply_to": env.msg_id,
+                    "tokens": (env.completion.output_tokens if env.completion else None),
+                    "created_at": now,
+                },
+            ],
+        )
+        c = env.completion
+        if c is not None:
             await session.execute(
-                self._insert_ignore(Message, ("msg_id",)),
+                self._insert_ignore(Usage, ("msg_id",)),
                 [
                     {
                         "msg_id": env.msg_id,
                         "conversation_id": env.conversation_id,
-                        "role": "user",
-                        "author": env.sender,
-                        "text": user_text,
-                        "kind": env.content.type,
-                        "reply_to": None,
-                        "tokens": estimate_tokens(user_text),
+                        "model": c.model,
+                        "provider": c.provider,
+                        "input_tokens": c.input_tokens,
+                        "output_tokens": c.output_tokens,
+                        "cost": c.cost,
+                        "currency": c.currency,
+                        "latency_ms": c.latency_ms,
                         "created_at": now,
-                    },
-                    {
-                        "msg_id": f"{env.msg_id}:reply",
-                        "conversation_id": env.conversation_id,
-                        "role": "assistant",
-                        "author": env.bot,
-                        "text": reply_text,
-                        "kind": reply_kind,
-                        "reply_to": env.msg_id,
-                        "tokens": (env.completion.output_tokens if env.completion else None),
-                        "created_at": now,
-                    },
+                    }
                 ],
             )
-            c = env.completion
-            if c is not None:
-                await session.execute(
-                    self._insert_ignore(Usage, ("msg_id",)),
-                    [
-                        {
-                            "msg_id": env.msg_id,
-                            "conversation_id": env.conversation_id,
-                            "model": c.model,
-                            "provider": c.provider,
-                            "input_tokens": c.input_tokens,
-                            "output_tokens": c.output_tokens,
-                            "cost": c.cost,
-                            "currency": c.currency,
-                            "latency_ms": c.latency_ms,
-                            "created_at": now,
-                        }
-                    ],
-                )
 
     async def _upsert_conversation(
         self, session: AsyncSession, env: Envelope, now: datetime
@@ -222,49 +227,61 @@ class Store:
 
     async def claim_part(
         self, msg_id: str, part: int, parts: int, target_kind: str, target: str
-    ) -> LedgerRow:
-        """Record that ``part`` is about to be sent; returns the row as it now stands."""
-        async with self.sessions.begin() as session:
-            await session.execute(
-                self._insert_ignore(Delivery, ("msg_id", "part")),
-                [
-                    {
-                        "msg_id": msg_id,
-                        "part": part,
-                        "parts": parts,
-                        "target_kind": target_kind,
-                        "target": target,
-                        "status": "sending",
-                        "attempts": 0,
-                        "created_at": utcnow(),
-                    }
-                ],
-            )
-            await session.execute(
-                update(Delivery)
-                .where(
-                    and_(
-                        Delivery.msg_id == msg_id, Delivery.part == part, Delivery.status != "sent"
-                    )
-                )
-                .values(attempts=Delivery.attempts + 1)
-            )
-            row = (
-                await session.execute(
-                    select(
-                        Delivery.part, Delivery.status, Delivery.easemob_msg_id, Delivery.attempts
-                    ).where(and_(Delivery.msg_id == msg_id, Delivery.part == part))
-                )
-            ).one()
-        return LedgerRow(row.part, row.status, row.easemob_msg_id, row.attempts)
+    ) -> LedgerRow | None:
+        """Record that ``part`` is about to be sent; None when it was already sent.
 
-    async def mark_sent(self, msg_id: str, part: int, easemob_msg_id: str) -> None:
+        One statement: insert the row, or count another attempt on a row that is
+        not yet ``sent`` (a crash or a failure came between send and record).
+        """
+        table = Delivery.__table__
+        assert isinstance(table, Table)
+        values = {
+            "msg_id": msg_id,
+            "part": part,
+            "parts": parts,
+            "target_kind": target_kind,
+            "target": target,
+            "status": "sending",
+            "attempts": 1,
+            "created_at": utcnow(),
+        }
+        dialect_insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
+        stmt = (
+            dialect_insert(table)
+            .values(values)
+            .on_conflict_do_update(
+                index_elements=["msg_id", "part"],
+                set_={"attempts": table.c.attempts + 1},
+                where=table.c.status != "sent",
+            )
+            .returning(table.c.part, table.c.status, table.c.easemob_msg_id, table.c.attempts)
+        )
+        async with self.sessions.begin() as session:
+            row = (await session.execute(stmt)).one_or_none()
+        return (
+            None
+            if row is None
+            else LedgerRow(row.part, row.status, row.easemob_msg_id, row.attempts)
+        )
+
+    async def mark_sent(
+        self,
+        msg_id: str,
+        part: int,
+        easemob_msg_id: str,
+        *,
+        exchange: tuple[Envelope, str, str] | None = None,
+    ) -> None:
+        """Record a sent part; with ``exchange`` (envelope, reply text, kind) the
+        history is written in the same transaction (the last part of a reply)."""
         async with self.sessions.begin() as session:
             await session.execute(
                 update(Delivery)
                 .where(and_(Delivery.msg_id == msg_id, Delivery.part == part))
                 .values(status="sent", easemob_msg_id=easemob_msg_id, sent_at=utcnow(), error=None)
             )
+            if exchange is not None:
+                await self._record_exchange(session, *exchange)
 
     async def mark_failed(self, msg_id: str, part: int, error: str) -> None:
         async with self.sessions.begin() as session:

@@ -87,12 +87,14 @@ async def test_masked_text_is_what_history_keeps(store: Store) -> None:
 async def test_ledger_claims_and_marks_parts(store: Store) -> None:
     msg_id = uuid.uuid4().hex
     row = await store.claim_part(msg_id, 0, 2, "users", "alice")
+    assert row is not None
     assert (row.status, row.attempts) == ("sending", 1)
-    again = await store.claim_part(
-        msg_id, 0, 2, "users", "alice"
-    )  # crash before mark_sent, retried
+    # a crash before mark_sent: the retry claims the same part again
+    again = await store.claim_part(msg_id, 0, 2, "users", "alice")
+    assert again is not None
     assert (again.status, again.attempts) == ("sending", 2)
     await store.mark_sent(msg_id, 0, "1029457500870543736")
+    assert await store.claim_part(msg_id, 0, 2, "users", "alice") is None  # sent: never again
     await store.claim_part(msg_id, 1, 2, "users", "alice")
     await store.mark_failed(msg_id, 1, "400 bad request")
     ledger = await store.ledger(msg_id)
