@@ -6,7 +6,9 @@ msg_id, or msg_id + part), so a stage that sees a record twice leaves one row.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -54,6 +56,10 @@ class Store:
         self.engine = engine
         self.sessions = async_sessionmaker(engine, expire_on_commit=False)
         self._dialect = engine.dialect.name
+        # SQLite has one writer at a time; concurrent write transactions of this
+        # process would meet in SQLite's busy handler, which sleeps up to 100 ms
+        # between tries. Queue them here instead (PostgreSQL needs no such thing).
+        self._write_lock = asyncio.Lock() if self._dialect == "sqlite" else None
 
     @classmethod
     async def open(cls, url: str, *, check: bool = True) -> Store:
@@ -65,6 +71,16 @@ class Store:
                 await engine.dispose()
                 raise
         return cls(engine)
+
+    @contextlib.asynccontextmanager
+    async def _writing(self) -> AsyncIterator[AsyncSession]:
+        """A write transaction (serialised per process on SQLite)."""
+        if self._write_lock is None:
+            async with self.sessions.begin() as session:
+                yield session
+            return
+        async with self._write_lock, self.sessions.begin() as session:
+            yield session
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -93,7 +109,7 @@ class Store:
         if not rows:
             return
         stmt = self._insert_ignore(ModerationAudit, ("msg_id", "stage", "detector", "rule"))
-        async with self.sessions.begin() as session:
+        async with self._writing() as session:
             await session.execute(stmt, rows)
 
     # -- history ---------------------------------------------------------------
@@ -138,7 +154,7 @@ class Store:
 
     async def record_exchange(self, env: Envelope, reply_text: str, *, reply_kind: str) -> None:
         """Write the user's message and the reply (idempotent), the conversation and usage."""
-        async with self.sessions.begin() as session:
+        async with self._writing() as session:
             await self._record_exchange(session, env, reply_text, reply_kind)
 
     async def _record_exchange(
@@ -256,7 +272,7 @@ class Store:
             )
             .returning(table.c.part, table.c.status, table.c.easemob_msg_id, table.c.attempts)
         )
-        async with self.sessions.begin() as session:
+        async with self._writing() as session:
             row = (await session.execute(stmt)).one_or_none()
         return (
             None
@@ -274,7 +290,7 @@ class Store:
     ) -> None:
         """Record a sent part; with ``exchange`` (envelope, reply text, kind) the
         history is written in the same transaction (the last part of a reply)."""
-        async with self.sessions.begin() as session:
+        async with self._writing() as session:
             await session.execute(
                 update(Delivery)
                 .where(and_(Delivery.msg_id == msg_id, Delivery.part == part))
@@ -284,7 +300,7 @@ class Store:
                 await self._record_exchange(session, *exchange)
 
     async def mark_failed(self, msg_id: str, part: int, error: str) -> None:
-        async with self.sessions.begin() as session:
+        async with self._writing() as session:
             await session.execute(
                 update(Delivery)
                 .where(
