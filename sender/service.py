@@ -87,9 +87,6 @@ class ReplySender:
                 continue
             if time.monotonic() > deadline:
                 raise RetryableError("delivery deadline passed")
-            claimed = await self.store.claim_part(env.msg_id, index, len(parts), kind, target)
-            if claimed is None:  # another delivery of the same record got there first
-                continue
             ext: dict[str, object] = {
                 "imbot_reply_to": env.msg_id,
                 "imbot_part": index,
@@ -104,12 +101,28 @@ class ReplySender:
                 )
             except Exception as exc:
                 PARTS_SENT.labels(type(exc).__name__).inc()
-                if not isinstance(exc, RetryableError):
-                    await self.store.mark_failed(env.msg_id, index, str(exc))
+                final = not isinstance(exc, RetryableError)
+                await self.store.mark_failed(
+                    env.msg_id,
+                    index,
+                    str(exc),
+                    final=final,
+                    parts=len(parts),
+                    target_kind=kind,
+                    target=target,
+                )
                 raise
             # The last part records the history in the same transaction.
             exchange = (env, reply.text, reply.kind) if index == last else None
-            await self.store.mark_sent(env.msg_id, index, easemob_id, exchange=exchange)
+            await self.store.mark_sent(
+                env.msg_id,
+                index,
+                easemob_id,
+                exchange=exchange,
+                parts=len(parts),
+                target_kind=kind,
+                target=target,
+            )
             PARTS_SENT.labels("sent").inc()
             ids.append(easemob_id)
             sent_now += 1

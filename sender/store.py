@@ -11,10 +11,11 @@ import contextlib
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Table, and_, func, select, update
+from sqlalchemy import Table, func, select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from core.db import (
     Conversation,
@@ -54,7 +55,6 @@ def estimate_tokens(text: str) -> int:
 class Store:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
-        self.sessions = async_sessionmaker(engine, expire_on_commit=False)
         self._dialect = engine.dialect.name
         # SQLite has one writer at a time; concurrent write transactions of this
         # process would meet in SQLite's busy handler, which sleeps up to 100 ms
@@ -73,13 +73,13 @@ class Store:
         return cls(engine)
 
     @contextlib.asynccontextmanager
-    async def _writing(self) -> AsyncIterator[AsyncSession]:
+    async def _writing(self) -> AsyncIterator[AsyncConnection]:
         """A write transaction (serialised per process on SQLite)."""
         if self._write_lock is None:
-            async with self.sessions.begin() as session:
+            async with self.engine.begin() as session:
                 yield session
             return
-        async with self._write_lock, self.sessions.begin() as session:
+        async with self._write_lock, self.engine.begin() as session:
             yield session
 
     async def close(self) -> None:
@@ -134,7 +134,7 @@ class Store:
             .order_by(Message.id.desc())
             .limit(turns + 1)
         )
-        async with self.sessions() as session:
+        async with self.engine.connect() as session:
             rows = (await session.execute(query)).all()
         picked: list[Turn] = []
         used = 0
@@ -158,7 +158,7 @@ class Store:
             await self._record_exchange(session, env, reply_text, reply_kind)
 
     async def _record_exchange(
-        self, session: AsyncSession, env: Envelope, reply_text: str, reply_kind: str
+        self, session: AsyncConnection, env: Envelope, reply_text: str, reply_kind: str
     ) -> None:
         now = utcnow()
         user_text = env.user_text
@@ -211,24 +211,19 @@ class Store:
             )
 
     async def _upsert_conversation(
-        self, session: AsyncSession, env: Envelope, now: datetime
+        self, session: AsyncConnection, env: Envelope, now: datetime
     ) -> None:
+        dialect_insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
         await session.execute(
-            self._insert_ignore(Conversation, ("id",)),
-            [
-                {
-                    "id": env.conversation_id,
-                    "chat_type": env.chat_type.value,
-                    "bot": env.bot,
-                    "created_at": now,
-                    "last_message_at": now,
-                }
-            ],
-        )
-        await session.execute(
-            update(Conversation)
-            .where(Conversation.id == env.conversation_id)
-            .values(last_message_at=now)
+            dialect_insert(Conversation)
+            .values(
+                id=env.conversation_id,
+                chat_type=env.chat_type.value,
+                bot=env.bot,
+                created_at=now,
+                last_message_at=now,
+            )
+            .on_conflict_do_update(index_elements=["id"], set_={"last_message_at": now})
         )
 
     # -- delivery ledger -----------------------------------------------------
@@ -237,47 +232,22 @@ class Store:
         query = select(
             Delivery.part, Delivery.status, Delivery.easemob_msg_id, Delivery.attempts
         ).where(Delivery.msg_id == msg_id)
-        async with self.sessions() as session:
+        async with self.engine.connect() as session:
             rows = (await session.execute(query)).all()
         return {r.part: LedgerRow(r.part, r.status, r.easemob_msg_id, r.attempts) for r in rows}
 
-    async def claim_part(
-        self, msg_id: str, part: int, parts: int, target_kind: str, target: str
-    ) -> LedgerRow | None:
-        """Record that ``part`` is about to be sent; None when it was already sent.
-
-        One statement: insert the row, or count another attempt on a row that is
-        not yet ``sent`` (a crash or a failure came between send and record).
-        """
+    def _upsert_delivery(self, values: dict[str, object], on_conflict: dict[str, object]) -> Any:
         table = Delivery.__table__
         assert isinstance(table, Table)
-        values = {
-            "msg_id": msg_id,
-            "part": part,
-            "parts": parts,
-            "target_kind": target_kind,
-            "target": target,
-            "status": "sending",
-            "attempts": 1,
-            "created_at": utcnow(),
-        }
         dialect_insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
-        stmt = (
+        return (
             dialect_insert(table)
             .values(values)
             .on_conflict_do_update(
                 index_elements=["msg_id", "part"],
-                set_={"attempts": table.c.attempts + 1},
-                where=table.c.status != "sent",
+                set_=on_conflict,
+                where=table.c.status != "sent",  # a sent part is final
             )
-            .returning(table.c.part, table.c.status, table.c.easemob_msg_id, table.c.attempts)
-        )
-        async with self._writing() as session:
-            row = (await session.execute(stmt)).one_or_none()
-        return (
-            None
-            if row is None
-            else LedgerRow(row.part, row.status, row.easemob_msg_id, row.attempts)
         )
 
     async def mark_sent(
@@ -286,37 +256,79 @@ class Store:
         part: int,
         easemob_msg_id: str,
         *,
+        parts: int,
+        target_kind: str,
+        target: str,
         exchange: tuple[Envelope, str, str] | None = None,
     ) -> None:
-        """Record a sent part; with ``exchange`` (envelope, reply text, kind) the
-        history is written in the same transaction (the last part of a reply)."""
+        """Record a part Easemob accepted — the ledger entry that stops any resend.
+
+        With ``exchange`` (envelope, reply text, kind) the history is written in the
+        same transaction (the last part of a reply): one commit per reply part.
+        """
+        now = utcnow()
+        stmt = self._upsert_delivery(
+            {
+                "msg_id": msg_id,
+                "part": part,
+                "parts": parts,
+                "target_kind": target_kind,
+                "target": target,
+                "status": "sent",
+                "easemob_msg_id": easemob_msg_id,
+                "attempts": 1,
+                "created_at": now,
+                "sent_at": now,
+            },
+            {
+                "status": "sent",
+                "easemob_msg_id": easemob_msg_id,
+                "attempts": Delivery.attempts + 1,
+                "sent_at": now,
+                "error": None,
+            },
+        )
         async with self._writing() as session:
-            await session.execute(
-                update(Delivery)
-                .where(and_(Delivery.msg_id == msg_id, Delivery.part == part))
-                .values(status="sent", easemob_msg_id=easemob_msg_id, sent_at=utcnow(), error=None)
-            )
+            await session.execute(stmt)
             if exchange is not None:
                 await self._record_exchange(session, *exchange)
 
-    async def mark_failed(self, msg_id: str, part: int, error: str) -> None:
+    async def mark_failed(
+        self,
+        msg_id: str,
+        part: int,
+        error: str,
+        *,
+        parts: int,
+        target_kind: str,
+        target: str,
+        final: bool,
+    ) -> None:
+        """Count a failed attempt (``final``: it will not be retried)."""
+        status = "failed" if final else "retrying"
+        stmt = self._upsert_delivery(
+            {
+                "msg_id": msg_id,
+                "part": part,
+                "parts": parts,
+                "target_kind": target_kind,
+                "target": target,
+                "status": status,
+                "attempts": 1,
+                "error": error[:500],
+                "created_at": utcnow(),
+            },
+            {"status": status, "attempts": Delivery.attempts + 1, "error": error[:500]},
+        )
         async with self._writing() as session:
-            await session.execute(
-                update(Delivery)
-                .where(
-                    and_(
-                        Delivery.msg_id == msg_id, Delivery.part == part, Delivery.status != "sent"
-                    )
-                )
-                .values(status="failed", error=error[:500])
-            )
+            await session.execute(stmt)
 
     async def count(self, table: type[object], **where: object) -> int:
         """Row count, for operations tooling and tests."""
         query = select(func.count()).select_from(table)
         for column, value in where.items():
             query = query.where(getattr(table, column) == value)
-        async with self.sessions() as session:
+        async with self.engine.connect() as session:
             return int((await session.execute(query)).scalar_one())
 
 

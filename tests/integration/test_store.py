@@ -84,23 +84,21 @@ async def test_masked_text_is_what_history_keeps(store: Store) -> None:
     assert window[0].content == "我的电话是[手机号]"
 
 
-async def test_ledger_claims_and_marks_parts(store: Store) -> None:
+async def test_ledger_records_attempts_and_sent_parts(store: Store) -> None:
     msg_id = uuid.uuid4().hex
-    row = await store.claim_part(msg_id, 0, 2, "users", "alice")
-    assert row is not None
-    assert (row.status, row.attempts) == ("sending", 1)
-    # a crash before mark_sent: the retry claims the same part again
-    again = await store.claim_part(msg_id, 0, 2, "users", "alice")
-    assert again is not None
-    assert (again.status, again.attempts) == ("sending", 2)
-    await store.mark_sent(msg_id, 0, "1029457500870543736")
-    assert await store.claim_part(msg_id, 0, 2, "users", "alice") is None  # sent: never again
-    await store.claim_part(msg_id, 1, 2, "users", "alice")
-    await store.mark_failed(msg_id, 1, "400 bad request")
+    where = {"parts": 2, "target_kind": "users", "target": "alice"}
+    await store.mark_failed(msg_id, 0, "429 reach_limit", final=False, **where)  # type: ignore[arg-type]
+    await store.mark_sent(msg_id, 0, "1029457500870543736", **where)  # type: ignore[arg-type]
+    # a late duplicate of the failure cannot undo a sent part
+    await store.mark_failed(msg_id, 0, "timeout", final=False, **where)  # type: ignore[arg-type]
+    await store.mark_failed(msg_id, 1, "400 bad request", final=True, **where)  # type: ignore[arg-type]
     ledger = await store.ledger(msg_id)
-    assert ledger[0].status == "sent"
-    assert ledger[0].easemob_msg_id == "1029457500870543736"
-    assert ledger[1].status == "failed"
+    assert (ledger[0].status, ledger[0].easemob_msg_id, ledger[0].attempts) == (
+        "sent",
+        "1029457500870543736",
+        2,
+    )
+    assert (ledger[1].status, ledger[1].attempts) == ("failed", 1)
     assert await store.count(Delivery, msg_id=msg_id) == 2
 
 
