@@ -165,12 +165,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", action="store_true", help="review as a model answer (moderate-out)"
     )
     moderate.set_defaults(func=cmd_moderate)
-    try:  # TEMPORARY until streams.replay lands
-        from streams.replay import add_cli
-
-        add_cli(sub)
-    except ImportError:
-        pass
     return parser
 
 

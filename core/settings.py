@@ -78,6 +78,11 @@ class Settings(BaseSettings):
     easemob_client_id: str = ""
     easemob_client_secret: SecretStr = SecretStr("")
     easemob_timeout_s: float = 10.0
+    # Easemob allows ~100 REST calls/s per app. Each sender process paces itself
+    # at rate / replicas (set IMBOT_SENDER_REPLICAS to the Deployment's replicas);
+    # 0 turns pacing off.
+    easemob_rate_limit: float = 100.0
+    sender_replicas: int = 1
 
     # -- operations -----------------------------------------------------------
     policy_file: Path = DEFAULT_POLICY_FILE

@@ -20,6 +20,7 @@ from core.envelope import ChatType, Delivery, Envelope
 from core.errors import RetryableError
 from core.settings import Settings
 from sender.easemob import EasemobClient
+from sender.pacing import Pacer
 from sender.split import split_reply
 from sender.store import Store
 
@@ -64,6 +65,11 @@ class ReplySender:
             client_id=settings.easemob_client_id,
             client_secret=settings.easemob_client_secret.get_secret_value(),
             timeout=settings.easemob_timeout_s,
+            pacer=(
+                Pacer(settings.easemob_rate_limit / max(1, settings.sender_replicas))
+                if settings.easemob_rate_limit > 0
+                else None
+            ),
         )
         return cls(client, store)
 
