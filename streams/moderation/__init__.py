@@ -1,7 +1,9 @@
-"""Moderation (interim minimal version: inline lexicon block list only).
+"""Moderation: sensitive words, prompt injection, PII masking, output review.
 
-Placeholder until the full library (lexicon files, evasions, PII, injection)
-lands; it implements the same API so the stages run.
+Pure and in-process: the stages call ``Moderator.check_input`` on the user's
+message before anything leaves for a model, and ``check_output`` on the answer.
+The mask mapping never leaves the process; findings carry categories and rule
+names, never a raw PII value.
 """
 
 from __future__ import annotations
@@ -10,19 +12,52 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+import ahocorasick
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core.envelope import Verdict
+from core.errors import ConfigurationError
+from streams.moderation.injection import injection_score
+from streams.moderation.normalise import load_variant_map, normalise
+from streams.moderation.pii import PLACEHOLDERS, find_pii
 
+DATA_DIR = Path(__file__).with_name("data")
 Action = Literal["allow", "mask", "block", "flag"]
+RuleAction = Literal["block", "mask", "flag"]
+_SEVERITY = {"allow": 0, "flag": 1, "mask": 2, "block": 3}
+
+
+class LexiconFile(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    path: Path
+    category: str = "prohibited"  # default for lines that name none
+    action: RuleAction = "block"
+
+
+class InjectionConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    threshold: float = 0.6
+    action: RuleAction = "block"
+
+
+class ModerationConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    lexicons: tuple[LexiconFile, ...] = (LexiconFile(path=DATA_DIR / "sample_lexicon.txt"),)
+    lexicon_words: tuple[str, ...] = ()  # inline words: category "prohibited", action block
+    variants: Path | None = DATA_DIR / "t2s.txt"
+    pii: dict[str, Literal["mask", "keep", "block"]] = Field(
+        default_factory=dict
+    )  # category -> action
+    injection: InjectionConfig = InjectionConfig()
+    leak_min_chars: int = 30  # an answer repeating this much of the system prompt is a leak
 
 
 class Finding(BaseModel):
     model_config = ConfigDict(frozen=True)
-    detector: str
+    detector: str  # lexicon | pii | injection | leak | provider
     category: str
-    rule: str
-    action: Literal["block", "mask", "flag"]
+    rule: str  # lexicon entry id / pattern name — never the raw PII value
+    action: RuleAction
     start: int
     end: int
 
@@ -30,9 +65,9 @@ class Finding(BaseModel):
 class ModerationResult(BaseModel):
     model_config = ConfigDict(frozen=True)
     action: Action
-    text: str
+    text: str  # the text after masking (equal to the input when nothing was masked)
     findings: tuple[Finding, ...] = ()
-    score: float = 0.0
+    score: float = 0.0  # prompt-injection score
 
     def categories(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(f.category for f in self.findings))
@@ -55,38 +90,137 @@ class ModerationResult(BaseModel):
             "categories": list(self.categories()),
             "rules": list(self.rules()),
             "text": self.text,
+            "score": round(self.score, 3),
+            "findings": [f.model_dump(exclude={"start", "end"}) for f in self.findings],
         }
 
 
+def _resolve(path: Path, base_dir: Path | None) -> Path:
+    return (
+        path
+        if path.is_absolute() or base_dir is None or not (base_dir / path).exists()
+        else base_dir / path
+    )
+
+
 class Moderator:
-    def __init__(self, words: tuple[str, ...]) -> None:
-        self.words = words
+    def __init__(self, config: ModerationConfig, *, base_dir: Path | None = None) -> None:
+        self.config = config
+        try:
+            self.variants = (
+                load_variant_map(_resolve(config.variants, base_dir)) if config.variants else {}
+            )
+            entries = list(self._entries(config, base_dir))
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read a moderation file: {exc}") from None
+        self.automaton: Any = None
+        if entries:
+            automaton = ahocorasick.Automaton()
+            for word, category, action in entries:
+                norm, _ = normalise(word, self.variants)
+                if norm:
+                    automaton.add_word(norm, (len(norm), f"{category}:{word}", category, action))
+            automaton.make_automaton()
+            self.automaton = automaton
+        self.pii_actions = {cat: config.pii.get(cat, "mask") for cat in PLACEHOLDERS}
+
+    @staticmethod
+    def _entries(config: ModerationConfig, base_dir: Path | None) -> Any:
+        for lexicon in config.lexicons:
+            for line in _resolve(lexicon.path, base_dir).read_text(encoding="utf-8").splitlines():
+                if not line.strip() or line.lstrip().startswith("#"):
+                    continue
+                parts = [p.strip() for p in line.split("\t")]
+                action = (
+                    parts[2]
+                    if len(parts) > 2 and parts[2] in ("block", "mask", "flag")
+                    else lexicon.action
+                )
+                yield (
+                    parts[0],
+                    (parts[1] if len(parts) > 1 and parts[1] else lexicon.category),
+                    action,
+                )
+        for word in config.lexicon_words:
+            yield word, "prohibited", "block"
 
     @classmethod
     def from_config(cls, raw: Mapping[str, Any], *, base_dir: Path | None = None) -> Moderator:
-        return cls(tuple(raw.get("lexicon_words", ())))
+        try:
+            config = ModerationConfig.model_validate(dict(raw))
+        except ValidationError as exc:
+            raise ConfigurationError(f"invalid moderation config: {exc}") from None
+        return cls(config, base_dir=base_dir)
 
-    def _check(self, text: str) -> ModerationResult:
-        findings = tuple(
-            Finding(
-                detector="lexicon",
-                category="prohibited",
-                rule=f"word:{i}",
-                action="block",
-                start=pos,
-                end=pos + len(w),
+    # -- detectors ---------------------------------------------------------------
+
+    def _lexicon(self, text: str) -> list[Finding]:
+        if self.automaton is None:
+            return []
+        norm, index = normalise(text, self.variants)
+        findings: list[Finding] = []
+        for end, (length, rule, category, action) in self.automaton.iter(norm):
+            start = end - length + 1
+            findings.append(Finding(detector="lexicon", category=category, rule=rule, action=action,
+                                    start=index[start], end=index[end] + 1))  # fmt: skip
+        return findings
+
+    def _pii(self, text: str) -> list[Finding]:
+        findings = []
+        for hit in find_pii(text):
+            action = self.pii_actions[hit.category]
+            if action == "keep":
+                continue
+            findings.append(Finding(detector="pii", category=f"pii.{hit.category}", rule=hit.category,
+                                    action=action, start=hit.start, end=hit.end))  # fmt: skip
+        return findings
+
+    def _result(self, text: str, findings: list[Finding], score: float = 0.0) -> ModerationResult:
+        action: Action = "allow"
+        for f in findings:
+            if _SEVERITY[f.action] > _SEVERITY[action]:
+                action = f.action
+        masked = text
+        for f in sorted(
+            (f for f in findings if f.action == "mask"), key=lambda f: f.start, reverse=True
+        ):
+            replacement = (
+                PLACEHOLDERS.get(f.rule, "*" * (f.end - f.start))
+                if f.detector == "pii"
+                else "*" * (f.end - f.start)
             )
-            for i, w in enumerate(self.words)
-            if (pos := text.find(w)) >= 0
-        )
-        return ModerationResult(
-            action="block" if findings else "allow", text=text, findings=findings
-        )
+            masked = masked[: f.start] + replacement + masked[f.end :]
+        return ModerationResult(action=action, text=masked, findings=tuple(findings), score=score)
+
+    # -- public ----------------------------------------------------------------
 
     def check_input(self, text: str) -> ModerationResult:
-        return self._check(text)
+        findings = self._lexicon(text) + self._pii(text)
+        score, rules = injection_score(text)
+        if score >= self.config.injection.threshold:
+            findings.append(Finding(detector="injection", category="prompt_injection", rule="+".join(rules),
+                                    action=self.config.injection.action, start=0, end=len(text)))  # fmt: skip
+        return self._result(text, findings, score)
 
     def check_output(
         self, text: str, *, finish_reason: str | None = None, system_prompt: str | None = None
     ) -> ModerationResult:
-        return self._check(text)
+        findings = self._lexicon(text) + self._pii(text)
+        if finish_reason == "content_filter":
+            findings.append(Finding(detector="provider", category="provider_filter", rule="finish_reason",
+                                    action="block", start=0, end=len(text)))  # fmt: skip
+        if system_prompt and _leaks(text, system_prompt, self.config.leak_min_chars):
+            findings.append(Finding(detector="leak", category="system_prompt_leak", rule="system_prompt",
+                                    action="block", start=0, end=len(text)))  # fmt: skip
+        return self._result(text, findings)
+
+
+def _leaks(answer: str, secret: str, min_chars: int) -> bool:
+    """Does ``answer`` repeat a long run of ``secret`` verbatim?"""
+    need = min(min_chars, max(8, len(secret) * 3 // 4))
+    if len(secret) < need:
+        return False
+    return any(secret[i : i + need] in answer for i in range(0, len(secret) - need + 1))
+
+
+__all__ = ["Finding", "ModerationConfig", "ModerationResult", "Moderator"]
