@@ -51,7 +51,23 @@ _RULES: tuple[tuple[str, float, re.Pattern[str]], ...] = tuple(
 )
 
 
+# Every rule needs one of these words; most messages contain none, so one search decides.
+_TRIGGERS_EN = re.compile(
+    r"ignore|disregard|forget|reveal|show|print|repeat|output|tell me|DAN|do anything|developer mode"
+    r"|jailbreak|restrictions|limitations|filters|rules|instruction|system|INST|im_start",
+    re.IGNORECASE,
+)
+_HAS_ASCII_LETTER = re.compile(r"[A-Za-z]")
+_TRIGGERS_ZH = re.compile(
+    r"忽略|无视|忘记|忘掉|不要理会|输出|显示|告诉我|重复|打印|泄露|复述|你现在是|从现在起|扮演|假装|指令"
+)
+
+
 def injection_score(text: str) -> tuple[float, list[str]]:
+    if _TRIGGERS_ZH.search(text) is None and (
+        not _HAS_ASCII_LETTER.search(text) or _TRIGGERS_EN.search(text) is None
+    ):
+        return 0.0, []
     score = 0.0
     rules: list[str] = []
     for name, weight, pattern in _RULES:
