@@ -26,13 +26,16 @@ def build_callback(
     shape: Literal["bodies", "flat"] = "bodies",
     msg_id: str | None = None,
     ext: dict[str, Any] | None = None,
+    timestamp: int | None = None,
+    body: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """A callback body signed with ``secret``; ``body`` replaces the text body (other types)."""
     call_id = f"{org}#{app}_{uuid.uuid4()}"
-    timestamp = int(time.time() * 1000)
+    timestamp = timestamp if timestamp is not None else int(time.time() * 1000)
     message_ext: dict[str, Any] = dict(ext or {})
     if mention:
         message_ext["em_at_list"] = mention
-    body = {"type": "txt", "msg": text}
+    body = body if body is not None else {"type": "txt", "msg": text}
     payload: dict[str, Any]
     if shape == "bodies":
         payload = {"bodies": [body], "ext": message_ext, "from": sender, "to": to}
@@ -50,6 +53,6 @@ def build_callback(
         "payload": payload,
         "security": expected_security(call_id, secret, timestamp),
     }
-    if chat_type != "chat":
+    if chat_type != "chat" or group_id is not None:
         data["group_id"] = group_id or to
     return data

@@ -1,13 +1,11 @@
-"""Easemob before-send callback bodies for tests, built from the documented field lists."""
+"""Easemob before-send callback bodies for tests (the simulator's builder, test defaults)."""
 
 from __future__ import annotations
 
 import itertools
-import time
-import uuid
 from typing import Any
 
-from core.signature import expected_security
+from simulator.callbacks import build_callback
 
 _ids = itertools.count(1290012345678900000)
 
@@ -26,25 +24,18 @@ def callback(
     timestamp: int | None = None,
     body: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    call_id = f"myorg#myapp_{uuid.uuid4()}"
-    ts = timestamp if timestamp is not None else int(time.time() * 1000)
-    message_body = body if body is not None else {"type": "txt", "msg": text}
-    if shape == "bodies":
-        payload: dict[str, Any] = {"bodies": [message_body], "ext": ext or {}}
-    else:
-        payload = dict(message_body)
-        if ext:
-            payload["ext"] = ext
-    data: dict[str, Any] = {
-        "callId": call_id,
-        "timestamp": ts,
-        "chat_type": chat_type,
-        "from": sender,
-        "to": to,
-        "msg_id": msg_id or str(next(_ids)),
-        "payload": payload,
-        "security": expected_security(call_id, secret, ts),
-    }
-    if group_id is not None:
-        data["group_id"] = group_id
-    return data
+    return build_callback(
+        sender=sender,
+        to=to,
+        text=text,
+        secret=secret,
+        org="myorg",
+        app="myapp",
+        chat_type=chat_type,  # type: ignore[arg-type]
+        group_id=group_id,
+        shape=shape,  # type: ignore[arg-type]
+        msg_id=msg_id or str(next(_ids)),
+        ext=ext,
+        timestamp=timestamp,
+        body=body,
+    )
