@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.adapters_overhead
 	$(BIN)/python -m bench.moderation_throughput
 	$(BIN)/python -m bench.pii_accuracy
+	$(BIN)/python -m bench.sender_throughput
 
 clean:
 	rm -rf $(VENV) .imbot .mypy_cache .ruff_cache

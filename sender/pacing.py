@@ -33,11 +33,13 @@ class Pacer:
             now = time.monotonic()
             self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
             self._last = now
-            if self._tokens < 1:
-                wait = (1 - self._tokens) / self.rate
-                PACING_WAIT.inc(wait)
-                await asyncio.sleep(wait)
-                self._last = time.monotonic()
-                self._tokens = 0.0
-            else:
+            if self._tokens >= 1:
                 self._tokens -= 1
+                return
+            wait = (1 - self._tokens) / self.rate
+            PACING_WAIT.inc(wait)
+            await asyncio.sleep(wait)
+            # The token that accrued by now + wait is spent; time the sleep
+            # overshot keeps accruing (resetting the clock here would lose it).
+            self._tokens = 0.0
+            self._last = now + wait
