@@ -56,6 +56,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     stack = DevStack(usual_ports=True)
+    # SIGTERM (kill, Ctrl-C in some terminals, a supervisor) must stop the children too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         stack.start()
         stack.wait_ready(timeout=60)
@@ -84,7 +86,6 @@ Try:  .venv/bin/imbot simulate "介绍一下你自己"      Stop: Ctrl-C
 """,
             flush=True,
         )
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         while True:
             stack.check_alive()
             time.sleep(1)
