@@ -180,10 +180,9 @@ async def run(base_url: str) -> str:
         "the wrapped per-model stack (limit, breaker, metrics); ModelCatalog.complete adds the "
         "retry/fallback loop and deadline.",
         "",
-        f"Measured on a shared 2-core machine while other people ran tests (load average "
-        f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} at the end). At c=64 the single-process fake "
-        "server and the client compete for the same 2 cores, so the ratio is the meaningful "
-        "figure, not the absolute rate. To be re-run on a quiet machine.",
+        f"Load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} at the end of the run. At c=64 the "
+        "single-process fake server and the client compete for the same 2 cores, so the ratio is "
+        "the meaningful figure, not the absolute rate; it moves by about ±15% between runs.",
     ]
     return "\n".join(rows + notes)
 
