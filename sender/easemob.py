@@ -1,71 +1,161 @@
-"""Easemob server REST API: app token and text messages (reference §3).
+"""Easemob server REST API: the app token and text messages (reference §3).
 
-The client maps every response to the error taxonomy and leaves retrying to the
-caller (the stage boundary owns the deadline), except one thing it handles
-itself: a 401 refreshes the app token once and repeats the call once.
+Every response is mapped to the error taxonomy of ``core.errors`` here, in one
+place (``classify``). The client does not retry: the caller's error boundary
+owns the deadline and the backoff. The one exception is the app token: a 401
+fetches a new token once and repeats the call once (reference §3.3).
+
+Response classes:
+
+=========================================  =====================================
+429 ``reach_limit``, 408, 5xx              ``RetryableError`` (``retry_after`` from
+                                           a ``Retry-After`` header, if any)
+429 ``resource_limited`` (plan limit)      ``FatalError(reason="quota_exhausted")``
+403 "message send reach limit"             ``RetryableError`` with ``retry_after``
+                                           = the quota window for the target kind
+other 403 (forbidden operation, banned)    ``FatalError``
+413, 400 "message is too large" / 14007    ``MessageTooLarge`` (split further)
+401 after one refresh                      ``ConfigurationError``
+400, 405, 415                              ``FatalError(reason="bad_request")``
+404                                        ``FatalError(reason="not_found")``
+timeouts, dropped connections              ``RetryableError``
+=========================================  =====================================
+
+Neither the client secret nor a token ever appears in a log line or an
+exception message.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
+import logging
 import time
 from collections.abc import Mapping
 from typing import Any, Literal
 
 import httpx
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 
-from core.errors import ConfigurationError, FatalError, RetryableError
+from core.errors import ConfigurationError, FatalError, ImbotError, RetryableError
 from sender.pacing import Pacer
 
-REQUESTS = Counter("imbot_easemob_requests_total", "Easemob REST calls", ["endpoint", "status"])
-TOKEN_REFRESHES = Counter("imbot_easemob_token_refreshes_total", "App tokens fetched")
+log = logging.getLogger("imbot.sender.easemob")
+
+REQUESTS = Counter(
+    "imbot_easemob_requests_total",
+    "Easemob REST calls by endpoint (token, users, chatgroups, chatrooms) and status class",
+    ["endpoint", "status_class"],
+)
+REQUEST_SECONDS = Histogram(
+    "imbot_easemob_request_seconds",
+    "Easemob REST call latency",
+    ["endpoint"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+TOKEN_REFRESHES = Counter(
+    "imbot_easemob_token_refreshes_total", "App tokens fetched, by cause", ["cause"]
+)
 
 TargetKind = Literal["users", "chatgroups", "chatrooms"]
 _PROVIDER = "easemob"
-_QUOTA_BACKOFF_S = 5.0  # 403 "message send reach limit": wait for the quota window to roll
+_TOO_LARGE_CODE = 14007
+
+# 403 "message send reach limit": how long until the quota window has rolled.
+# 1:1 quotas are per minute (6,000 messages/min), group and chatroom quotas per
+# second (reference §3.8-3.9). Not the full minute for 1:1: the window slides, so
+# some budget comes back well before 60 s, and the caller adds its own backoff.
+DEFAULT_QUOTA_RETRY_AFTER_S: Mapping[str, float] = {
+    "users": 10.0,
+    "chatgroups": 1.0,
+    "chatrooms": 1.0,
+}
 
 
 class MessageTooLarge(FatalError):
-    """413, or 400 "message is too large" (14007): split the part further."""
+    """413, or 400 "message is too large" (14007): split the part further and resend."""
 
 
-def _describe(response: httpx.Response) -> tuple[str, str]:
+def _status_class(status: int) -> str:
+    return f"{status // 100}xx"
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _error_fields(response: httpx.Response) -> tuple[str, str, int | None]:
+    """``error``, ``error_description`` and ``error_code`` of an Easemob error body."""
     try:
         body = response.json()
     except ValueError:
-        return "", response.text[:200]
+        return "", response.text[:200], None
     if not isinstance(body, dict):
-        return "", str(body)[:200]
-    return str(body.get("error", "")), str(
-        body.get("error_description", body.get("exception", ""))
-    )[:300]
+        return "", str(body)[:200], None
+    code = body.get("error_code")
+    description = body.get("error_description") or body.get("exception") or ""
+    return (
+        str(body.get("error") or ""),
+        str(description)[:300],
+        int(code) if isinstance(code, int | str) and str(code).isdigit() else None,
+    )
 
 
-def classify(response: httpx.Response) -> Exception:
-    """The error a non-2xx Easemob response stands for."""
+def classify(
+    response: httpx.Response, *, kind: str = "users", quota_retry_after_s: float | None = None
+) -> ImbotError:
+    """The error a non-2xx Easemob response to a send stands for (see the module docstring)."""
     status = response.status_code
-    error, description = _describe(response)
-    kw: dict[str, Any] = {"provider": _PROVIDER, "status": status, "code": error or None}
-    text = f"Easemob {status} {error}: {description}".strip()
-    retry_after = response.headers.get("retry-after")
-    hint = float(retry_after) if retry_after and retry_after.replace(".", "", 1).isdigit() else None
-    if status == 413 or "too large" in description.lower() or "14007" in response.text:
+    error, description, error_code = _error_fields(response)
+    kw: dict[str, Any] = {
+        "provider": _PROVIDER,
+        "status": status,
+        "code": str(error_code) if error_code else (error or None),
+    }
+    text = f"Easemob {status} {error}: {description}".strip().rstrip(":")
+    lowered = description.lower()
+    if status == 413 or (
+        status == 400 and (error_code == _TOO_LARGE_CODE or "too large" in lowered)
+    ):
         return MessageTooLarge(text, reason="bad_request", **kw)
+    if status == 429 and error == "resource_limited":
+        return FatalError(text, reason="quota_exhausted", **kw)
     if status in (408, 429) or status >= 500:
-        return RetryableError(text, retry_after=hint, **kw)
-    if status == 403 and "reach limit" in description.lower():
-        return RetryableError(text, retry_after=hint or _QUOTA_BACKOFF_S, **kw)
+        return RetryableError(text, retry_after=_retry_after(response), **kw)
+    if status == 403 and "reach limit" in lowered:
+        default = quota_retry_after_s or DEFAULT_QUOTA_RETRY_AFTER_S.get(kind, 10.0)
+        return RetryableError(text, retry_after=_retry_after(response) or default, **kw)
     if status == 401:
-        return ConfigurationError(text, **kw)
+        return ConfigurationError(f"{text} (after a fresh app token)", **kw)
     if status == 404:
         return FatalError(text, reason="not_found", **kw)
-    if status in (400, 403, 405, 415):
+    if status in (400, 405, 415):
         return FatalError(text, reason="bad_request", **kw)
     return FatalError(text, **kw)
 
 
 class EasemobClient:
+    """Easemob REST client for one app (``{org}#{app}``).
+
+    ``pacer`` is acquired before every message call (token calls are not paced;
+    they are rare). ``http`` lets a test or a caller share an ``httpx.AsyncClient``
+    (its ``base_url`` must be Easemob's); otherwise the client owns one.
+    ``token_margin_s``: a cached token is replaced this long before it expires.
+    ``quota_retry_after_s``: the ``retry_after`` given with a 403 quota error, per
+    target kind (defaults in ``DEFAULT_QUOTA_RETRY_AFTER_S``).
+    """
+
     def __init__(
         self,
         *,
@@ -78,63 +168,108 @@ class EasemobClient:
         pacer: Pacer | None = None,
         http: httpx.AsyncClient | None = None,
         token_margin_s: float = 60.0,
+        quota_retry_after_s: Mapping[str, float] | None = None,
     ) -> None:
         self._prefix = f"/{org}/{app}"
         self._client_id = client_id
         self._client_secret = client_secret
-        self._http = http or httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=timeout)
+        self._http = http or httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            timeout=timeout,
+            headers={"Accept": "application/json"},
+        )
         self._owns_http = http is None
         self._pacer = pacer
         self._margin = token_margin_s
+        self._quota_retry_after = {**DEFAULT_QUOTA_RETRY_AFTER_S, **(quota_retry_after_s or {})}
         self._token: str | None = None
-        self._expires = 0.0
-        self._refresh_lock = asyncio.Lock()
+        self._expires = 0.0  # time.monotonic() after which the cached token is not used
+        self._refresh: asyncio.Future[str] | None = None
 
     async def aclose(self) -> None:
+        if self._refresh is not None and not self._refresh.done():
+            self._refresh.cancel()
         if self._owns_http:
             await self._http.aclose()
 
-    async def token(self, *, stale: str | None = None) -> str:
-        """The app token; fetched once for all concurrent callers, cached until near expiry.
+    async def __aenter__(self) -> EasemobClient:
+        return self
 
-        ``stale``: a token the server just rejected — refresh unless someone already did.
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- app token ------------------------------------------------------------
+
+    async def token(self, *, stale: str | None = None) -> str:
+        """The app token: cached until near expiry, fetched once for all concurrent callers.
+
+        ``stale``: a token the server just rejected with 401 — fetch a new one unless
+        another caller already did.
         """
-        if self._token and self._token != stale and time.monotonic() < self._expires:
-            return self._token
-        async with self._refresh_lock:
-            if self._token and self._token != stale and time.monotonic() < self._expires:
-                return self._token
-            if not self._client_id or not self._client_secret:
+        current = self._token
+        if current is not None and current != stale and time.monotonic() < self._expires:
+            return current
+        if self._refresh is None or self._refresh.done():
+            cause = "rejected" if stale is not None and stale == current else "expired"
+            if current is None:
+                cause = "first"
+            self._refresh = asyncio.ensure_future(self._fetch_token(cause))
+            # If every waiter was cancelled, nobody reads a failure: mark it read.
+            self._refresh.add_done_callback(_consume_exception)
+        # shield: one caller giving up (cancelled) must not cancel the fetch the others await
+        return await asyncio.shield(self._refresh)
+
+    async def _fetch_token(self, cause: str) -> str:
+        if not self._client_id or not self._client_secret:
+            raise ConfigurationError(
+                "Easemob client id / client secret are not set", provider=_PROVIDER
+            )
+        started = time.perf_counter()
+        try:
+            response = await self._http.post(
+                f"{self._prefix}/token",
+                json={
+                    "grant_type": "client_credentials",
+                    "client_id": self._client_id,
+                    "client_secret": self._client_secret,
+                },
+            )
+        except httpx.HTTPError as exc:
+            REQUESTS.labels("token", "error").inc()
+            raise RetryableError(
+                f"Easemob token request failed: {type(exc).__name__}", provider=_PROVIDER
+            ) from None
+        REQUEST_SECONDS.labels("token").observe(time.perf_counter() - started)
+        REQUESTS.labels("token", _status_class(response.status_code)).inc()
+        if response.status_code != 200:
+            error = classify(response)
+            if response.status_code in (400, 401, 403, 404):
+                # invalid_grant, illegal_argument, organization_application_not_found:
+                # the operator's credentials or org/app are wrong; no retry fixes that.
                 raise ConfigurationError(
-                    "IMBOT_EASEMOB_CLIENT_ID / _CLIENT_SECRET are not set", provider=_PROVIDER
+                    f"Easemob refused the app's client credentials: {error.message}",
+                    provider=_PROVIDER,
+                    status=response.status_code,
+                    code=error.code,
                 )
-            try:
-                response = await self._http.post(
-                    f"{self._prefix}/token",
-                    json={
-                        "grant_type": "client_credentials",
-                        "client_id": self._client_id,
-                        "client_secret": self._client_secret,
-                    },
-                )
-            except httpx.HTTPError as exc:
-                raise RetryableError(
-                    f"Easemob token request failed: {type(exc).__name__}", provider=_PROVIDER
-                ) from None
-            REQUESTS.labels("token", str(response.status_code)).inc()
-            if response.status_code != 200:
-                error = classify(response)
-                if response.status_code in (400, 401):
-                    raise ConfigurationError(
-                        f"Easemob refused the client credentials: {error}", provider=_PROVIDER
-                    )
-                raise error
+            raise error
+        try:
             body = response.json()
-            TOKEN_REFRESHES.inc()
-            self._token = str(body["access_token"])
-            ttl = float(body.get("expires_in", 3600))
-            self._expires = time.monotonic() + max(ttl - self._margin, ttl / 2)
-            return self._token
+            token = str(body["access_token"])
+            ttl = float(body.get("expires_in") or 0)
+        except (ValueError, KeyError, TypeError):
+            raise RetryableError(
+                "Easemob token response without access_token", provider=_PROVIDER, status=200
+            ) from None
+        TOKEN_REFRESHES.labels(cause).inc()
+        now = time.monotonic()
+        # expires_in 0 means a token that never expires (reference §3.3).
+        self._expires = now + max(ttl - self._margin, ttl / 2) if ttl > 0 else float("inf")
+        self._token = token
+        log.info("easemob app token fetched", extra={"cause": cause, "expires_in": ttl})
+        return token
+
+    # -- messages -------------------------------------------------------------
 
     async def send_text(
         self,
@@ -145,28 +280,29 @@ class EasemobClient:
         text: str,
         ext: Mapping[str, Any] | None = None,
     ) -> str:
-        """Send one text message; returns Easemob's id of the new message."""
-        body: dict[str, Any] = {"from": sender, "to": [to], "type": "txt", "body": {"msg": text}}
-        if ext:
-            body["ext"] = dict(ext)
+        """Send one text message to one user, group or chatroom; returns Easemob's message id."""
+        body: dict[str, Any] = {
+            "from": sender,
+            "to": [to],
+            "type": "txt",
+            "body": {"msg": text},
+        }
+        if ext is not None:
+            body["ext"] = dict(ext)  # never null: Easemob answers 400 "ext must be JSONObject"
         token = await self.token()
         response = await self._post(kind, body, token)
         if response.status_code == 401:
+            log.warning("easemob rejected the app token; fetching a new one", extra={"kind": kind})
             token = await self.token(stale=token)
             response = await self._post(kind, body, token)
         if response.status_code != 200:
-            raise classify(response)
-        data = response.json().get("data") or {}
-        msg_id = data.get(to) if isinstance(data, dict) else None
-        if not msg_id:
-            raise RetryableError(
-                "Easemob answered 200 without a message id", provider=_PROVIDER, status=200
-            )
-        return str(msg_id)
+            raise classify(response, kind=kind, quota_retry_after_s=self._quota_retry_after[kind])
+        return _message_id(response, to)
 
     async def _post(self, kind: TargetKind, body: dict[str, Any], token: str) -> httpx.Response:
         if self._pacer is not None:
             await self._pacer.acquire()
+        started = time.perf_counter()
         try:
             response = await self._http.post(
                 f"{self._prefix}/messages/{kind}",
@@ -174,6 +310,7 @@ class EasemobClient:
                 headers={"Authorization": f"Bearer {token}"},
             )
         except httpx.TimeoutException:
+            # Easemob has no idempotency key: the message may have been delivered.
             REQUESTS.labels(kind, "timeout").inc()
             raise RetryableError("Easemob send timed out", provider=_PROVIDER) from None
         except httpx.HTTPError as exc:
@@ -181,5 +318,25 @@ class EasemobClient:
             raise RetryableError(
                 f"Easemob send failed: {type(exc).__name__}", provider=_PROVIDER
             ) from None
-        REQUESTS.labels(kind, str(response.status_code)).inc()
+        REQUEST_SECONDS.labels(kind).observe(time.perf_counter() - started)
+        REQUESTS.labels(kind, _status_class(response.status_code)).inc()
         return response
+
+
+def _consume_exception(future: asyncio.Future[str]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _message_id(response: httpx.Response, to: str) -> str:
+    """The id Easemob gave the message to ``to`` (``data`` maps each target to its id)."""
+    try:
+        data = response.json().get("data")
+    except (ValueError, AttributeError):
+        data = None
+    message_id = data.get(to) if isinstance(data, dict) else None
+    if not message_id:
+        raise RetryableError(
+            "Easemob answered 200 without a message id", provider=_PROVIDER, status=200
+        )
+    return str(message_id)

@@ -1,4 +1,8 @@
-"""Build signed Easemob before-send callback bodies (reference §1.3–1.7)."""
+"""Build signed Easemob before-send callback bodies (reference §1.3–1.7).
+
+``build_callback`` is pure apart from fresh ids and the clock (both overridable),
+so tests and benchmarks build exactly what the simulator fires.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,17 @@ from typing import Any, Literal
 
 from core.signature import expected_security
 
-_msg_ids = itertools.count(int(time.time() * 1000) * 10**5)
+ChatType = Literal["chat", "group", "groupchat", "chatroom"]
+Shape = Literal["bodies", "flat"]
+
+# Snowflake-like ids: milliseconds at start-up << 22, then counting. Long decimal
+# strings like Easemob's (19 digits), unique across restarts of the simulator.
+_ids = itertools.count(int(time.time() * 1000) << 22)
+
+
+def new_message_id() -> str:
+    """A fresh Easemob-style message id: a long decimal string."""
+    return str(next(_ids))
 
 
 def build_callback(
@@ -20,27 +34,38 @@ def build_callback(
     secret: str,
     org: str = "demo-org",
     app: str = "demo-app",
-    chat_type: Literal["chat", "group", "groupchat", "chatroom"] = "chat",
+    chat_type: ChatType = "chat",
     group_id: str | None = None,
     mention: list[str] | None = None,
-    shape: Literal["bodies", "flat"] = "bodies",
+    shape: Shape = "bodies",
     msg_id: str | None = None,
     ext: dict[str, Any] | None = None,
     timestamp: int | None = None,
     body: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A callback body signed with ``secret``; ``body`` replaces the text body (other types)."""
+    """A before-send callback body, signed with ``secret`` as Easemob signs it.
+
+    ``callId`` is ``{org}#{app}_{uuid}``, ``timestamp`` milliseconds since the epoch,
+    ``msg_id`` a long decimal string, ``security`` = md5(callId + secret + timestamp).
+    For groups and chatrooms pass the group id as ``to`` (Easemob's ``to`` is the
+    group); ``group_id`` defaults to it. ``mention`` goes to ``ext.em_at_list``.
+    ``shape``: ``bodies`` (``payload.bodies[0]`` + ``payload.ext``, the history/REST
+    format) or ``flat`` (the message fields directly in ``payload``). ``body``
+    replaces the text body (other message types).
+    """
+    if shape not in ("bodies", "flat"):
+        raise ValueError(f"shape must be 'bodies' or 'flat', not {shape!r}")
     call_id = f"{org}#{app}_{uuid.uuid4()}"
     timestamp = timestamp if timestamp is not None else int(time.time() * 1000)
     message_ext: dict[str, Any] = dict(ext or {})
     if mention:
         message_ext["em_at_list"] = mention
-    body = body if body is not None else {"type": "txt", "msg": text}
+    message_body = body if body is not None else {"type": "txt", "msg": text}
     payload: dict[str, Any]
     if shape == "bodies":
-        payload = {"bodies": [body], "ext": message_ext, "from": sender, "to": to}
+        payload = {"bodies": [message_body], "ext": message_ext, "from": sender, "to": to}
     else:
-        payload = dict(body)
+        payload = dict(message_body)
         if message_ext:
             payload["ext"] = message_ext
     data: dict[str, Any] = {
@@ -49,7 +74,7 @@ def build_callback(
         "chat_type": chat_type,
         "from": sender,
         "to": to,
-        "msg_id": msg_id or str(next(_msg_ids)),
+        "msg_id": msg_id or new_message_id(),
         "payload": payload,
         "security": expected_security(call_id, secret, timestamp),
     }
