@@ -1,19 +1,26 @@
 """Easemob REST sends per second to the simulator: paced at 100/s, and unpaced.
 
-The simulator runs in its own process. 32 concurrent senders call
-``EasemobClient.send_text``. Paced: the rate must hold within 5% of 100/s and no
-one-second window may exceed it (plus the bucket's burst); unpaced shows one
-sender process's raw capacity against the same server.
+The simulator runs in its own process (``python -m simulator``); this process runs
+one ``EasemobClient`` with 32 concurrent callers of ``send_text``.
 
-    python -m bench.sender_throughput
+- Paced (``Pacer(100, burst=1)``): the rate over each 10 s window must be within 5%
+  of 100/s and never above it; the busiest sliding 1 s window is reported too (a
+  token bucket with burst 1 allows at most 100 calls in any window under 1 s).
+- Unpaced: the raw capacity of one sender process against the same server, the
+  baseline the paced figure is compared with.
+
+    .venv/bin/python -m bench.sender_throughput [--paced-seconds 20] [--raw-seconds 10]
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 import httpx
 
@@ -22,71 +29,154 @@ from core.kafka import free_port
 from sender.easemob import EasemobClient
 from sender.pacing import Pacer
 
-DURATION = 10.0
 CONCURRENCY = 32
 RATE = 100.0
+WINDOW = 10.0
 
 
-async def run(base_url: str, pacer: Pacer | None) -> dict[str, float]:
+@dataclass
+class Run:
+    sends: int
+    elapsed: float
+    windows: list[float]  # sends/s in each full WINDOW-second window
+    busiest_second: int  # most sends in any sliding window just under 1 s
+    p50_ms: float
+    p99_ms: float
+
+    @property
+    def rate(self) -> float:
+        return self.sends / self.elapsed
+
+
+def _busiest(stamps: list[float], window: float) -> int:
+    best, j = 0, 0
+    for i, t in enumerate(stamps):
+        while stamps[j] <= t - window:
+            j += 1
+        best = max(best, i - j + 1)
+    return best
+
+
+async def run(base_url: str, pacer: Pacer | None, duration: float) -> Run:
     client = EasemobClient(
         base_url=base_url, org="demo-org", app="demo-app", client_id="dev-client",
         client_secret="dev-client-secret", pacer=pacer,
     )  # fmt: skip
-    stamps: list[float] = []
+    loop = asyncio.get_running_loop()
     await client.send_text("users", sender="ai_bot", to="warmup", text="warm-up")
-    start = time.monotonic()
-    end = start + DURATION
+    stamps: list[float] = []
+    latencies: list[float] = []
+    start = loop.time()
+    end = start + duration
 
     async def worker(n: int) -> None:
         i = 0
-        while time.monotonic() < end:
+        while loop.time() < end:
+            began = loop.time()
             await client.send_text("users", sender="ai_bot", to=f"u{n}", text=f"消息{i}")
-            stamps.append(time.monotonic())
+            done = loop.time()
+            if done <= end:
+                stamps.append(done)
+                latencies.append(done - began)
             i += 1
 
     await asyncio.gather(*(worker(n) for n in range(CONCURRENCY)))
     await client.aclose()
-    elapsed = max(stamps) - start
+    stamps.sort()
+    latencies.sort()
     windows = [
-        sum(1 for s in stamps if start + k <= s < start + k + 1) for k in range(int(DURATION))
+        sum(1 for s in stamps if start + k * WINDOW <= s < start + (k + 1) * WINDOW) / WINDOW
+        for k in range(int(duration // WINDOW))
     ]
-    return {"rate": len(stamps) / elapsed, "max_window": max(windows), "min_window": min(windows)}
+    return Run(
+        sends=len(stamps),
+        elapsed=duration,
+        windows=windows,
+        busiest_second=_busiest(stamps, 1.0 - 1e-9),
+        p50_ms=latencies[len(latencies) // 2] * 1000,
+        p99_ms=latencies[int(len(latencies) * 0.99)] * 1000,
+    )
+
+
+def _wait_ready(base: str) -> None:
+    for _ in range(100):
+        try:
+            httpx.get(f"{base}/_sim/stats", timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError("simulator did not start")
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.sender_throughput")
+    parser.add_argument("--paced-seconds", type=float, default=20.0)
+    parser.add_argument("--raw-seconds", type=float, default=10.0)
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args()
     port = free_port()
-    sim = subprocess.Popen([sys.executable, "-m", "simulator", "--port", str(port)])
+    sim = subprocess.Popen(
+        [sys.executable, "-m", "simulator", "--port", str(port)], stderr=subprocess.DEVNULL
+    )
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(100):
-            try:
-                httpx.get(f"{base}/_sim/messages", timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        paced = asyncio.run(run(base, Pacer(RATE, burst=1)))
+        _wait_ready(base)
+        paced = asyncio.run(run(base, Pacer(RATE, burst=1), args.paced_seconds))
+        stats = httpx.get(f"{base}/_sim/stats").json()
+        arrivals = sorted(
+            m["received_at"] / 1000
+            for m in httpx.get(f"{base}/_sim/messages", timeout=30).json()["messages"]
+            if m["to"] != ["warmup"]
+        )
         httpx.post(f"{base}/_sim/reset")
-        raw = asyncio.run(run(base, None))
+        raw = asyncio.run(run(base, None, args.raw_seconds))
     finally:
         sim.terminate()
         sim.wait()
-    deviation = abs(paced["rate"] - RATE) / RATE
+    # What Easemob would meter: arrival times at the server, in 10 s windows from the first.
+    first = arrivals[0]
+    arrival_windows = [
+        sum(1 for a in arrivals if first + k * WINDOW <= a < first + (k + 1) * WINDOW) / WINDOW
+        for k in range(int(args.paced_seconds // WINDOW))
+    ]
+    arrival_busiest = _busiest(arrivals, 1.0 - 1e-9)
+    refused = sum(n for k, n in stats["answers"].items() if not k.endswith(" 200"))
+    checked = paced.windows + arrival_windows
+    worst = max(abs(w - RATE) / RATE for w in checked)
+    holds = worst <= 0.05 and max(checked) <= RATE
+    windows = ", ".join(f"{w:.1f}" for w in paced.windows)
+    load = os.getloadavg()[0]
     body = "\n".join(
         [
-            "| sender | sends/s | busiest 1 s window | quietest 1 s window |",
-            "|---|---|---|---|",
-            f"| paced at {RATE:.0f}/s (token bucket, burst 1) | **{paced['rate']:.1f}** | {paced['max_window']:.0f} | {paced['min_window']:.0f} |",
-            f"| unpaced (raw capacity of one sender process) | **{raw['rate']:,.0f}** | {raw['max_window']:.0f} | {raw['min_window']:.0f} |",
+            f"| sender | sends/s | per {WINDOW:.0f} s window | busiest 1 s (sliding) | p50 / p99 send |",
+            "|---|---|---|---|---|",
+            f"| paced at {RATE:.0f}/s (token bucket, burst 1) | **{paced.rate:.1f}** | {windows} | {paced.busiest_second} | {paced.p50_ms:.1f} / {paced.p99_ms:.1f} ms |",
+            f"| paced, as the simulator saw the requests arrive | {sum(arrival_windows) / len(arrival_windows):.1f} | {', '.join(f'{w:.1f}' for w in arrival_windows)} | {arrival_busiest} | |",
+            f"| unpaced (raw capacity of one sender process) | **{raw.rate:,.0f}** | {', '.join(f'{w:,.0f}' for w in raw.windows)} | {raw.busiest_second} | {raw.p50_ms:.1f} / {raw.p99_ms:.1f} ms |",
             "",
-            f"{CONCURRENCY} concurrent senders for {DURATION:.0f} s against the simulator in its own process "
-            f"(same 2 cores). Paced rate is {deviation:.1%} from {RATE:.0f}/s (target within 5%, never above: "
-            f"busiest window {paced['max_window']:.0f}).",
+            f"Paced: every {WINDOW:.0f} s window (completions at the client and arrivals at the "
+            f"server) within {worst:.1%} of {RATE:.0f}/s and none above it (target: within 5%, never "
+            f"above) — **{'holds' if holds else 'MISSED'}**; {refused} non-200 answers while paced. "
+            "The bucket issues calls exactly 10 ms apart; the busiest sliding second of completions "
+            "or arrivals can show 101 because network and scheduling jitter moves single requests by "
+            "a few ms. The paced p50 is queueing, not Easemob: 32 callers share 100 calls/s. "
+            f"Raw capacity is {raw.rate / RATE:.1f}× the paced rate (ratio against the same "
+            "simulator in the same run), so pacing, not the client, sets the pace.",
+            "",
+            f"{CONCURRENCY} concurrent callers of `EasemobClient.send_text` in one process, the simulator "
+            f"in another; both share this 2-core machine with other sessions' work (1-min load "
+            f"average {load:.1f} at the end), so the raw figure is a floor and will be re-run later; "
+            "the paced figure does not depend on spare CPU as long as raw capacity stays well above 100/s.",
         ]
     )
     print(body)
-    write_section(
-        "sender", "Sender: Easemob REST sends per second", "python -m bench.sender_throughput", body
-    )
+    if not args.no_write:
+        write_section(
+            "sender",
+            "Sender: Easemob REST sends per second",
+            ".venv/bin/python -m bench.sender_throughput",
+            body,
+        )
 
 
 if __name__ == "__main__":
