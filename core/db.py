@@ -1,7 +1,7 @@
 """The SQL schema (one for SQLite and PostgreSQL), engines and migration checks.
 
 Tables: conversations, messages (the user's message and each reply, unique by
-msg_id), deliveries (the ledger, unique by msg_id + part), usage (tokens and
+msg_id), deliveries (the ledger, unique by msg_id + part, each part's end offset), usage (tokens and
 cost per reply) and moderation_audit. Alembic migrations live in
 ``core/migrations``; ``imbot migrate`` applies them and services refuse to start
 on a database that is behind.
@@ -79,8 +79,11 @@ class Delivery(Base):
     parts: Mapped[int] = mapped_column(Integer)
     target_kind: Mapped[str] = mapped_column(String(16))  # users | chatgroups | chatrooms
     target: Mapped[str] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(16))  # sending | sent | failed
+    status: Mapped[str] = mapped_column(String(16))  # sent | retrying | failed
     easemob_msg_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # Where the part ends in the reply text (characters); the next part starts there.
+    end_offset: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    reply_digest: Mapped[str | None] = mapped_column(String(32), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -83,6 +83,11 @@ class Settings(BaseSettings):
     # 0 turns pacing off.
     easemob_rate_limit: float = 100.0
     sender_replicas: int = 1
+    # A reply longer than this (UTF-8 bytes of the text) is sent in parts; Easemob
+    # limits body + ext to about 5 KB. A 413 halves it for the part that got it.
+    sender_max_part_bytes: int = 3000
+    # In groups and chatrooms, @-mention the asker (ext.em_at_list) in the reply.
+    sender_mention_asker: bool = True
 
     # -- operations -----------------------------------------------------------
     policy_file: Path = DEFAULT_POLICY_FILE
@@ -134,7 +139,9 @@ class AiRules(_Frozen):
     ext_flag: str | None = "imbot_ai"  # ext key whose truthy value marks a message as AI
     ext_bot_key: str = "imbot_bot"  # ext key naming the bot to answer (with ext_flag)
     chat_types: tuple[Literal["chat", "group", "chatroom"], ...] = ("chat", "group", "chatroom")
-    body_types: tuple[str, ...] = ("txt",)
+    # Body types that may start an AI conversation; others pass through untouched.
+    # Non-text types listed here get the policy's `unsupported` reply from the router.
+    body_types: tuple[str, ...] = ("txt", "combine", "img", "audio", "video", "file", "loc")
 
 
 class CallbackPolicy(_Frozen):
@@ -146,6 +153,10 @@ class CallbackPolicy(_Frozen):
     # What to answer when Kafka cannot take the message within the budget.
     kafka_failure: Literal["pass", "block"] = "pass"
     kafka_failure_code: str = "IMBOT_UNAVAILABLE"
+    # Fast path: run the sensitive-word lexicon in the gateway and refuse a blocked
+    # message before Easemob delivers it ({"valid": false, "code": blocked_input_code}).
+    refuse_blocked_input: bool = False
+    blocked_input_code: str = "IMBOT_BLOCKED"
 
 
 class Route(_Frozen):

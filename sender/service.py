@@ -1,15 +1,28 @@
 """Delivers a reply exactly once in the user's eyes, then records the history.
 
-For each part of a (possibly split) reply the delivery ledger is written around
-the send: a row ``sending`` before the REST call, ``sent`` with Easemob's message
-id after it. A replayed or duplicated outbound record finds every part ``sent``
-and sends nothing; a crash between the REST call and the ``sent`` update
-resends only that one part (Easemob has no idempotency key, so that window can
-show one part twice — see README "Delivery guarantee").
+A reply is sent in parts (``sender.split``). The delivery ledger has one row per
+part Easemob accepted, keyed by (msg_id, part), holding where that part ends in
+the reply text and a digest of the text. So:
+
+* a replayed or duplicated outbound record finds every part ``sent`` and sends
+  nothing (it only makes sure the history is written);
+* a reply cut short (crash, Easemob outage, deadline) resumes at the first unsent
+  character and cuts the rest exactly as it would have;
+* a part Easemob refuses as too large (413 / 14007) is split further at half the
+  size and the smaller pieces are sent in its place, without renumbering what was
+  already sent;
+* a *different* reply to a message already answered (a replay through the model
+  stage) is not sent: the user already has an answer.
+
+The ledger row is committed right after Easemob accepts a part, before anything
+else is written. Easemob has no idempotency key, so the window a crash can hit is
+between Easemob accepting a part and that commit: that one part is sent again
+(see README "Delivery guarantee").
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from typing import Literal
@@ -19,9 +32,9 @@ from prometheus_client import Counter
 from core.envelope import ChatType, Delivery, Envelope
 from core.errors import RetryableError
 from core.settings import Settings
-from sender.easemob import EasemobClient
+from sender.easemob import EasemobClient, MessageTooLarge
 from sender.pacing import Pacer
-from sender.split import split_reply
+from sender.split import part_end, split_reply
 from sender.store import Store
 
 log = logging.getLogger("imbot.sender")
@@ -29,6 +42,8 @@ log = logging.getLogger("imbot.sender")
 PARTS_SENT = Counter("imbot_sender_parts_total", "Reply parts by outcome", ["outcome"])
 
 TargetKind = Literal["users", "chatgroups", "chatrooms"]
+# Below this a 413 is not about our part size any more (ext or Easemob's limit).
+_MIN_PART_BYTES = 256
 _KINDS: dict[ChatType, TargetKind] = {
     ChatType.direct: "users",
     ChatType.group: "chatgroups",
@@ -71,7 +86,12 @@ class ReplySender:
                 else None
             ),
         )
-        return cls(client, store)
+        return cls(
+            client,
+            store,
+            max_part_bytes=settings.sender_max_part_bytes,
+            mention_asker=settings.sender_mention_asker,
+        )
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -80,59 +100,102 @@ class ReplySender:
         reply = env.reply
         if reply is None:
             raise ValueError("outbound record without a reply")
+        text = reply.text
+        digest = reply_digest(text)
         kind, target = reply_target(env)
-        parts = split_reply(reply.text, self.max_part_bytes)
         ledger = await self.store.ledger(env.msg_id)
+
+        # Skip what was sent already: parts 0, 1, … as long as the ledger has them.
         ids: list[str] = []
-        sent_now = 0
-        last = len(parts) - 1
-        for index, text in enumerate(parts):
-            row = ledger.get(index)
-            if row is not None and row.status == "sent":
-                ids.append(row.easemob_msg_id or "")
-                continue
+        start = 0
+        while (row := ledger.get(len(ids))) is not None and row.status == "sent":
+            if row.reply_digest != digest or row.end_offset is None:
+                PARTS_SENT.labels("superseded").inc()
+                log.warning(
+                    "message already answered with another reply, not sending this one",
+                    extra={"msg_id": env.msg_id, "conversation": env.conversation_id},
+                )
+                return Delivery(parts=len(ids) + 1, duplicate=True)
+            ids.append(row.easemob_msg_id or "")
+            start = row.end_offset
+        resumed = len(ids)
+
+        size = self.max_part_bytes
+        while start < len(text) or not ids:
             if time.monotonic() > deadline:
                 raise RetryableError("delivery deadline passed")
+            index = len(ids)
+            end = part_end(text, start, size)
+            parts = index + len(split_reply(text[start:], size))
             ext: dict[str, object] = {
                 "imbot_reply_to": env.msg_id,
                 "imbot_part": index,
-                "imbot_parts": len(parts),
+                "imbot_parts": parts,
                 "imbot_kind": reply.kind,
             }
             if kind != "users" and self.mention_asker:
                 ext["em_at_list"] = [env.sender]
             try:
                 easemob_id = await self.client.send_text(
-                    kind, sender=env.bot, to=target, text=text, ext=ext
+                    kind, sender=env.bot, to=target, text=text[start:end], ext=ext
                 )
-            except Exception as exc:
-                PARTS_SENT.labels(type(exc).__name__).inc()
-                final = not isinstance(exc, RetryableError)
-                await self.store.mark_failed(
-                    env.msg_id,
-                    index,
-                    str(exc),
-                    final=final,
-                    parts=len(parts),
-                    target_kind=kind,
-                    target=target,
-                )
+            except MessageTooLarge as exc:
+                if size // 2 >= _MIN_PART_BYTES and end - start > 1:
+                    PARTS_SENT.labels("split_further").inc()
+                    log.info(
+                        "part too large for Easemob, splitting it further",
+                        extra={"msg_id": env.msg_id, "part": index, "max_bytes": size // 2},
+                    )
+                    size //= 2
+                    continue
+                await self._failed(env, index, parts, kind, target, exc)
                 raise
-            # The last part records the history in the same transaction.
-            exchange = (env, reply.text, reply.kind) if index == last else None
+            except Exception as exc:
+                await self._failed(env, index, parts, kind, target, exc)
+                raise
             await self.store.mark_sent(
                 env.msg_id,
                 index,
                 easemob_id,
-                exchange=exchange,
-                parts=len(parts),
+                end_offset=end,
+                reply_digest=digest,
+                parts=parts,
                 target_kind=kind,
                 target=target,
             )
             PARTS_SENT.labels("sent").inc()
             ids.append(easemob_id)
-            sent_now += 1
-        if sent_now == 0:
+            start = end
+        # Idempotent, so a record whose parts were all sent before (a duplicate, or a
+        # retry after the history write failed) still leaves the history complete.
+        await self.store.record_exchange(env, text, reply_kind=reply.kind)
+        duplicate = resumed == len(ids)
+        if duplicate:
             PARTS_SENT.labels("duplicate").inc()
             log.info("duplicate outbound record, nothing sent", extra={"msg_id": env.msg_id})
-        return Delivery(parts=len(parts), easemob_msg_ids=tuple(ids), duplicate=sent_now == 0)
+        return Delivery(parts=len(ids), easemob_msg_ids=tuple(ids), duplicate=duplicate)
+
+    async def _failed(
+        self,
+        env: Envelope,
+        index: int,
+        parts: int,
+        kind: TargetKind,
+        target: str,
+        exc: Exception,
+    ) -> None:
+        PARTS_SENT.labels(type(exc).__name__).inc()
+        await self.store.mark_failed(
+            env.msg_id,
+            index,
+            str(exc),
+            final=not isinstance(exc, RetryableError),
+            parts=parts,
+            target_kind=kind,
+            target=target,
+        )
+
+
+def reply_digest(text: str) -> str:
+    """Identifies a reply's text in the ledger (not a secret: a checksum)."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()

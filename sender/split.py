@@ -87,18 +87,28 @@ def _cut(text: str, start: int, end: int) -> int:
     return cut if cut > floor else end
 
 
-def split_reply(text: str, max_bytes: int = 3000) -> list[str]:
-    """Parts of ``text`` in order, each at most ``max_bytes`` of UTF-8; they join back to ``text``."""
+def part_end(text: str, start: int, max_bytes: int = 3000) -> int:
+    """Where the part of ``text`` that begins at ``start`` ends (an index past ``start``).
+
+    Parts depend only on where they start and on ``max_bytes``, so a sender can
+    resume a reply from any recorded boundary, or split one part further after
+    Easemob refused it as too large, and still cut the rest exactly as before.
+    """
     if max_bytes < 4:
         raise ValueError("max_bytes must hold at least one UTF-8 character (4 bytes)")
+    end = _chars_within(text, start, max_bytes)
+    if end >= len(text):
+        return len(text)
+    return _cut(text, start, end)
+
+
+def split_reply(text: str, max_bytes: int = 3000) -> list[str]:
+    """Parts of ``text`` in order, each at most ``max_bytes`` of UTF-8; they join back to ``text``."""
     parts: list[str] = []
     start = 0
-    n = len(text)
     while True:
-        end = _chars_within(text, start, max_bytes)
-        if end >= n:
-            parts.append(text[start:])
+        end = part_end(text, start, max_bytes)
+        parts.append(text[start:end])
+        if end >= len(text):
             return parts
-        cut = _cut(text, start, end)
-        parts.append(text[start:cut])
-        start = cut
+        start = end

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, func, select
+from sqlalchemy import Select, Table, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -27,7 +27,7 @@ from core.db import (
     create_engine,
     utcnow,
 )
-from core.envelope import Envelope, Turn
+from core.envelope import Completion, Envelope, Turn
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +44,8 @@ class LedgerRow:
     status: str
     easemob_msg_id: str | None
     attempts: int
+    end_offset: int | None = None
+    reply_digest: str | None = None
 
 
 def estimate_tokens(text: str) -> int:
@@ -128,12 +130,7 @@ class Store:
         """
         if turns <= 0:
             return ()
-        query = (
-            select(Message.role, Message.text, Message.tokens, Message.msg_id)
-            .where(Message.conversation_id == conversation_id)
-            .order_by(Message.id.desc())
-            .limit(turns + 1)
-        )
+        query = self.history_query(conversation_id, turns + 1)
         async with self.engine.connect() as session:
             rows = (await session.execute(query)).all()
         picked: list[Turn] = []
@@ -152,8 +149,18 @@ class Store:
             picked.pop(0)
         return tuple(picked)
 
+    @staticmethod
+    def history_query(conversation_id: str, limit: int) -> Select[tuple[str, str, int | None, str]]:
+        """The newest ``limit`` messages of a conversation (the history window's one query)."""
+        return (
+            select(Message.role, Message.text, Message.tokens, Message.msg_id)
+            .where(Message.conversation_id == conversation_id)
+            .order_by(Message.id.desc())
+            .limit(limit)
+        )
+
     async def record_exchange(self, env: Envelope, reply_text: str, *, reply_kind: str) -> None:
-        """Write the user's message and the reply (idempotent), the conversation and usage."""
+        """Write the user's message and the reply (idempotent) and the conversation."""
         async with self._writing() as session:
             await self._record_exchange(session, env, reply_text, reply_kind)
 
@@ -190,8 +197,14 @@ class Store:
                 },
             ],
         )
-        c = env.completion
-        if c is not None:
+
+    async def record_usage(self, env: Envelope, c: Completion) -> None:
+        """The tokens and cost of the model call that answered ``env`` (idempotent).
+
+        Written by the model stage as soon as the call returns, so a paid call is
+        accounted for even when its reply is never delivered.
+        """
+        async with self._writing() as session:
             await session.execute(
                 self._insert_ignore(Usage, ("msg_id",)),
                 [
@@ -205,7 +218,7 @@ class Store:
                         "cost": c.cost,
                         "currency": c.currency,
                         "latency_ms": c.latency_ms,
-                        "created_at": now,
+                        "created_at": utcnow(),
                     }
                 ],
             )
@@ -230,11 +243,16 @@ class Store:
 
     async def ledger(self, msg_id: str) -> dict[int, LedgerRow]:
         query = select(
-            Delivery.part, Delivery.status, Delivery.easemob_msg_id, Delivery.attempts
+            Delivery.part,
+            Delivery.status,
+            Delivery.easemob_msg_id,
+            Delivery.attempts,
+            Delivery.end_offset,
+            Delivery.reply_digest,
         ).where(Delivery.msg_id == msg_id)
         async with self.engine.connect() as session:
             rows = (await session.execute(query)).all()
-        return {r.part: LedgerRow(r.part, r.status, r.easemob_msg_id, r.attempts) for r in rows}
+        return {r.part: LedgerRow(*r) for r in rows}
 
     def _upsert_delivery(self, values: dict[str, object], on_conflict: dict[str, object]) -> Any:
         table = Delivery.__table__
@@ -256,15 +274,16 @@ class Store:
         part: int,
         easemob_msg_id: str,
         *,
+        end_offset: int,
+        reply_digest: str,
         parts: int,
         target_kind: str,
         target: str,
-        exchange: tuple[Envelope, str, str] | None = None,
     ) -> None:
         """Record a part Easemob accepted — the ledger entry that stops any resend.
 
-        With ``exchange`` (envelope, reply text, kind) the history is written in the
-        same transaction (the last part of a reply): one commit per reply part.
+        Its own transaction, committed before anything else is written: the history
+        that follows the last part must not be able to roll it back.
         """
         now = utcnow()
         stmt = self._upsert_delivery(
@@ -276,6 +295,8 @@ class Store:
                 "target": target,
                 "status": "sent",
                 "easemob_msg_id": easemob_msg_id,
+                "end_offset": end_offset,
+                "reply_digest": reply_digest,
                 "attempts": 1,
                 "created_at": now,
                 "sent_at": now,
@@ -283,6 +304,8 @@ class Store:
             {
                 "status": "sent",
                 "easemob_msg_id": easemob_msg_id,
+                "end_offset": end_offset,
+                "reply_digest": reply_digest,
                 "attempts": Delivery.attempts + 1,
                 "sent_at": now,
                 "error": None,
@@ -290,8 +313,6 @@ class Store:
         )
         async with self._writing() as session:
             await session.execute(stmt)
-            if exchange is not None:
-                await self._record_exchange(session, *exchange)
 
     async def mark_failed(
         self,

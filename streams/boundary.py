@@ -6,8 +6,9 @@ each record ends in exactly one of these ways —
 * handled: the stage's outputs are published (acks=all), then the record is
   acknowledged;
 * undecodable (not an envelope): a DLQ record with the raw bytes;
-* retryable failure (``RetryableError``, timeouts): retried with jittered
-  exponential backoff until the stage's deadline, then DLQ;
+* retryable failure (``RetryableError``, timeouts, a database connection lost
+  or busy): retried with jittered exponential backoff until the stage's
+  deadline, then DLQ;
 * fatal (``FatalError``, ``ConfigurationError``, any unexpected exception): DLQ.
 
 After DLQ, when a user is waiting for an answer, the stage's polite fallback
@@ -28,8 +29,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
 from prometheus_client import Counter, Histogram
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SATimeoutError
 
 from core import topics
 from core.envelope import DlqRecord, Envelope, decode_envelope, encode_envelope
@@ -116,7 +119,11 @@ class Boundary:
             attempt += 1
             try:
                 emits = await self.stage.handle(env, deadline=deadline)
-            except (RetryableError, TimeoutError) as exc:
+            except (RetryableError, TimeoutError, DBAPIError, SATimeoutError) as exc:
+                if isinstance(exc, DBAPIError) and not _transient_db(exc):
+                    log.exception("database error, to DLQ", extra={**where, **ids})
+                    await self._fail(key, value, where, exc, attempt, env)
+                    return "fatal"
                 retry_after = exc.retry_after if isinstance(exc, RetryableError) else None
                 delay = retry_after or _backoff(
                     attempt, self.settings.stage_retry_base_s, self.settings.stage_retry_max_s
@@ -153,8 +160,16 @@ class Boundary:
                 return "error"
             # Publishing is retried on its own, never by re-running the stage: a
             # completed model call must not be paid for again because Kafka hiccuped.
-            for emit in emits:
-                await self._publish_forever(emit.topic, key, encode_envelope(emit.envelope))
+            try:
+                for emit in emits:
+                    await self._publish_forever(emit.topic, key, encode_envelope(emit.envelope))
+            except _UNPUBLISHABLE as exc:
+                log.error(
+                    "output cannot be published, to DLQ",
+                    extra={**where, **ids, "error": str(exc)},
+                )
+                await self._fail(key, value, where, exc, attempt, env)
+                return "unpublishable"
             return "ok"
 
     async def _fail(
@@ -203,17 +218,42 @@ class Boundary:
             msg_id=env.msg_id if env else None,
             conversation_id=env.conversation_id if env else None,
         )
-        await self._publish_forever(topics.DLQ, key, record.model_dump_json().encode())
+        try:
+            await self._publish_forever(topics.DLQ, key, record.model_dump_json().encode())
+        except _UNPUBLISHABLE:
+            # Too large even for the DLQ (the raw value grew by the wrapper or base64):
+            # keep the story, drop the payload; its offset still finds the original.
+            record = record.model_copy(update={"value": None, "value_b64": None})
+            await self._publish_forever(topics.DLQ, key, record.model_dump_json().encode())
 
     async def _publish_forever(self, base_topic: str, key: bytes | None, value: bytes) -> None:
+        """Publish, retrying transient Kafka errors for as long as it takes.
+
+        The record stays unacknowledged meanwhile, so a crash loses nothing. An error
+        that no retry can cure (a record too large for the topic) is raised.
+        """
         delay = 0.1
         while True:
             try:
                 await self.outputs.publish(base_topic, key, value)
                 return
             except KafkaError as exc:
+                if isinstance(exc, _UNPUBLISHABLE):
+                    raise
                 log.error(
                     "cannot publish, retrying", extra={"topic": base_topic, "error": str(exc)}
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
+
+
+def _transient_db(exc: DBAPIError) -> bool:
+    """Database trouble a retry can cure: a connection lost or refused, SQLite busy.
+
+    Constraint violations and SQL errors are bugs: they go to the DLQ.
+    """
+    return exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
+
+
+# Errors no retry of the same publish can cure (the record itself is the problem).
+_UNPUBLISHABLE: tuple[type[KafkaError], ...] = (MessageSizeTooLargeError, RecordTooLargeError)

@@ -3,8 +3,10 @@
 A stage that calls a model spends seconds per message. ``KeyedLanes`` runs many
 conversations at once while keeping each conversation's messages in order:
 messages with the same key form a lane and run one after another; lanes run
-concurrently, up to ``max_in_flight`` messages in all (back-pressure: the
-consumer stops reading when the limit is reached).
+concurrently, up to ``max_in_flight`` handlers at a time. A message waiting for
+the one before it in its lane holds no handler slot, so a busy conversation
+cannot starve the others. Back-pressure: the consumer stops reading when
+``max_buffered`` messages (running or waiting) are unfinished.
 
 Acknowledgement is where this can lose messages, so it is done carefully. The
 stream is read with ``noack()`` and each event is acknowledged through the
@@ -41,9 +43,12 @@ class _Pending:
 
 
 class KeyedLanes:
-    def __init__(self, handler: Handler, *, max_in_flight: int) -> None:
+    def __init__(
+        self, handler: Handler, *, max_in_flight: int, max_buffered: int | None = None
+    ) -> None:
         self.handler = handler
-        self._slots = asyncio.Semaphore(max_in_flight)
+        self._running = asyncio.Semaphore(max_in_flight)
+        self._buffered = asyncio.Semaphore(max_buffered or 4 * max_in_flight)
         self._lanes: dict[Any, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._partitions: dict[Any, deque[_Pending]] = {}
@@ -57,7 +62,7 @@ class KeyedLanes:
         quiet = stream.noack()
         try:
             async for event in quiet.events():
-                await self._slots.acquire()
+                await self._buffered.acquire()
                 pending = _Pending(event)
                 self._partitions.setdefault(event.message.tp, deque()).append(pending)
                 key = event.key
@@ -76,7 +81,9 @@ class KeyedLanes:
         if previous is not None:
             with contextlib.suppress(BaseException):
                 await asyncio.shield(previous)
-        if await self.handler(pending.event):
+        async with self._running:
+            handled = await self.handler(pending.event)
+        if handled:
             pending.done = True
             await self._ack_ready(stream, pending.event.message.tp)
 
@@ -87,7 +94,7 @@ class KeyedLanes:
 
     def _finished(self, key: Any, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        self._slots.release()
+        self._buffered.release()
         if self._lanes.get(key) is task:
             del self._lanes[key]
 

@@ -9,13 +9,16 @@ delivers whatever reaches it. Agents (``streams.worker``) only decode, call
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import Counter
+from sqlalchemy.exc import SQLAlchemyError
 
 from adapters import ChatMessage, ChatRequest, ModelCatalog
 from core import topics
@@ -35,6 +38,11 @@ MODERATION_DECISIONS = Counter(
     ["stage", "category", "action"],
 )
 REPLIES = Counter("imbot_replies_total", "Replies decided, by kind", ["kind"])
+USAGE_LOST = Counter(
+    "imbot_usage_write_failures_total", "Model calls whose usage row could not be written"
+)
+
+log = logging.getLogger("imbot.stages")
 
 
 @dataclass
@@ -176,7 +184,15 @@ class CallModel(_UserFacingStage):
             result = await self.catalog.complete(
                 env.route.models, chat_request(env), deadline_s=remaining
             )
-        except ContentRejected:
+        except ContentRejected as exc:
+            # The provider's safety system refused: audited like our own moderation.
+            category = f"provider_{exc.stage}"
+            MODERATION_DECISIONS.labels("model", category, "block").inc()
+            await self.ctx.store.record_audit(
+                env.msg_id,
+                "model",
+                [AuditEntry("provider", (exc.provider or "unknown")[:120], category, "block")],
+            )
             return [_answer(env, self.name, self.ctx.policy.replies.rejected, "rejected")]
         completion = Completion(
             text=result.text,
@@ -191,7 +207,29 @@ class CallModel(_UserFacingStage):
             provider_request_id=result.provider_request_id,
             attempts=result.attempts,
         )
+        await self._record_usage(env, completion)
         return [Emit(topics.COMPLETED, env.stamped(self.name, completion=completion))]
+
+    async def _record_usage(self, env: Envelope, completion: Completion) -> None:
+        """Account for the paid call now; a database hiccup must not buy it twice.
+
+        Raising here would make the boundary call the model again, so the write is
+        retried a few times on its own and then given up with an error line (the
+        token and cost metrics were already counted by the adapter).
+        """
+        for attempt in range(3):
+            try:
+                await self.ctx.store.record_usage(env, completion)
+                return
+            except SQLAlchemyError as exc:
+                if attempt == 2:
+                    USAGE_LOST.inc()
+                    log.error(
+                        "usage row not written",
+                        extra={"msg_id": env.msg_id, "error": type(exc).__name__},
+                    )
+                    return
+                await asyncio.sleep(0.1 * (attempt + 1))
 
 
 class ModerateOut(_UserFacingStage):

@@ -91,3 +91,52 @@ async def test_commit_waits_for_slow_event_then_advances(
     finally:
         await producer.stop()
         await app.stop()
+
+
+async def test_a_busy_conversation_does_not_hold_the_slots_of_others(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """Messages queued behind a slow one in their lane wait without a handler slot."""
+    settings = make_settings(topic_partitions=1)
+    topic_name = settings.topic("lanes-hol")
+    await ensure_topics(settings, ["lanes-hol"])
+    app = create_app(settings, f"{settings.topic_prefix}lanes-hol")
+    release = asyncio.Event()
+    handled: list[bytes] = []
+
+    async def handler(event: Any) -> bool:
+        if event.key == b"busy":
+            await release.wait()
+        handled.append(event.value)
+        return True
+
+    topic = app.topic(topic_name, key_type=bytes, value_type=bytes)
+
+    async def agent(stream: Any) -> None:
+        await KeyedLanes(handler, max_in_flight=2).consume(stream)
+
+    app.agent(topic, name="lanes-hol")(agent)
+    await app.start()
+    producer = new_producer(settings)
+    await producer.start()
+    try:
+        for i in range(5):  # more queued messages of one conversation than slots
+            await producer.send_and_wait(topic_name, f"busy{i}".encode(), key=b"busy")
+        await producer.send_and_wait(topic_name, b"other", key=b"other")
+
+        async def other_done() -> bool:
+            return b"other" in handled
+
+        await _wait_for(other_done)
+        assert handled == [b"other"]
+        release.set()
+
+        async def all_done() -> bool:
+            return len(handled) == 6
+
+        await _wait_for(all_done)
+        assert handled[1:] == [f"busy{i}".encode() for i in range(5)]  # in order
+    finally:
+        release.set()
+        await producer.stop()
+        await app.stop()

@@ -15,7 +15,7 @@ from core.envelope import ChatType, Content, Envelope, Reply
 from core.errors import ConfigurationError, FatalError, RetryableError
 from core.kafka import free_port
 from sender.easemob import EasemobClient, MessageTooLarge
-from sender.service import ReplySender
+from sender.service import ReplySender, reply_digest
 from sender.split import split_reply
 from sender.store import Store
 from simulator.app import SimulatorConfig, serve
@@ -195,5 +195,94 @@ async def test_long_reply_is_split_sent_in_order_and_resumed_after_a_failure(
         assert result.parts == len(parts)
         assert [m["ext"]["imbot_part"] for m in delivered] == list(range(len(parts)))
         assert "".join(m["body"]["msg"] for m in delivered) == text
+    finally:
+        await store.close()
+
+
+async def test_a_part_refused_as_too_large_is_split_further(
+    client: EasemobClient, simulator: str, db_url: str
+) -> None:
+    """Easemob's limit is lower than ours: the refused part goes out as smaller pieces."""
+    store = await Store.open(db_url)
+    sender = ReplySender(client, store, max_part_bytes=3000)
+    text = "".join(f"第{i}句话，内容比较长一些。" for i in range(300))
+    env = _env(text)
+    try:
+        await _inject(simulator, max_message_bytes=1800, oversize_status=413)
+        result = await sender.deliver(env, deadline=time.monotonic() + 10)
+        delivered = await _delivered(simulator, "alice")
+        assert "".join(m["body"]["msg"] for m in delivered) == text  # nothing lost, in order
+        assert all(len(m["body"]["msg"].encode()) <= 1500 for m in delivered)
+        assert [m["ext"]["imbot_part"] for m in delivered] == list(range(len(delivered)))
+        assert result.parts == len(delivered)
+        # A replay of the record sends nothing more.
+        again = await sender.deliver(env, deadline=time.monotonic() + 10)
+        assert again.duplicate
+        assert len(await _delivered(simulator, "alice")) == len(delivered)
+    finally:
+        await store.close()
+
+
+async def test_a_different_reply_to_an_answered_message_is_not_sent(
+    client: EasemobClient, simulator: str, db_url: str
+) -> None:
+    """A replay through the model stage answers again: the user already has an answer."""
+    store = await Store.open(db_url)
+    sender = ReplySender(client, store)
+    msg_id = uuid.uuid4().hex
+    try:
+        await sender.deliver(_env("第一次的回答", msg_id=msg_id), deadline=time.monotonic() + 10)
+        second = await sender.deliver(
+            _env("另一个回答", msg_id=msg_id), deadline=time.monotonic() + 10
+        )
+        assert second.duplicate
+        assert [m["body"]["msg"] for m in await _delivered(simulator, "alice")] == ["第一次的回答"]
+    finally:
+        await store.close()
+
+
+async def test_history_is_written_even_when_only_the_retry_gets_there(
+    client: EasemobClient, simulator: str, db_url: str
+) -> None:
+    """Every part was sent before (the history write failed then): the retry completes it."""
+    from core.db import Message
+
+    store = await Store.open(db_url)
+    sender = ReplySender(client, store)
+    env = _env("回答")
+    try:
+        easemob_id = await client.send_text("users", sender="ai_bot", to="alice", text="回答")
+        await store.mark_sent(
+            env.msg_id,
+            0,
+            easemob_id,
+            end_offset=2,
+            reply_digest=reply_digest("回答"),
+            parts=1,
+            target_kind="users",
+            target="alice",
+        )
+        result = await sender.deliver(env, deadline=time.monotonic() + 10)
+        assert result.duplicate
+        assert len(await _delivered(simulator, "alice")) == 1
+        assert await store.count(Message, msg_id=env.msg_id) == 1
+        assert await store.count(Message, msg_id=f"{env.msg_id}:reply") == 1
+    finally:
+        await store.close()
+
+
+async def test_a_bad_request_is_fatal_and_recorded_in_the_ledger(
+    client: EasemobClient, simulator: str, db_url: str
+) -> None:
+    store = await Store.open(db_url)
+    sender = ReplySender(client, store)
+    env = _env("回答")
+    try:
+        await _inject(simulator, status=400, description="param to can't be empty")
+        with pytest.raises(FatalError):
+            await sender.deliver(env, deadline=time.monotonic() + 10)
+        ledger = await store.ledger(env.msg_id)
+        assert ledger[0].status == "failed"
+        assert await _delivered(simulator, "alice") == []
     finally:
         await store.close()

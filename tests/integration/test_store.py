@@ -7,7 +7,7 @@ import uuid
 import pytest
 from sqlalchemy import text
 
-from core.db import Delivery, Message, ModerationAudit, Usage
+from core.db import Delivery, Message, ModerationAudit, Usage, utcnow
 from core.envelope import ChatType, Completion, Content, Envelope, Verdict, conversation_id
 from core.errors import ConfigurationError
 from sender.store import AuditEntry, Store
@@ -51,7 +51,6 @@ async def test_exchange_is_recorded_once_and_read_back_as_history(store: Store) 
             env, f"回答{n}", reply_kind="answer"
         )  # redelivered: no new rows
     assert await store.count(Message, conversation_id=conv) == 6
-    assert await store.count(Usage, conversation_id=conv) == 3
     window = await store.history_window(conv, turns=4, token_budget=1000)
     assert [(t.role, t.content) for t in window] == [
         ("user", "问题1"),
@@ -59,6 +58,15 @@ async def test_exchange_is_recorded_once_and_read_back_as_history(store: Store) 
         ("user", "问题2"),
         ("assistant", "回答2"),
     ]
+
+
+async def test_usage_is_recorded_once_per_answered_message(store: Store) -> None:
+    conv = f"chat:ai_bot:{uuid.uuid4().hex[:8]}"
+    env = _env(conv, 1)
+    assert env.completion is not None
+    await store.record_usage(env, env.completion)
+    await store.record_usage(env, env.completion)  # the model stage saw the record twice
+    assert await store.count(Usage, conversation_id=conv) == 1
 
 
 async def test_history_respects_the_token_budget(store: Store) -> None:
@@ -88,7 +96,9 @@ async def test_ledger_records_attempts_and_sent_parts(store: Store) -> None:
     msg_id = uuid.uuid4().hex
     where = {"parts": 2, "target_kind": "users", "target": "alice"}
     await store.mark_failed(msg_id, 0, "429 reach_limit", final=False, **where)  # type: ignore[arg-type]
-    await store.mark_sent(msg_id, 0, "1029457500870543736", **where)  # type: ignore[arg-type]
+    await store.mark_sent(
+        msg_id, 0, "1029457500870543736", end_offset=1000, reply_digest="d1", **where
+    )  # type: ignore[arg-type]
     # a late duplicate of the failure cannot undo a sent part
     await store.mark_failed(msg_id, 0, "timeout", final=False, **where)  # type: ignore[arg-type]
     await store.mark_failed(msg_id, 1, "400 bad request", final=True, **where)  # type: ignore[arg-type]
@@ -98,6 +108,7 @@ async def test_ledger_records_attempts_and_sent_parts(store: Store) -> None:
         "1029457500870543736",
         2,
     )
+    assert (ledger[0].end_offset, ledger[0].reply_digest) == (1000, "d1")
     assert (ledger[1].status, ledger[1].attempts) == ("failed", 1)
     assert await store.count(Delivery, msg_id=msg_id) == 2
 
@@ -114,23 +125,47 @@ async def test_audit_entries_are_idempotent(store: Store) -> None:
 
 
 async def test_history_query_uses_the_conversation_index_on_postgres(pg_url: str) -> None:
+    """The router's query on a populated table: an index range scan, not a table scan."""
     store = await Store.open(pg_url)
+    tag = uuid.uuid4().hex[:8]
+    conversations = [f"chat:ai_bot:{tag}-{c}" for c in range(400)]
     try:
-        async with store.engine.connect() as conn:
-            await conn.execute(text("SET enable_seqscan = off"))
-            plan = (
-                (
-                    await conn.execute(
-                        text(
-                            "EXPLAIN SELECT role, text FROM messages WHERE conversation_id = 'chat:ai_bot:x' "
-                            "ORDER BY id DESC LIMIT 11"
-                        )
-                    )
+        async with store.engine.begin() as conn:
+            for c in conversations:
+                await conn.execute(
+                    text(
+                        "INSERT INTO conversations (id, chat_type, bot, created_at, last_message_at)"
+                        " VALUES (:id, 'chat', 'ai_bot', now(), now())"
+                    ),
+                    {"id": c},
                 )
-                .scalars()
-                .all()
+            await conn.execute(
+                Message.__table__.insert(),  # type: ignore[arg-type]
+                [
+                    {
+                        "msg_id": f"{tag}-{n}",
+                        "conversation_id": conversations[n % len(conversations)],
+                        "role": "user" if (n // 400) % 2 == 0 else "assistant",
+                        "author": "alice",
+                        "text": f"消息{n}",
+                        "kind": "answer",
+                        "created_at": utcnow(),
+                    }
+                    for n in range(20_000)
+                ],
             )
-        assert any("ix_messages_conversation_id_id" in line for line in plan), plan
+            await conn.execute(text("ANALYZE messages"))
+        query = Store.history_query(conversations[7], 11).compile(
+            dialect=store.engine.dialect, compile_kwargs={"literal_binds": True}
+        )
+        async with store.engine.connect() as conn:
+            plan = (await conn.execute(text(f"EXPLAIN {query}"))).scalars().all()
+        assert any(
+            "Index Scan Backward using ix_messages_conversation_id_id" in line for line in plan
+        ), plan
+        assert not any("Seq Scan" in line for line in plan), plan
+        window = await store.history_window(conversations[7], turns=4, token_budget=10_000)
+        assert [t.content for t in window] == [f"消息{n}" for n in (18407, 18807, 19207, 19607)]
     finally:
         await store.close()
 

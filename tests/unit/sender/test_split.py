@@ -7,7 +7,7 @@ import unicodedata
 
 import pytest
 
-from sender.split import split_reply
+from sender.split import part_end, split_reply
 
 
 def _check(text: str, parts: list[str], max_bytes: int) -> None:
@@ -130,3 +130,23 @@ def test_random_text_always_reassembles_within_the_limit(seed: int) -> None:
 def test_a_limit_below_one_character_is_refused() -> None:
     with pytest.raises(ValueError, match="max_bytes"):
         split_reply("abc", 3)
+
+
+def test_resuming_at_any_part_boundary_cuts_the_rest_the_same_way() -> None:
+    text = "".join(f"第{i}段：这里有一些内容，用来测试分段！\n\n" for i in range(300))
+    parts = split_reply(text, 1000)
+    start = 0
+    for part in parts:
+        end = part_end(text, start, 1000)
+        assert text[start:end] == part
+        start = end
+    assert start == len(text)
+
+
+def test_a_part_refused_as_too_large_splits_further_at_half_the_limit() -> None:
+    text = "".join(f"句子{i}。" for i in range(1000))
+    first = part_end(text, 0, 3000)
+    smaller = part_end(text, 0, 1500)
+    assert 0 < smaller < first
+    assert len(text[:smaller].encode()) <= 1500
+    assert text[:smaller].endswith("。")
