@@ -88,6 +88,8 @@ class Settings(BaseSettings):
     sender_max_part_bytes: int = 3000
     # In groups and chatrooms, @-mention the asker (ext.em_at_list) in the reply.
     sender_mention_asker: bool = True
+    # How long the sender keeps retrying one reply (429, 5xx, Easemob down) before DLQ.
+    sender_deadline_s: float = 600.0
 
     # -- operations -----------------------------------------------------------
     policy_file: Path = DEFAULT_POLICY_FILE

@@ -6,9 +6,10 @@ each record ends in exactly one of these ways —
 * handled: the stage's outputs are published (acks=all), then the record is
   acknowledged;
 * undecodable (not an envelope): a DLQ record with the raw bytes;
-* retryable failure (``RetryableError``, timeouts, a database connection lost
-  or busy): retried with jittered exponential backoff until the stage's
-  deadline, then DLQ;
+* retryable failure (``RetryableError``, timeouts, a database connection lost,
+  refused or busy): retried with jittered exponential backoff until the stage's
+  deadline (``stage.deadline_s`` if it has one, else ``IMBOT_STAGE_DEADLINE_S``),
+  then DLQ;
 * fatal (``FatalError``, ``ConfigurationError``, any unexpected exception): DLQ.
 
 After DLQ, when a user is waiting for an answer, the stage's polite fallback
@@ -113,13 +114,21 @@ class Boundary:
             return "undecodable"
 
         ids = {"msg_id": env.msg_id, "conversation": env.conversation_id}
-        deadline = time.monotonic() + self.settings.stage_deadline_s
+        deadline = time.monotonic() + (
+            getattr(self.stage, "deadline_s", None) or self.settings.stage_deadline_s
+        )
         attempt = 0
         while True:
             attempt += 1
             try:
                 emits = await self.stage.handle(env, deadline=deadline)
-            except (RetryableError, TimeoutError, DBAPIError, SATimeoutError) as exc:
+            except (
+                RetryableError,
+                TimeoutError,
+                ConnectionError,
+                DBAPIError,
+                SATimeoutError,
+            ) as exc:
                 if isinstance(exc, DBAPIError) and not _transient_db(exc):
                     log.exception("database error, to DLQ", extra={**where, **ids})
                     await self._fail(key, value, where, exc, attempt, env)

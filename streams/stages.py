@@ -274,6 +274,9 @@ class Send:
         assert ctx.sender is not None
         self.ctx = ctx
         self.sender = ctx.sender
+        # Keep trying through an Easemob outage far longer than a model stage would:
+        # the answer exists and was paid for; only delivery is waiting.
+        self.deadline_s = ctx.settings.sender_deadline_s
 
     async def handle(self, env: Envelope, *, deadline: float) -> Sequence[Emit]:
         delivery = await self.sender.deliver(env, deadline=deadline)

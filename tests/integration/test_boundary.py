@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 
 import pytest
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from core import topics
 from core.envelope import (
@@ -142,3 +144,41 @@ async def test_undecodable_records_keep_their_bytes_in_the_dlq(
         assert record.value_b64 is not None
     elif raw is not None:
         assert record.value == raw.decode()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OperationalError("SELECT 1", {}, Exception("database is locked")),
+        ConnectionRefusedError(111, "Connect call failed"),
+    ],
+)
+async def test_a_database_that_is_briefly_unavailable_is_retried(
+    outputs: Outputs, error: Exception
+) -> None:
+    stage = ScriptedStage([error])
+    outcome = await Boundary(stage, outputs, outputs.settings).process(
+        b"k", encode_envelope(_env()), "t", 0, 3
+    )
+    assert (outcome, stage.calls) == ("ok", 2)
+
+
+async def test_a_constraint_violation_is_a_bug_not_a_retry(outputs: Outputs) -> None:
+    stage = ScriptedStage([IntegrityError("INSERT", {}, Exception("duplicate key"))])
+    outcome = await Boundary(stage, outputs, outputs.settings).process(
+        b"k", encode_envelope(_env()), "t", 0, 4
+    )
+    assert (outcome, stage.calls) == ("fatal", 1)
+    [dlq] = await _read(outputs, topics.DLQ)
+    assert DlqRecord.model_validate_json(dlq).error_kind == "IntegrityError"
+
+
+async def test_a_stage_deadline_of_its_own_overrides_the_setting(outputs: Outputs) -> None:
+    stage = ScriptedStage([RetryableError("easemob down")] * 10_000)
+    stage.deadline_s = 0.3  # type: ignore[attr-defined]
+    started = asyncio.get_running_loop().time()
+    outcome = await Boundary(stage, outputs, outputs.settings).process(
+        b"k", encode_envelope(_env()), "t", 0, 5
+    )
+    assert outcome == "exhausted"
+    assert asyncio.get_running_loop().time() - started < 1.5  # not the settings' 2 s
