@@ -5,8 +5,9 @@ never Faust's codec). With the embedded Tansu broker three workarounds apply:
 producers send one record per batch, group timeouts are short, and the worker
 consumer's fetch long-poll is 10 ms instead of the 1,500 ms Faust hard-codes
 (Tansu does not wake a waiting fetch when data arrives, so one untuned hop costs
-hundreds of milliseconds). ``tests/integration/test_faust_fetch_wait.py`` fails
-if a Faust upgrade stops this from taking effect.
+hundreds of milliseconds). ``tests/integration/test_lanes_commit.py`` checks the
+value on the consumer Faust actually fetches with, so it fails if a Faust
+upgrade stops this from taking effect.
 """
 
 from __future__ import annotations

@@ -15,9 +15,12 @@ published or the record sent to the DLQ. And events are acknowledged **in
 offset order per partition**: an event that finishes early waits until every
 earlier event of its partition has finished too. Faust commits "the contiguous
 prefix of acknowledged offsets", but its gap check is off by one (faust-streaming
-0.15.3, ``Consumer._new_offset``: with offset 2 unacknowledged after a commit at
-2, acknowledged 3 and 4 are committed as 5, skipping 2 — see
-``tests/integration/test_lanes_commit.py``). Acknowledging in order never gives
+0.15.3, ``faust/transport/consumer.py`` ``Consumer._new_offset``: it refuses to
+commit only when ``min(acked) - committed > 1``, so with offset 2 unacknowledged
+after a commit at 2, acknowledged 3 and 4 are committed as 5, skipping 2; and
+with nothing committed yet, ``if committed_offset:`` skips the check entirely).
+``tests/integration/test_lanes_commit.py`` shows the committed offset stopping
+at an unfinished message and advancing once it is done. Acknowledging in order never gives
 Faust a gap to get wrong, and the committed offset never passes a message that
 is still being worked on: a crash redelivers it (at-least-once, never lost).
 """

@@ -158,18 +158,20 @@ async def test_poison_record_on_each_stage_goes_to_dlq_and_the_next_message_flow
     producer = new_producer(settings)
     await producer.start()
     marker = uuid.uuid4().hex
+    user = _user()
     inputs = [topics.INBOUND, topics.MODERATED, topics.ROUTED, topics.COMPLETED, topics.OUTBOUND]
     try:
         for base in inputs:
+            # Keyed like the user's conversation: the poison sits on the very
+            # partition (and in the very lane) the next message has to pass.
             await producer.send_and_wait(
                 settings.topic(base),
                 f"not an envelope {marker}".encode(),
-                key=b"chat:ai_bot:poison",
+                key=f"chat:ai_bot:{user}".encode(),
             )
     finally:
         await producer.stop()
-    # The pipeline still answers.
-    user = _user()
+    # The pipeline still answers, on the same partition, after the poison.
     result = simulate(stack.simulator_url, "还在吗？", sender=user, timeout=60)
     assert len(result["replies"]) == 1  # type: ignore[arg-type]
     deadline = time.monotonic() + 20
