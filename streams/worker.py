@@ -125,7 +125,17 @@ def build(settings: Settings, stages: Sequence[str]) -> tuple[faust.App, Runtime
     return app, runtime
 
 
+async def _check_database(url: str) -> None:
+    from sender.store import Store
+
+    store = await Store.open(url)  # raises ConfigurationError when migrations are behind
+    await store.close()
+
+
 def main(settings: Settings, stages: Sequence[str]) -> None:
+    # Refuse to start on an unmigrated database here, with a clear message and exit
+    # code 2, not later inside an agent where Faust would restart it in a loop.
+    asyncio.run(_check_database(settings.database_url))
     app, _ = build(settings, stages)
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port, addr=settings.gateway_host)
