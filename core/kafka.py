@@ -16,6 +16,7 @@ only when ``Settings.kafka_embedded`` is true:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -76,14 +77,24 @@ class EmbeddedBroker:
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 raise RuntimeError(f"embedded broker exited with code {self._proc.returncode}")
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
-            ):
+            if self._answers(deadline - time.monotonic()):
                 return
             time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"embedded broker did not listen on {self.bootstrap} in {timeout}s")
+        raise RuntimeError(f"embedded broker did not answer on {self.bootstrap} in {timeout}s")
+
+    def _answers(self, budget: float) -> bool:
+        """Ready: a TCP connect succeeds and an admin client can list topics."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                pass
+        except OSError:
+            return False
+        settings = Settings(kafka_bootstrap=self.bootstrap)
+        timeout = max(0.5, min(2.0, budget))
+        # A thread of its own: the caller may be inside an event loop already.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            return pool.submit(asyncio.run, broker_reachable(settings, timeout)).result()
 
     @property
     def pid(self) -> int | None:
