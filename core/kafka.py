@@ -58,16 +58,27 @@ def _broker_binary() -> str:
 class EmbeddedBroker:
     """One Tansu broker process on a free local port (memory storage)."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, advertised_port: int | None = None) -> None:
         self.port = port or free_port()
-        self.bootstrap = f"127.0.0.1:{self.port}"
+        # Clients are told to connect here (a test puts a TCP proxy in front of the broker).
+        self.advertised_port = advertised_port or self.port
+        self.bootstrap = f"127.0.0.1:{self.advertised_port}"
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20.0) -> None:
         url = f"tcp://127.0.0.1:{self.port}"
+        advertised = f"tcp://127.0.0.1:{self.advertised_port}"
         binary = _broker_binary()
         self._proc = subprocess.Popen(
-            [binary, "broker", "--listener-url", url, "--advertised-listener-url", url, "--silent"],
+            [
+                binary,
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                advertised,
+                "--silent",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             stdin=subprocess.DEVNULL,
@@ -90,7 +101,7 @@ class EmbeddedBroker:
                 pass
         except OSError:
             return False
-        settings = Settings(kafka_bootstrap=self.bootstrap)
+        settings = Settings(kafka_bootstrap=f"127.0.0.1:{self.port}")
         timeout = max(0.5, min(2.0, budget))
         # A thread of its own: the caller may be inside an event loop already.
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
