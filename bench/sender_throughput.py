@@ -20,11 +20,14 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 
 import httpx
 
+from bench.pipeline import _postgres_url
 from bench.report import write_section
+from core.db import upgrade
 from core.kafka import free_port
 from sender.easemob import EasemobClient
 from sender.pacing import Pacer
@@ -98,6 +101,61 @@ async def run(base_url: str, pacer: Pacer | None, duration: float) -> Run:
     )
 
 
+async def run_deliveries(base_url: str, db_url: str, duration: float) -> Run:
+    """Unpaced ``ReplySender.deliver``: ledger read, send, ledger commit, history commit."""
+    from core.envelope import ChatType, Content, Envelope, Reply
+    from sender.service import ReplySender
+    from sender.store import Store
+
+    store = await Store.open(db_url)
+    client = EasemobClient(
+        base_url=base_url, org="demo-org", app="demo-app", client_id="dev-client",
+        client_secret="dev-client-secret",
+    )  # fmt: skip
+    sender = ReplySender(client, store)
+    loop = asyncio.get_running_loop()
+    stamps: list[float] = []
+    latencies: list[float] = []
+    start = loop.time()
+    end = start + duration
+    tag = uuid.uuid4().hex[:8]
+
+    async def worker(n: int) -> None:
+        i = 0
+        while loop.time() < end:
+            env = Envelope(
+                msg_id=f"{tag}-{n}-{i}",
+                conversation_id=f"chat:ai_bot:u{n}",
+                chat_type=ChatType.direct,
+                sender=f"u{n}",
+                to="ai_bot",
+                bot="ai_bot",
+                content=Content(type="txt", text=f"问题{i}"),
+                reply=Reply(text=f"回答{i}"),
+            )
+            began = loop.time()
+            await sender.deliver(env, deadline=time.monotonic() + 30)
+            done = loop.time()
+            if done <= end:
+                stamps.append(done)
+                latencies.append(done - began)
+            i += 1
+
+    await asyncio.gather(*(worker(n) for n in range(CONCURRENCY)))
+    await sender.aclose()
+    await store.close()
+    stamps.sort()
+    latencies.sort()
+    return Run(
+        sends=len(stamps),
+        elapsed=duration,
+        windows=[],
+        busiest_second=_busiest(stamps, 1.0 - 1e-9),
+        p50_ms=latencies[len(latencies) // 2] * 1000,
+        p99_ms=latencies[int(len(latencies) * 0.99)] * 1000,
+    )
+
+
 def _wait_ready(base: str) -> None:
     for _ in range(100):
         try:
@@ -130,6 +188,10 @@ def main() -> None:
         )
         httpx.post(f"{base}/_sim/reset")
         raw = asyncio.run(run(base, None, args.raw_seconds))
+        httpx.post(f"{base}/_sim/reset")
+        db_url = _postgres_url()
+        upgrade(db_url)
+        delivered = asyncio.run(run_deliveries(base, db_url, args.raw_seconds))
     finally:
         sim.terminate()
         sim.wait()
@@ -156,6 +218,7 @@ def main() -> None:
             f"| paced at {RATE:.0f}/s (token bucket, burst 1) | **{paced.rate:.1f}** | {windows} | {paced.busiest_second} | {paced.p50_ms:.1f} / {paced.p99_ms:.1f} ms |",
             f"| paced, as the simulator saw the requests arrive | {sum(arrival_windows) / len(arrival_windows):.1f} | {', '.join(f'{w:.1f}' for w in arrival_windows)} | {arrival_busiest} | |",
             f"| unpaced (raw capacity of one sender process) | **{raw.rate:,.0f}** | {', '.join(f'{w:,.0f}' for w in raw.windows)} | {raw.busiest_second} | {raw.p50_ms:.1f} / {raw.p99_ms:.1f} ms |",
+            f"| unpaced `ReplySender.deliver` with the ledger and history on PostgreSQL | **{delivered.rate:,.0f}** | | {delivered.busiest_second} | {delivered.p50_ms:.1f} / {delivered.p99_ms:.1f} ms |",
             "",
             f"Paced: every {WINDOW:.0f} s window (completions at the client and arrivals at the "
             f"server) within {worst:.1%} of {RATE:.0f}/s and none above the bucket's bound of "
@@ -168,7 +231,9 @@ def main() -> None:
             f"Raw capacity is {raw.rate / RATE:.1f}× the paced rate (ratio against the same "
             "simulator in the same run), so pacing, not the client, sets the pace.",
             "",
-            f"{CONCURRENCY} concurrent callers of `EasemobClient.send_text` in one process, the simulator "
+            f"{CONCURRENCY} concurrent callers of `EasemobClient.send_text` (or of `ReplySender.deliver`, "
+            "one-part replies, each a new message: ledger read, send, ledger commit, history commit) "
+            "in one process, the simulator "
             f"in another; both share this 2-core machine with other sessions' work (1-min load "
             f"average {load:.1f} at the end), so the raw figure is a floor and will be re-run later; "
             "the paced figure does not depend on spare CPU as long as raw capacity stays well above 100/s.",
