@@ -182,6 +182,8 @@ class DlqRecord(_Model):
     value_b64: str | None = None  # set when the bytes were not valid UTF-8
     error_kind: str
     error: str
+    reason: str | None = None  # FatalError's reason: bad_request, not_found, quota_exhausted, …
+    status: int | None = None  # the remote party's HTTP status, when there was one
     attempts: int
     msg_id: str | None = None
     conversation_id: str | None = None

@@ -37,7 +37,7 @@ from sqlalchemy.exc import TimeoutError as SATimeoutError
 
 from core import topics
 from core.envelope import DlqRecord, Envelope, decode_envelope, encode_envelope
-from core.errors import ImbotError, RetryableError, UndecodableError
+from core.errors import FatalError, ImbotError, RetryableError, UndecodableError
 from core.settings import Settings
 
 log = logging.getLogger("imbot.boundary")
@@ -223,6 +223,8 @@ class Boundary:
             value_b64=b64,
             error_kind=exc.kind if isinstance(exc, ImbotError) else type(exc).__name__,
             error=str(exc)[:2000],
+            reason=exc.reason if isinstance(exc, FatalError) else None,
+            status=exc.status if isinstance(exc, ImbotError) else None,
             attempts=attempts,
             msg_id=env.msg_id if env else None,
             conversation_id=env.conversation_id if env else None,
