@@ -12,7 +12,10 @@ the reply text and a digest of the text. So:
   size and the smaller pieces are sent in its place, without renumbering what was
   already sent;
 * a *different* reply to a message already answered (a replay through the model
-  stage) is not sent: the user already has an answer.
+  stage) is not sent: the user already has an answer. The fallback apology is the
+  exception: it has a ledger of its own (``msg_id#fallback``), so the real answer
+  that a replay produces after an outage still reaches the user, while an apology
+  for a message already answered is never sent.
 
 The ledger row is committed right after Easemob accepts a part, before anything
 else is written. Easemob has no idempotency key, so the window a crash can hit is
@@ -103,7 +106,17 @@ class ReplySender:
         text = reply.text
         digest = reply_digest(text)
         kind, target = reply_target(env)
-        ledger = await self.store.ledger(env.msg_id)
+        # The fallback apology has a ledger of its own: a real answer that comes later
+        # (the DLQ record replayed once the outage is over) is still delivered. An
+        # apology for a message that already has an answer is not.
+        if reply.kind == "fallback":
+            answered = await self.store.ledger(env.msg_id)
+            if any(row.status == "sent" for row in answered.values()):
+                PARTS_SENT.labels("superseded").inc()
+                log.info("fallback for an answered message, not sent", extra={"msg_id": env.msg_id})
+                return Delivery(parts=len(answered), duplicate=True)
+        ledger_id = fallback_ledger_id(env.msg_id) if reply.kind == "fallback" else env.msg_id
+        ledger = await self.store.ledger(ledger_id)
 
         # Skip what was sent already: parts 0, 1, … as long as the ledger has them.
         ids: list[str] = []
@@ -148,13 +161,13 @@ class ReplySender:
                     )
                     size //= 2
                     continue
-                await self._failed(env, index, parts, kind, target, exc)
+                await self._failed(ledger_id, index, parts, kind, target, exc)
                 raise
             except Exception as exc:
-                await self._failed(env, index, parts, kind, target, exc)
+                await self._failed(ledger_id, index, parts, kind, target, exc)
                 raise
             await self.store.mark_sent(
-                env.msg_id,
+                ledger_id,
                 index,
                 easemob_id,
                 end_offset=end,
@@ -177,7 +190,7 @@ class ReplySender:
 
     async def _failed(
         self,
-        env: Envelope,
+        ledger_id: str,
         index: int,
         parts: int,
         kind: TargetKind,
@@ -186,7 +199,7 @@ class ReplySender:
     ) -> None:
         PARTS_SENT.labels(type(exc).__name__).inc()
         await self.store.mark_failed(
-            env.msg_id,
+            ledger_id,
             index,
             str(exc),
             final=not isinstance(exc, RetryableError),
@@ -194,6 +207,11 @@ class ReplySender:
             target_kind=kind,
             target=target,
         )
+
+
+def fallback_ledger_id(msg_id: str) -> str:
+    """Where the ledger keeps the parts of the fallback apology for ``msg_id``."""
+    return f"{msg_id}#fallback"
 
 
 def reply_digest(text: str) -> str:

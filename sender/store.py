@@ -183,19 +183,34 @@ class Store:
                     "reply_to": None,
                     "tokens": estimate_tokens(user_text),
                     "created_at": now,
-                },
-                {
-                    "msg_id": f"{env.msg_id}:reply",
-                    "conversation_id": env.conversation_id,
-                    "role": "assistant",
-                    "author": env.bot,
-                    "text": reply_text,
-                    "kind": reply_kind,
-                    "reply_to": env.msg_id,
-                    "tokens": (env.completion.output_tokens if env.completion else None),
-                    "created_at": now,
-                },
+                }
             ],
+        )
+        # The reply row: written once, except that a real answer replaces the fallback
+        # apology sent while the pipeline was failing (a DLQ replay answered it later).
+        dialect_insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
+        table = Message.__table__
+        assert isinstance(table, Table)
+        tokens = env.completion.output_tokens if env.completion else None
+        insert = dialect_insert(table).values(
+            msg_id=f"{env.msg_id}:reply",
+            conversation_id=env.conversation_id,
+            role="assistant",
+            author=env.bot,
+            text=reply_text,
+            kind=reply_kind,
+            reply_to=env.msg_id,
+            tokens=tokens,
+            created_at=now,
+        )
+        await session.execute(
+            insert.on_conflict_do_nothing(index_elements=["msg_id"])
+            if reply_kind == "fallback"
+            else insert.on_conflict_do_update(
+                index_elements=["msg_id"],
+                set_={"text": reply_text, "kind": reply_kind, "tokens": tokens},
+                where=table.c.kind == "fallback",
+            )
         )
 
     async def record_usage(self, env: Envelope, c: Completion) -> None:

@@ -286,3 +286,42 @@ async def test_a_bad_request_is_fatal_and_recorded_in_the_ledger(
         assert await _delivered(simulator, "alice") == []
     finally:
         await store.close()
+
+
+async def test_the_real_answer_after_a_fallback_apology_is_still_delivered(
+    client: EasemobClient, simulator: str, db_url: str
+) -> None:
+    """An outage made a stage answer with the fallback; the DLQ replay brings the answer."""
+    from core.db import Message
+
+    store = await Store.open(db_url)
+    sender = ReplySender(client, store)
+    msg_id = uuid.uuid4().hex
+
+    def env(text: str, kind: str) -> Envelope:
+        e = _env(text, msg_id=msg_id)
+        return e.model_copy(update={"reply": Reply(text=text, kind=kind)})  # type: ignore[arg-type]
+
+    try:
+        deadline = time.monotonic() + 10
+        await sender.deliver(env("抱歉，请稍后再试。", "fallback"), deadline=deadline)
+        again = await sender.deliver(env("抱歉，请稍后再试。", "fallback"), deadline=deadline)
+        await sender.deliver(env("真正的回答", "answer"), deadline=deadline)
+        late = await sender.deliver(env("抱歉，请稍后再试。", "fallback"), deadline=deadline)
+        assert again.duplicate
+        assert late.duplicate
+        bodies = [m["body"]["msg"] for m in await _delivered(simulator, "alice")]
+        assert bodies[-2:] == ["抱歉，请稍后再试。", "真正的回答"]
+        assert bodies.count("抱歉，请稍后再试。") == 1
+        # The history the router reads keeps the answer, not the apology.
+        async with store.engine.connect() as conn:
+            from sqlalchemy import select
+
+            row = (
+                await conn.execute(
+                    select(Message.text, Message.kind).where(Message.msg_id == f"{msg_id}:reply")
+                )
+            ).one()
+        assert tuple(row) == ("真正的回答", "answer")
+    finally:
+        await store.close()
