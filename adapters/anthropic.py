@@ -9,7 +9,15 @@ from typing import Any
 from adapters.base import ChatRequest, Delta, Done, FinishReason, StreamEvent, Usage, UsageEvent
 from adapters.config import AnthropicConfig
 from adapters.http_model import HttpChatModel, Parsed, Prepared, StreamDecoder
-from adapters.wire import SseEvent, as_int, as_str, classify_status, loads_object, refine_fatal
+from adapters.wire import (
+    SseEvent,
+    anthropic_reset_s,
+    as_int,
+    as_str,
+    classify_status,
+    loads_object,
+    refine_fatal,
+)
 from core.errors import FatalError, ImbotError, RetryableError
 
 _FINISH: dict[str, FinishReason] = {
@@ -107,7 +115,10 @@ def map_error_body(
         if etype in ("invalid_request_error", "request_too_large"):
             return refine_fatal(FatalError(message, reason="bad_request", status=status, **kw))
         return RetryableError(message, status=status, **kw)
-    return refine_fatal(classify_status(status, message, headers=headers, **kw))
+    error = classify_status(status, message, headers=headers, **kw)
+    if isinstance(error, RetryableError) and error.retry_after is None and status == 429:
+        error.retry_after = anthropic_reset_s(headers)
+    return refine_fatal(error)
 
 
 class AnthropicStreamDecoder(StreamDecoder):
@@ -153,6 +164,7 @@ class AnthropicStreamDecoder(StreamDecoder):
 
 class AnthropicChatModel(HttpChatModel):
     provider = "anthropic"
+    request_id_headers = ("request-id",)
     config: AnthropicConfig
 
     def __init__(self, name: str, config: AnthropicConfig, *args: Any, **kw: Any) -> None:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# A stream silent for this long between chunks is taken as stuck (unless configured).
+DEFAULT_IDLE_TIMEOUT_S = 30.0
 
 
 class _Frozen(BaseModel):
@@ -51,8 +54,15 @@ class _ModelEntry(_Frozen):
     max_concurrency: int = Field(default=16, ge=1)
     # Entries naming the same group share one concurrency limit (one provider quota).
     concurrency_group: str | None = None
+    # One attempt of a non-streamed call; for a stream, the time until its first event.
     timeout_s: float = Field(default=60.0, gt=0)
     connect_timeout_s: float = Field(default=5.0, gt=0)
+    # Streams only: from sending the request to the first line of the body (a provider
+    # that accepts the call and then says nothing). Defaults to timeout_s.
+    first_byte_timeout_s: float | None = Field(default=None, gt=0)
+    # Streams only: the longest silence allowed between two lines of the body once it
+    # has started. Defaults to timeout_s, at most 30 s.
+    idle_timeout_s: float | None = Field(default=None, gt=0)
     circuit: CircuitConfig = CircuitConfig()
     retry: RetryConfig = RetryConfig()
     # Extra non-secret request headers (e.g. an OpenAI-Project id).
@@ -62,6 +72,21 @@ class _ModelEntry(_Frozen):
     @classmethod
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _first_byte_within_attempt(self) -> _ModelEntry:
+        # The catalog gives a stream attempt timeout_s to produce its first event.
+        if self.first_byte_timeout_s is not None and self.first_byte_timeout_s > self.timeout_s:
+            raise ValueError("first_byte_timeout_s cannot be longer than timeout_s")
+        return self
+
+    @property
+    def stream_first_byte_s(self) -> float:
+        return self.first_byte_timeout_s or self.timeout_s
+
+    @property
+    def stream_idle_s(self) -> float:
+        return self.idle_timeout_s or min(self.timeout_s, DEFAULT_IDLE_TIMEOUT_S)
 
 
 class OpenAIConfig(_ModelEntry):

@@ -48,8 +48,17 @@ def build_body(
 
 
 def map_error_body(
-    status: int, data: Mapping[str, Any] | None, raw: str, headers: Mapping[str, str]
+    status: int,
+    data: Mapping[str, Any] | None,
+    raw: str,
+    headers: Mapping[str, str],
+    *,
+    allocation_wait_s: float | None = None,
 ) -> ImbotError:
+    """One place for DashScope's error codes. ``allocation_wait_s`` is the wait to
+    suggest for ``Throttling.AllocationQuota`` (a TPM/period quota: it refills in
+    the next window, so retrying at the short end of the backoff only burns attempts).
+    """
     code = as_str(data.get("code")) if data else None
     message = (as_str(data.get("message")) if data else None) or f"HTTP {status}"
     request_id = (as_str(data.get("request_id")) if data else None) or headers.get("x-request-id")
@@ -64,7 +73,8 @@ def map_error_body(
     if code and code.startswith("Throttling"):
         if "free allocated quota" in message.lower():
             return FatalError(message, reason="quota_exhausted", **kw)
-        return RetryableError(message, retry_after=None, **kw)
+        wait = allocation_wait_s if code == "Throttling.AllocationQuota" else None
+        return RetryableError(message, retry_after=wait, **kw)
     if code == "InvalidApiKey":
         return ConfigurationError(message, **kw)
     if code == "invalid_parameter_error" and "stream" in message.lower():
@@ -127,9 +137,10 @@ def parse_completion(headers: Mapping[str, str], body: bytes) -> Parsed:
 
 
 class DashScopeStreamDecoder(StreamDecoder):
-    def __init__(self, *, incremental: bool) -> None:
+    def __init__(self, *, incremental: bool, allocation_wait_s: float | None = None) -> None:
         super().__init__()
         self._incremental = incremental
+        self._allocation_wait_s = allocation_wait_s
         self._so_far = ""
 
     def handle(self, event: SseEvent) -> Iterable[StreamEvent]:
@@ -141,7 +152,9 @@ class DashScopeStreamDecoder(StreamDecoder):
             for comment in event.comments:
                 if comment.startswith("HTTP_STATUS/"):
                     status = as_int(comment.split("/", 1)[1]) or 200
-            raise map_error_body(status, data, event.data[:500], {})
+            raise map_error_body(
+                status, data, event.data[:500], {}, allocation_wait_s=self._allocation_wait_s
+            )
         if data is None:
             raise RetryableError(
                 "malformed DashScope frame", code="malformed_body", raw=event.data[:500]
@@ -172,6 +185,7 @@ class DashScopeStreamDecoder(StreamDecoder):
 
 class DashScopeChatModel(HttpChatModel):
     provider = "dashscope"
+    request_id_headers = ("x-request-id",)
     config: DashScopeConfig
 
     def __init__(self, name: str, config: DashScopeConfig, *args: Any, **kw: Any) -> None:
@@ -188,6 +202,9 @@ class DashScopeChatModel(HttpChatModel):
             "x-dashscope-sse": "enable",
             "accept": "text/event-stream",
         }
+        # "Longer backoff" for a period quota: the longest wait this model's retry
+        # policy allows (a value over max_retry_after_s would skip to the fallback).
+        self._allocation_wait_s = config.retry.max_delay_s or None
 
     async def prepare(self, request: ChatRequest, *, stream: bool) -> Prepared:
         body = build_body(self.config, self.model, request, stream=stream)
@@ -199,11 +216,18 @@ class DashScopeChatModel(HttpChatModel):
 
     def map_error(self, status: int, headers: Mapping[str, str], body: bytes) -> ImbotError:
         return map_error_body(
-            status, loads_object(body), body[:500].decode("utf-8", "replace"), headers
+            status,
+            loads_object(body),
+            body[:500].decode("utf-8", "replace"),
+            headers,
+            allocation_wait_s=self._allocation_wait_s,
         )
 
     def stream_error_body(self, headers: Mapping[str, str]) -> bool:
         return "application/json" in headers.get("content-type", "")
 
     def decoder(self, headers: Mapping[str, str]) -> StreamDecoder:
-        return DashScopeStreamDecoder(incremental=self.config.incremental_output)
+        return DashScopeStreamDecoder(
+            incremental=self.config.incremental_output,
+            allocation_wait_s=self._allocation_wait_s,
+        )

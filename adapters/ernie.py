@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import httpx
+import orjson
 
 from adapters.base import ChatRequest, Delta, Done, FinishReason, StreamEvent, Usage, UsageEvent
 from adapters.config import ErnieConfig
@@ -121,14 +122,25 @@ def safety_of(data: Mapping[str, Any]) -> dict[str, object]:
 
 
 def reject_if_risky(data: Mapping[str, Any]) -> None:
-    """need_clear_history: Baidu judged the input risky and asks us to end the conversation."""
+    """need_clear_history: Baidu judged the input risky and asks us to end the conversation.
+
+    Raised as ContentRejected rather than returned as a content_filter result: the
+    ``result`` is only Baidu's canned refusal, the turn must not go to another model,
+    and ``clear_history`` tells the caller to drop the stored history (otherwise every
+    later turn carries the risky one again). ``ban_round`` (-1 = this question) is kept
+    in the message for the log."""
     if data.get("need_clear_history"):
+        ban_round = data.get("ban_round")
+        where = f" (ban_round={ban_round})" if ban_round is not None else ""
         raise ContentRejected(
-            "provider judged the conversation risky (need_clear_history)",
+            f"provider judged the conversation risky: need_clear_history{where}",
             stage="input",
             clear_history=True,
             code="need_clear_history",
             request_id=as_str(data.get("id")),
+            raw=orjson.dumps(
+                {k: data[k] for k in ("id", "need_clear_history", "ban_round") if k in data}
+            ).decode(),
         )
 
 
@@ -302,6 +314,10 @@ class ErnieChatModel(HttpChatModel):
 
     def stream_error_body(self, headers: Mapping[str, str]) -> bool:
         return "application/json" in headers.get("content-type", "")
+
+    def request_id_of(self, headers: Mapping[str, str], body_id: str | None) -> str | None:
+        # Baidu's id is the body's ``as-…``; the header is not sent by every endpoint.
+        return body_id or headers.get("x-baidu-request-id")
 
     def decoder(self, headers: Mapping[str, str]) -> StreamDecoder:
         return ErnieStreamDecoder()

@@ -4,10 +4,16 @@ A provider module supplies pure functions (build the body, parse the reply, map
 an error, decode stream lines); ``HttpChatModel`` does the I/O around them:
 one POST on the shared keep-alive client, timing, cost, transport errors, and
 assembling a stream into a final ``CompletionResult``.
+
+Streams get two timers of their own besides the caller's deadline: a first-byte
+timeout (request sent → first line of the body) and an idle timeout (the longest
+silence between two lines), so a provider that stalls mid-reply is noticed long
+before the overall deadline.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -93,6 +99,9 @@ class StreamDecoder(ABC):
 
 class HttpChatModel(ABC):
     provider: ClassVar[str]
+    # Response headers carrying the provider's request id, preferred to the body's id
+    # (that is the id the provider's support asks for).
+    request_id_headers: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -110,6 +119,14 @@ class HttpChatModel(ABC):
         self.api_key = api_key
         self._secrets = tuple(s for s in (api_key, *secrets) if s)
         self._timeout = httpx.Timeout(config.timeout_s, connect=config.connect_timeout_s)
+        self._first_byte_s = config.stream_first_byte_s
+        self._idle_s = config.stream_idle_s
+        # httpx's own read timeout is only a backstop behind the two stream timers.
+        self._stream_timeout = httpx.Timeout(
+            config.timeout_s,
+            connect=config.connect_timeout_s,
+            read=max(self._first_byte_s, self._idle_s) + 1.0,
+        )
         self._price = config.price
 
     # -- provider hooks ---------------------------------------------------------
@@ -133,6 +150,14 @@ class HttpChatModel(ABC):
     def stream_error_body(self, headers: Mapping[str, str]) -> bool:
         """True when a 2xx answer to a stream request is a plain error body, not a stream."""
         return False
+
+    def request_id_of(self, headers: Mapping[str, str], body_id: str | None) -> str | None:
+        """The request id to report: a ``request_id_headers`` header, else the body's."""
+        for name in self.request_id_headers:
+            value = headers.get(name)
+            if value:
+                return value
+        return body_id
 
     # -- I/O --------------------------------------------------------------------
 
@@ -160,12 +185,14 @@ class HttpChatModel(ABC):
                 await self.refresh_auth()
                 continue
             except ImbotError as exc:
-                raise self._tag(exc) from None
+                raise self._tag(self._with_request_id(exc, headers, None)) from None
+            parsed.request_id = self.request_id_of(headers, parsed.request_id)
             return self.result(parsed, start)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         start = time.perf_counter()
+        loop = asyncio.get_running_loop()
         for auth_attempt in (0, 1):
             prepared = await self.prepare(request, stream=True)
             built = self.client.build_request(
@@ -173,28 +200,50 @@ class HttpChatModel(ABC):
                 prepared.url,
                 content=prepared.body,
                 headers=prepared.headers,
-                timeout=self._timeout,
+                timeout=self._stream_timeout,
             )
+            first_byte_at = loop.time() + self._first_byte_s
             try:
-                response = await self.client.send(built, stream=True)
+                async with asyncio.timeout_at(first_byte_at):
+                    response = await self.client.send(built, stream=True)
+            except TimeoutError:
+                raise self._tag(self._first_byte_error()) from None
             except httpx.TransportError as exc:
                 raise self._transport_error(exc) from None
+            status, headers = response.status_code, response.headers
+            decoder: StreamDecoder | None = None
             try:
-                status, headers = response.status_code, response.headers
                 if status >= 300 or self.stream_error_body(headers):
                     body = await response.aread()
                     if status >= 300:
-                        raise self._tag(self.map_error(status, headers, body))
+                        raise self.map_error(status, headers, body)
                     self.parse(status, headers, body)  # raises the error it carries
-                    raise self._tag(
-                        RetryableError("provider answered a stream request without a stream")
-                    )
+                    raise RetryableError("provider answered a stream request without a stream")
                 decoder = self.decoder(headers)
                 parts: list[str] = []
                 usage: Usage | None = None
                 first_token_ms: float | None = None
                 done: Done | None = None
-                async for line in response.aiter_lines():
+                lines = response.aiter_lines()
+                timer_at = first_byte_at
+                started = False
+                while done is None:
+                    # Only the wait for the next line is timed, never a yield: a
+                    # timeout must not fire while the consumer holds the event.
+                    try:
+                        async with asyncio.timeout_at(timer_at):
+                            line = await anext(lines)
+                    except StopAsyncIteration:
+                        break
+                    except TimeoutError:
+                        if not started:
+                            raise self._first_byte_error() from None
+                        raise RetryableError(
+                            f"{self.name} sent nothing for {self._idle_s:g} s mid-stream",
+                            code="idle_timeout",
+                        ) from None
+                    started = True
+                    timer_at = loop.time() + self._idle_s
                     for event in decoder.feed(line):
                         if isinstance(event, Delta):
                             if first_token_ms is None:
@@ -207,8 +256,6 @@ class HttpChatModel(ABC):
                         else:
                             done = event
                             break
-                    if done is not None:
-                        break
                 if done is None:
                     for event in decoder.end():
                         if isinstance(event, Delta):
@@ -227,9 +274,7 @@ class HttpChatModel(ABC):
                     raw_finish_reason=done.raw_finish_reason,
                     usage=usage,
                     model=decoder.model,
-                    request_id=decoder.request_id
-                    or headers.get("x-request-id")
-                    or headers.get("request-id"),
+                    request_id=self.request_id_of(headers, decoder.request_id),
                     safety=decoder.safety,
                 )
                 result = self.result(parsed, start, first_token_ms=first_token_ms)
@@ -241,11 +286,26 @@ class HttpChatModel(ABC):
                 await self.refresh_auth()
                 continue
             except ImbotError as exc:
-                raise self._tag(exc) from None
+                body_id = decoder.request_id if decoder is not None else None
+                raise self._tag(self._with_request_id(exc, headers, body_id)) from None
             except httpx.TransportError as exc:
                 raise self._transport_error(exc, mid_stream=True) from None
             finally:
                 await response.aclose()
+
+    def _first_byte_error(self) -> RetryableError:
+        return RetryableError(
+            f"{self.name} sent no stream data within {self._first_byte_s:g} s",
+            code="first_byte_timeout",
+        )
+
+    def _with_request_id(
+        self, error: ImbotError, headers: Mapping[str, str], body_id: str | None
+    ) -> ImbotError:
+        """Errors raised from a body (stream frames carry no headers) get the response's id."""
+        if error.request_id is None:
+            error.request_id = self.request_id_of(headers, body_id)
+        return error
 
     # -- shared pieces ----------------------------------------------------------
 

@@ -18,9 +18,17 @@ from adapters.wire import (
     as_str,
     classify_status,
     loads_object,
+    openai_reset_s,
     refine_fatal,
 )
-from core.errors import ContentRejected, FatalError, ImbotError, RejectionStage, RetryableError
+from core.errors import (
+    ConfigurationError,
+    ContentRejected,
+    FatalError,
+    ImbotError,
+    RejectionStage,
+    RetryableError,
+)
 
 _FINISH: dict[str, FinishReason] = {
     "stop": "stop",
@@ -29,6 +37,11 @@ _FINISH: dict[str, FinishReason] = {
     "tool_calls": "tool_calls",
     "function_call": "tool_calls",
 }
+# Codes that name an operator problem whatever the status (Qianfan v2 answers an
+# unknown model with 400 invalid_model; OpenAI's model_not_found comes with 404).
+_CONFIG_CODES = frozenset(
+    {"invalid_model", "model_not_found", "no_parameter_permission", "access_denied"}
+)
 
 
 def build_body(
@@ -153,9 +166,15 @@ def map_error_body(
         return ContentRejected(message, stage=stage, clear_history=True, status=status, **kw)
     if code == "insufficient_quota" or etype == "insufficient_quota":
         return FatalError(message, reason="quota_exhausted", status=status, **kw)
+    if code in _CONFIG_CODES or etype in _CONFIG_CODES:
+        return ConfigurationError(message, status=status, **kw)
     if status == 200:  # an error frame inside a stream / 200 body
         return RetryableError(message, status=status, **kw)
-    return refine_fatal(classify_status(status, message, headers=headers, **kw))
+    classified = classify_status(status, message, headers=headers, **kw)
+    if isinstance(classified, RetryableError) and classified.retry_after is None and status == 429:
+        # No Retry-After: the rate-limit headers say when the bucket refills.
+        classified.retry_after = openai_reset_s(headers)
+    return refine_fatal(classified)
 
 
 def map_error(status: int, headers: Mapping[str, str], body: bytes) -> ImbotError:
@@ -193,6 +212,11 @@ class OpenAIStreamDecoder(StreamDecoder):
                 content = delta.get("content")
                 if content:
                     events.append(Delta(content))
+                refusal = delta.get("refusal")
+                if refusal:
+                    # Streamed like content; the reply is the model's refusal.
+                    self.safety["refusal"] = True
+                    events.append(Delta(str(refusal)))
             finish = choice.get("finish_reason")
             if finish:
                 self._finish = as_str(finish)
@@ -205,11 +229,14 @@ class OpenAIStreamDecoder(StreamDecoder):
     def _done(self) -> Done:
         reject_undeliverable(self.safety, self.request_id)
         finish = flagged_finish(map_finish(self._finish), self.safety)
+        if self.safety.get("refusal"):
+            finish = "content_filter"
         return Done(finish, self._finish)
 
 
 class OpenAIChatModel(HttpChatModel):
     provider = "openai"
+    request_id_headers = ("x-request-id",)
     config: OpenAIConfig
 
     def __init__(self, name: str, config: OpenAIConfig, *args: Any, **kw: Any) -> None:

@@ -34,7 +34,22 @@ RETRYABLE = frozenset(
     }
 )
 FATAL = frozenset({10003, 10004, 10005, 10163})
-CONFIG = frozenset({10015, 10016, 11200})
+CONFIG = frozenset({10015})
+# "Not authorised" or "volume over limit" under one code (§8.6): the message decides.
+AUTH_OR_QUOTA = frozenset({10016, 11200})
+_QUOTA_WORDS = (
+    "quota",
+    "exhaust",
+    "insufficient",
+    "over limit",
+    "exceed",
+    "用尽",
+    "耗尽",
+    "不足",
+    "超过",
+    "超出",
+)
+_AUTH_WORDS = ("auth", "licen", "permission", "授权", "未开通", "权限")
 
 
 def build_body(model: str, request: ChatRequest, *, stream: bool) -> dict[str, Any]:
@@ -69,9 +84,22 @@ def map_code(code: int, message: str, sid: str | None, raw: str, status: int | N
         return FatalError(message, reason="quota_exhausted", **kw)
     if code in FATAL:
         return FatalError(message, reason="bad_request", **kw)
+    if code in AUTH_OR_QUOTA:
+        return quota_or_configuration(message, kw)
     if code in CONFIG:
         return ConfigurationError(message, **kw)
     return FatalError(message, reason="other", **kw)
+
+
+def quota_or_configuration(message: str, kw: dict[str, Any]) -> ImbotError:
+    """10016/11200: tokens or volume used up is quota (alert, wait for the operator);
+    a feature or version not enabled, or a message that names both, is configuration."""
+    lowered = message.lower()
+    quota = any(w in lowered for w in _QUOTA_WORDS)
+    auth = any(w in lowered for w in _AUTH_WORDS)
+    if quota and not auth:
+        return FatalError(message, reason="quota_exhausted", **kw)
+    return ConfigurationError(message, **kw)
 
 
 def error_of(

@@ -4,6 +4,9 @@ replay the documented wire formats (../shared/reference/llm-providers.md).
 Each fake answers from a script (``push(Reply(...))``) and otherwise with the
 provider's normal success, streamed when the request asks for a stream. Every
 request is recorded (``fake.requests``) so tests can check what was sent.
+``fake.success(stream=…)`` returns that normal answer as a Reply to alter: delay it,
+reset the connection (a real TCP RST) after some frames, or stall between frames.
+FakeErnie also scripts its token endpoint (``push_token``).
 
     async with FakeOpenAI() as fake:
         fake.push(openai_error(429, "Rate limit reached", "requests", "rate_limit_exceeded",
@@ -18,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import socket
+import struct
 import sys
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -34,8 +39,13 @@ REPLY_PARTS = ("你好！", "有什么可以帮你？")
 @dataclass
 class Reply:
     """One scripted answer. ``body`` is sent whole; ``frames`` are written one by one
-    (a stream). ``drop_after`` closes the connection after that many frames (or, with
-    ``body``, half-way through it)."""
+    (a stream).
+
+    ``delay_s`` waits before the status line (a slow provider). ``drop_after`` resets
+    the TCP connection (RST, not a clean close) after that many frames, or, with
+    ``body``, half-way through it. ``stall_after`` pauses ``stall_s`` after that many
+    frames (a stream that goes quiet between chunks); ``stall_after=0`` stalls after
+    the headers, before the first frame."""
 
     status: int = 200
     body: bytes | None = None
@@ -45,6 +55,14 @@ class Reply:
     delay_s: float = 0.0
     frame_delay_s: float = 0.0
     drop_after: int | None = None
+    stall_after: int | None = None
+    stall_s: float = 0.0
+
+    def first_frame_with(self, text: str) -> int:
+        """Index of the first frame carrying ``text`` (to drop or stall right after it)."""
+        assert self.frames is not None
+        needle = text.encode()
+        return next(i for i, frame in enumerate(self.frames) if needle in frame)
 
 
 @dataclass
@@ -62,6 +80,19 @@ def dumps(obj: object) -> bytes:
 
 def json_reply(obj: object, status: int = 200, headers: Mapping[str, str] | None = None) -> Reply:
     return Reply(status=status, body=dumps(obj), headers=dict(headers or {}))
+
+
+def plain_error(
+    status: int,
+    body: bytes = b"<html><body>502 Bad Gateway</body></html>",
+    *,
+    headers: Mapping[str, str] | None = None,
+) -> Reply:
+    """What a gateway or load balancer in front of the provider answers: no JSON at all."""
+    return Reply(status=status, body=body, content_type="text/html", headers=dict(headers or {}))
+
+
+MALFORMED_BODY = b"<html><body>upstream sent an invalid response</body></html>"
 
 
 def sse(frames: Sequence[object], *, space: bool = True, done: bool = True) -> list[bytes]:
@@ -157,6 +188,10 @@ class FakeProvider:
     def default(self, rec: Recorded, request: web.Request) -> Reply:
         raise NotImplementedError
 
+    def success(self, *, stream: bool) -> Reply:
+        """The provider's normal answer, as a Reply a test can alter (drop, stall, delay)."""
+        raise NotImplementedError
+
     async def send(self, request: web.Request, reply: Reply) -> web.StreamResponse:
         if reply.delay_s:
             await asyncio.sleep(reply.delay_s)
@@ -184,7 +219,9 @@ class FakeProvider:
             if reply.drop_after is not None and i >= reply.drop_after:
                 _drop(request)
                 return response
-            if reply.frame_delay_s and i:
+            if reply.stall_after is not None and i == reply.stall_after:
+                await asyncio.sleep(reply.stall_s)
+            elif reply.frame_delay_s and i:
                 await asyncio.sleep(reply.frame_delay_s)
             await response.write(frame)
         await response.write_eof()
@@ -192,9 +229,15 @@ class FakeProvider:
 
 
 def _drop(request: web.Request) -> None:
+    """Reset the connection: SO_LINGER 0 makes close() send RST, so the client sees
+    ECONNRESET mid-body, as when a provider's proxy dies, rather than a clean EOF."""
     transport = request.transport
-    if transport is not None:
-        transport.abort()
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 def _wants_stream(rec: Recorded) -> bool:
@@ -285,18 +328,23 @@ class FakeOpenAI(FakeProvider):
             )
         return sse(frames)
 
-    def default(self, rec: Recorded, request: web.Request) -> Reply:
-        body = rec.json if isinstance(rec.json, dict) else {}
-        model = str(body.get("model", "gpt-4o-mini"))
+    def success(
+        self, *, stream: bool, model: str = "gpt-4o-mini", include_usage: bool = True
+    ) -> Reply:
         headers = {"x-request-id": f"req_{secrets.token_hex(6)}"}
-        if _wants_stream(rec):
-            include = bool((body.get("stream_options") or {}).get("include_usage"))
+        if stream:
             return Reply(
-                frames=self.stream_frames(model, include_usage=include),
+                frames=self.stream_frames(model, include_usage=include_usage),
                 content_type="text/event-stream",
                 headers=headers,
             )
         return Reply(body=self.completion_body(model), headers=headers)
+
+    def default(self, rec: Recorded, request: web.Request) -> Reply:
+        body = rec.json if isinstance(rec.json, dict) else {}
+        model = str(body.get("model", "gpt-4o-mini"))
+        include = bool((body.get("stream_options") or {}).get("include_usage"))
+        return self.success(stream=_wants_stream(rec), model=model, include_usage=include)
 
 
 # -- Anthropic ------------------------------------------------------------------
@@ -382,11 +430,17 @@ class FakeAnthropic(FakeProvider):
         ]
         return events
 
+    REQUEST_ID = "req_018EeWyXxfu5pfWkrYcMdjWG"
+
     def default(self, rec: Recorded, request: web.Request) -> Reply:
         body = rec.json if isinstance(rec.json, dict) else {}
-        model = str(body.get("model", "claude-haiku-4-5"))
-        headers = {"request-id": "req_018EeWyXxfu5pfWkrYcMdjWG"}
-        if _wants_stream(rec):
+        return self.success(
+            stream=_wants_stream(rec), model=str(body.get("model", "claude-haiku-4-5"))
+        )
+
+    def success(self, *, stream: bool, model: str = "claude-haiku-4-5") -> Reply:
+        headers = {"request-id": self.REQUEST_ID}
+        if stream:
             return Reply(
                 frames=anthropic_frames(self.stream_events(model)),
                 content_type="text/event-stream",
@@ -431,6 +485,9 @@ class FakeErnie(FakeProvider):
         self.secret_key = secret_key
         self.valid_tokens: set[str] = set()
         self.tokens_issued = 0
+        self.token_requests = 0
+        # Scripted answers of the token endpoint (then the normal exchange again).
+        self.token_script: deque[Reply] = deque()
         self.extra: dict[str, object] = {}
 
     @property
@@ -444,8 +501,15 @@ class FakeErnie(FakeProvider):
     def expire_tokens(self) -> None:
         self.valid_tokens.clear()
 
+    def push_token(self, *replies: Reply) -> None:
+        """The next token exchanges get these answers, in order."""
+        self.token_script.extend(replies)
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         if request.path == "/oauth/2.0/token":
+            self.token_requests += 1
+            if self.token_script:
+                return await self.send(request, self.token_script.popleft())
             return self._token(request)
         token = request.query.get("access_token", "")
         if token not in self.valid_tokens and not self.script:
@@ -502,7 +566,10 @@ class FakeErnie(FakeProvider):
         return frame
 
     def default(self, rec: Recorded, request: web.Request) -> Reply:
-        if _wants_stream(rec):
+        return self.success(stream=_wants_stream(rec))
+
+    def success(self, *, stream: bool) -> Reply:
+        if stream:
             parts = list(self.reply_parts)
             frames = [self.frame(i, p, end=i == len(parts) - 1) for i, p in enumerate(parts)]
             return Reply(frames=sse(frames, done=False), content_type="text/event-stream")
@@ -582,10 +649,14 @@ class FakeDashScope(FakeProvider):
         return frames
 
     def default(self, rec: Recorded, request: web.Request) -> Reply:
-        wants_sse = rec.headers.get("x-dashscope-sse") == "enable"
-        if wants_sse:
-            params = (rec.json or {}).get("parameters") or {}
-            incremental = bool(params.get("incremental_output"))
+        params = (rec.json or {}).get("parameters") or {}
+        return self.success(
+            stream=rec.headers.get("x-dashscope-sse") == "enable",
+            incremental=bool(params.get("incremental_output")),
+        )
+
+    def success(self, *, stream: bool, incremental: bool = True) -> Reply:
+        if stream:
             return Reply(
                 frames=dashscope_frames(self.stream_frames(incremental)),
                 content_type="text/event-stream;charset=UTF-8",
@@ -597,6 +668,25 @@ class FakeDashScope(FakeProvider):
 
 
 # -- iFlytek Spark HTTP ---------------------------------------------------------------
+
+
+def spark_error(
+    code: int, message: str, *, status: int = 200, nested: bool = False, sid: str = "cha000e1"
+) -> Reply:
+    """Spark's native ``{"code": N, …}`` body, or (``nested``) the OpenAI-like envelope
+    with the code as a string and the sid inside the message."""
+    if nested:
+        body: dict[str, object] = {
+            "error": {
+                "message": f"{message} (sid: {sid})",
+                "type": "api_error",
+                "param": None,
+                "code": str(code),
+            }
+        }
+    else:
+        body = {"code": code, "message": message, "sid": sid}
+    return json_reply(body, status)
 
 
 class FakeSpark(FakeProvider):
@@ -612,7 +702,10 @@ class FakeSpark(FakeProvider):
         return f"{self.root}/v1"
 
     def default(self, rec: Recorded, request: web.Request) -> Reply:
-        if _wants_stream(rec):
+        return self.success(stream=_wants_stream(rec))
+
+    def success(self, *, stream: bool) -> Reply:
+        if stream:
             frames: list[object] = []
             for i, part in enumerate(self.reply_parts):
                 chunk: dict[str, object] = {
@@ -649,6 +742,10 @@ class FakeSpark(FakeProvider):
 # -- Ollama native ------------------------------------------------------------------
 
 
+def ollama_error(status: int, message: str) -> Reply:
+    return json_reply({"error": message}, status)
+
+
 class FakeOllama(FakeProvider):
     routes = ("/api/chat",)
 
@@ -670,7 +767,11 @@ class FakeOllama(FakeProvider):
     def default(self, rec: Recorded, request: web.Request) -> Reply:
         body = rec.json if isinstance(rec.json, dict) else {}
         model = str(body.get("model", "qwen2.5:7b"))
-        if body.get("stream", True):  # Ollama streams unless told not to
+        # Ollama streams unless told not to.
+        return self.success(stream=bool(body.get("stream", True)), model=model)
+
+    def success(self, *, stream: bool, model: str = "qwen2.5:7b") -> Reply:
+        if stream:
             lines = [
                 dumps(
                     {

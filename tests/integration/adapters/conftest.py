@@ -16,6 +16,8 @@ from tests.fakes.providers import (
     FakeOpenAI,
     FakeSpark,
 )
+from tests.integration.adapters.helpers import PRICE_CNY as PRICE_CNY
+from tests.integration.adapters.helpers import PRICE_USD as PRICE_USD
 
 ENV = {
     "OPENAI_API_KEY": "sk-test-0123456789abcdef",
@@ -30,8 +32,6 @@ FAST = {
     "retry": {"max_attempts": 3, "base_delay_s": 0.01, "max_delay_s": 0.05},
     "circuit": {"failure_threshold": 50, "cooldown_s": 30},
 }
-PRICE_USD = {"input": 0.15, "output": 0.6, "currency": "USD"}
-PRICE_CNY = {"input": 0.8, "output": 2.0, "currency": "CNY"}
 
 CatalogFactory = Callable[[Mapping[str, Mapping[str, Any]]], ModelCatalog]
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
+from datetime import UTC, datetime, timedelta
+
 import pytest
 
-from core.errors import ConfigurationError, FatalError, RetryableError
+from core.errors import RetryableError
 from tests.fakes.providers import FakeAnthropic, Reply, anthropic_error, anthropic_frames
 from tests.integration.adapters.conftest import ENV, PRICE_USD, CatalogFactory
 from tests.integration.adapters.helpers import REQUEST, collect
@@ -50,7 +53,8 @@ async def test_stream_ignores_pings_and_takes_usage_from_start_and_delta(
     assert done.result is not None
     assert done.result.usage is not None
     assert (done.result.usage.input_tokens, done.result.usage.output_tokens) == (18, 12)
-    assert done.result.provider_request_id == "msg_01XyZ"
+    # The header, as for complete(); msg_… in message_start is the message's id.
+    assert done.result.provider_request_id == FakeAnthropic.REQUEST_ID
 
 
 async def test_overloaded_529_is_retried(
@@ -83,54 +87,6 @@ async def test_rate_limit_carries_retry_after(
     assert caught.value.request_id == "req_018E"
 
 
-@pytest.mark.parametrize(
-    ("status", "etype", "message", "expected", "reason"),
-    [
-        (401, "authentication_error", "invalid x-api-key", ConfigurationError, None),
-        (404, "not_found_error", "model: claude-9", ConfigurationError, None),
-        (402, "billing_error", "Payment required", FatalError, "billing"),
-        (
-            400,
-            "invalid_request_error",
-            "Your credit balance is too low to access the API",
-            FatalError,
-            "billing",
-        ),
-        (
-            400,
-            "invalid_request_error",
-            "prompt is too long: 210000 tokens > 200000 maximum",
-            FatalError,
-            "context_length",
-        ),
-        (
-            413,
-            "request_too_large",
-            "Request exceeds the maximum allowed number of bytes",
-            FatalError,
-            "bad_request",
-        ),
-    ],
-)
-async def test_error_classes(
-    anthropic_fake: FakeAnthropic,
-    make_catalog: CatalogFactory,
-    status: int,
-    etype: str,
-    message: str,
-    expected: type[Exception],
-    reason: str | None,
-) -> None:
-    anthropic_fake.push(anthropic_error(status, etype, message))
-    catalog = make_catalog({"claude": entry(anthropic_fake)})
-    with pytest.raises(expected) as caught:
-        await catalog.complete(["claude"], REQUEST, deadline_s=5)
-    if reason is not None:
-        assert isinstance(caught.value, FatalError)
-        assert caught.value.reason == reason
-    assert len(anthropic_fake.requests) == 1
-
-
 async def test_error_event_mid_stream_is_raised(
     anthropic_fake: FakeAnthropic, make_catalog: CatalogFactory
 ) -> None:
@@ -138,10 +94,44 @@ async def test_error_event_mid_stream_is_raised(
     events.append(
         ("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
     )
-    anthropic_fake.push(Reply(frames=anthropic_frames(events), content_type="text/event-stream"))
+    anthropic_fake.push(
+        Reply(
+            frames=anthropic_frames(events),
+            content_type="text/event-stream",
+            headers={"request-id": "req_011mid"},
+        )
+    )
     catalog = make_catalog({"claude": entry(anthropic_fake)})
-    with pytest.raises(RetryableError, match="Overloaded"):
+    with pytest.raises(RetryableError, match="Overloaded") as caught:
         await collect(catalog.stream(["claude"], REQUEST, deadline_s=5))
+    assert caught.value.code == "overloaded_error"
+    # The error frame has no id of its own: the response header's is attached.
+    assert caught.value.request_id == "req_011mid"
+
+
+async def test_rate_limit_without_retry_after_waits_for_the_ratelimit_reset(
+    anthropic_fake: FakeAnthropic, make_catalog: CatalogFactory
+) -> None:
+    reset = datetime.now(UTC) + timedelta(seconds=0.3)
+    anthropic_fake.push(
+        anthropic_error(
+            429,
+            "rate_limit_error",
+            "Number of requests has exceeded your rate limit",
+            headers={
+                "anthropic-ratelimit-requests-remaining": "0",
+                "anthropic-ratelimit-requests-reset": reset.isoformat().replace("+00:00", "Z"),
+                "anthropic-ratelimit-tokens-remaining": "9000",
+                "anthropic-ratelimit-tokens-reset": (reset + timedelta(seconds=30)).isoformat(),
+            },
+        )
+    )
+    catalog = make_catalog({"claude": entry(anthropic_fake)})
+    started = time.monotonic()
+    result = await catalog.complete(["claude"], REQUEST, deadline_s=5)
+    assert result.attempts == 2
+    # Waited for the exhausted bucket (requests), not the 30 s of the tokens one.
+    assert 0.2 <= time.monotonic() - started < 2
 
 
 async def test_refusal_and_max_tokens_stop_reasons(

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from core.errors import ConfigurationError, ContentRejected, FatalError, RetryableError
+from adapters import StreamEvent
+from core.errors import ContentRejected, RetryableError
 from tests.fakes.providers import FakeDashScope, Reply, dashscope_error, dashscope_frames
 from tests.integration.adapters.conftest import PRICE_CNY, CatalogFactory
-from tests.integration.adapters.helpers import REQUEST, collect, deltas
+from tests.integration.adapters.helpers import REQUEST, collect, deltas, drain
 
 
 def entry(fake: FakeDashScope, **extra: object) -> dict[str, object]:
@@ -100,49 +101,73 @@ async def test_input_moderation_400_is_rejected_without_retry(
     assert len(dashscope_fake.requests) == 1
 
 
-@pytest.mark.parametrize(
-    ("status", "code", "message", "expected"),
-    [
-        (
-            429,
-            "Throttling.RateQuota",
-            "Requests rate limit exceeded, please try again later.",
-            RetryableError,
-        ),
-        (500, "InternalError.Algo", "An internal error has occured", RetryableError),
-        (401, "InvalidApiKey", "Invalid API-key provided.", ConfigurationError),
-        (
-            400,
-            "Arrearage",
-            "Access denied, please make sure your account is in good standing.",
-            FatalError,
-        ),
-        (429, "Throttling.AllocationQuota", "Free allocated quota exceeded.", FatalError),
-        (400, "InvalidParameter", "Range of input length should be [1, 30720]", FatalError),
-    ],
-)
-async def test_error_classes(
-    dashscope_fake: FakeDashScope,
-    make_catalog: CatalogFactory,
-    status: int,
-    code: str,
-    message: str,
-    expected: type[Exception],
-) -> None:
-    dashscope_fake.push(*[dashscope_error(status, code, message)] * 3)
-    catalog = make_catalog({"qwen": entry(dashscope_fake)})
-    with pytest.raises(expected) as caught:
-        await catalog.complete(["qwen"], REQUEST, deadline_s=5)
-    assert caught.value.code == code  # type: ignore[attr-defined]
-    if code == "InvalidParameter":
-        assert caught.value.reason == "context_length"  # type: ignore[attr-defined]
-
-
-async def test_stream_that_closes_without_a_finish_reason_is_retried(
+async def test_stream_that_closes_after_text_without_a_finish_reason_raises_to_the_caller(
     dashscope_fake: FakeDashScope, make_catalog: CatalogFactory
 ) -> None:
+    """DashScope has no sentinel: a clean close before a frame with a finish reason is
+    an incomplete reply. Text was already passed on, so it is not retried silently."""
     frames = dashscope_frames(dashscope_fake.stream_frames(True))
-    dashscope_fake.push(Reply(frames=frames[:1], content_type="text/event-stream", drop_after=1))
+    dashscope_fake.push(Reply(frames=frames[:2], content_type="text/event-stream"))
     catalog = make_catalog({"qwen": entry(dashscope_fake)})
-    with pytest.raises(RetryableError):
+    received: list[StreamEvent] = []
+    with pytest.raises(RetryableError) as caught:
+        await drain(catalog.stream(["qwen"], REQUEST, deadline_s=5), received)
+    assert caught.value.code == "incomplete_stream"
+    assert deltas(received) == ["你好！", "有什么可以帮你？"]
+    assert len(dashscope_fake.requests) == 1
+
+
+async def test_allocation_quota_suggests_the_longest_backoff(
+    dashscope_fake: FakeDashScope, make_catalog: CatalogFactory
+) -> None:
+    """A period (TPM) quota refills in the next window: the hint is retry.max_delay_s."""
+    dashscope_fake.push(
+        dashscope_error(429, "Throttling.AllocationQuota", "Allocated quota exceeded.")
+    )
+    catalog = make_catalog(
+        {"qwen": entry(dashscope_fake, retry={"max_attempts": 1, "max_delay_s": 2.5})}
+    )
+    with pytest.raises(RetryableError) as caught:
+        await catalog.complete(["qwen"], REQUEST, deadline_s=5)
+    assert caught.value.retry_after == 2.5
+    assert caught.value.code == "Throttling.AllocationQuota"
+    assert caught.value.request_id == "5b0c2a4e-err"
+
+
+async def test_rate_quota_leaves_the_wait_to_the_normal_backoff(
+    dashscope_fake: FakeDashScope, make_catalog: CatalogFactory
+) -> None:
+    dashscope_fake.push(dashscope_error(429, "Throttling.RateQuota", "Requests rate limit"))
+    catalog = make_catalog({"qwen": entry(dashscope_fake, retry={"max_attempts": 1})})
+    with pytest.raises(RetryableError) as caught:
+        await catalog.complete(["qwen"], REQUEST, deadline_s=5)
+    assert caught.value.retry_after is None
+
+
+async def test_allocation_quota_mid_stream_also_carries_the_hint(
+    dashscope_fake: FakeDashScope, make_catalog: CatalogFactory
+) -> None:
+    frames = dashscope_frames(
+        [
+            (
+                "error",
+                429,
+                {"code": "Throttling.AllocationQuota", "message": "Allocated quota exceeded."},
+            )
+        ]
+    )
+    dashscope_fake.push(
+        Reply(
+            frames=frames,
+            content_type="text/event-stream",
+            headers={"x-request-id": "5b0c2a4e-hdr"},
+        )
+    )
+    catalog = make_catalog(
+        {"qwen": entry(dashscope_fake, retry={"max_attempts": 1, "max_delay_s": 1.5})}
+    )
+    with pytest.raises(RetryableError) as caught:
         await collect(catalog.stream(["qwen"], REQUEST, deadline_s=5))
+    assert caught.value.status == 429
+    assert caught.value.retry_after == 1.5
+    assert caught.value.request_id == "5b0c2a4e-hdr"

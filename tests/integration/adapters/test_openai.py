@@ -348,3 +348,109 @@ async def test_qianfan_v2_flag_3_is_never_delivered(
     sent = openai_fake.requests[0].json
     assert sent["max_tokens"] == 512
     assert sent["user"] == "u_3f9a1c"
+
+
+async def test_streamed_refusal_is_the_reply_with_content_filter(
+    openai_fake: FakeOpenAI, make_catalog: CatalogFactory
+) -> None:
+    def chunk(delta: dict[str, object], finish: str | None) -> dict[str, object]:
+        return {
+            "id": "chatcmpl-R1",
+            "object": "chat.completion.chunk",
+            "model": "gpt-4o-mini",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+
+    frames = sse(
+        [
+            chunk({"role": "assistant", "content": None, "refusal": ""}, None),
+            chunk({"refusal": "I'm sorry, "}, None),
+            chunk({"refusal": "I can't help with that."}, None),
+            chunk({}, "stop"),
+        ]
+    )
+    openai_fake.push(Reply(frames=frames, content_type="text/event-stream"))
+    catalog = make_catalog({"gpt": entry(openai_fake)})
+    text, _, done = await collect(catalog.stream(["gpt"], REQUEST, deadline_s=5))
+    assert text == "I'm sorry, I can't help with that."
+    assert done.finish_reason == "content_filter"
+    assert done.raw_finish_reason == "stop"
+    assert done.result is not None
+    assert done.result.safety == {"refusal": True}
+
+
+async def test_rate_limit_without_retry_after_waits_for_the_ratelimit_reset(
+    openai_fake: FakeOpenAI, make_catalog: CatalogFactory
+) -> None:
+    openai_fake.push(
+        openai_error(
+            429,
+            "Rate limit reached for requests",
+            "requests",
+            "rate_limit_exceeded",
+            headers={
+                "x-ratelimit-remaining-requests": "0",
+                "x-ratelimit-reset-requests": "250ms",
+                "x-ratelimit-remaining-tokens": "149000",
+                "x-ratelimit-reset-tokens": "6m0s",
+            },
+        )
+    )
+    catalog = make_catalog({"gpt": entry(openai_fake)})
+    started = time.monotonic()
+    result = await catalog.complete(["gpt"], REQUEST, deadline_s=5)
+    assert result.attempts == 2
+    # The exhausted bucket (requests) says 250 ms; the tokens bucket's 6 min is not ours.
+    assert 0.25 <= time.monotonic() - started < 2
+
+
+async def test_ratelimit_reset_beyond_max_retry_after_falls_back_at_once(
+    openai_fake: FakeOpenAI, openai_fake2: FakeOpenAI, make_catalog: CatalogFactory
+) -> None:
+    openai_fake.push(
+        openai_error(
+            429,
+            "Rate limit reached for tokens",
+            "tokens",
+            "rate_limit_exceeded",
+            headers={"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "6m0s"},
+        )
+    )
+    catalog = make_catalog({"gpt": entry(openai_fake), "backup": entry(openai_fake2)})
+    started = time.monotonic()
+    result = await catalog.complete(["gpt", "backup"], REQUEST, deadline_s=5)
+    assert result.model_id == "backup"
+    assert len(openai_fake.requests) == 1
+    assert time.monotonic() - started < 1
+
+
+async def test_qianfan_v2_invalid_model_is_a_configuration_error(
+    openai_fake: FakeOpenAI, make_catalog: CatalogFactory
+) -> None:
+    openai_fake.push(
+        openai_error(
+            400,
+            "model ernie-9 not found",
+            "invalid_request_error",
+            "invalid_model",
+            extra={"id": "as-bad0model"},
+        )
+    )
+    catalog = make_catalog({"qianfan": entry(openai_fake, max_tokens_field="max_tokens")})
+    with pytest.raises(ConfigurationError) as caught:
+        await catalog.complete(["qianfan"], REQUEST, deadline_s=5)
+    assert caught.value.code == "invalid_model"
+    assert caught.value.status == 400
+    assert caught.value.request_id == "as-bad0model"
+
+
+async def test_stream_request_id_comes_from_the_header_like_complete(
+    openai_fake: FakeOpenAI, make_catalog: CatalogFactory
+) -> None:
+    reply = openai_fake.success(stream=True)
+    reply.headers = {"x-request-id": "req_stream42"}
+    openai_fake.push(reply)
+    catalog = make_catalog({"gpt": entry(openai_fake)})
+    _, _, done = await collect(catalog.stream(["gpt"], REQUEST, deadline_s=5))
+    assert done.result is not None
+    assert done.result.provider_request_id == "req_stream42"  # not the body's chatcmpl-…

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from core.errors import ConfigurationError, ContentRejected, FatalError, RetryableError
-from tests.fakes.providers import FakeOllama, FakeSpark, Reply, dumps, json_reply, sse
+from adapters import StreamEvent
+from core.errors import ConfigurationError, ContentRejected, RetryableError
+from tests.fakes.providers import (
+    FakeOllama,
+    FakeSpark,
+    Reply,
+    dumps,
+    json_reply,
+    plain_error,
+    sse,
+)
 from tests.integration.adapters.conftest import ENV, PRICE_CNY, CatalogFactory
-from tests.integration.adapters.helpers import REQUEST, collect
+from tests.integration.adapters.helpers import REQUEST, collect, deltas, drain
 
 
 def spark(fake: FakeSpark) -> dict[str, object]:
@@ -98,16 +109,34 @@ async def test_spark_input_moderation_mid_stream(
     assert caught.value.request_id == "cha000x"
 
 
-@pytest.mark.parametrize(
-    ("code", "expected"), [(11202, RetryableError), (10907, FatalError), (11201, FatalError)]
-)
-async def test_spark_native_codes(
-    spark_fake: FakeSpark, make_catalog: CatalogFactory, code: int, expected: type[Exception]
+async def test_spark_output_moderation_after_some_content_is_raised(
+    spark_fake: FakeSpark, make_catalog: CatalogFactory
 ) -> None:
-    spark_fake.push(*[json_reply({"code": code, "message": "x", "sid": "cha000y"})] * 3)
+    reply = spark_fake.success(stream=True)
+    frames = list(reply.frames or ())
+    withheld = {"code": 10014, "message": "output contains sensitive content", "sid": "cha000z"}
+    reply.frames = [frames[0], *sse([withheld], done=False)]
+    spark_fake.push(reply)
     catalog = make_catalog({"spark": spark(spark_fake)})
-    with pytest.raises(expected):
-        await catalog.complete(["spark"], REQUEST, deadline_s=5)
+    received: list[StreamEvent] = []
+    with pytest.raises(ContentRejected) as caught:
+        await drain(catalog.stream(["spark"], REQUEST, deadline_s=5), received)
+    assert deltas(received) == ["你好！"]  # the caller must discard it
+    assert caught.value.stage == "output"
+    assert caught.value.code == "10014"
+    assert caught.value.request_id == "cha000z"
+    assert len(spark_fake.requests) == 1
+
+
+async def test_spark_plain_http_429_waits_for_retry_after(
+    spark_fake: FakeSpark, make_catalog: CatalogFactory
+) -> None:
+    spark_fake.push(plain_error(429, b"Too Many Requests", headers={"retry-after": "0.2"}))
+    catalog = make_catalog({"spark": spark(spark_fake)})
+    started = time.monotonic()
+    result = await catalog.complete(["spark"], REQUEST, deadline_s=5)
+    assert result.attempts == 2
+    assert time.monotonic() - started >= 0.2
 
 
 async def test_ollama_complete_and_options(

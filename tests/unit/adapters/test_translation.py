@@ -202,3 +202,108 @@ def test_ollama_decoder_ndjson_and_unknown_done_reason() -> None:
     assert isinstance(events[1], UsageEvent)
     assert events[1].usage.input_tokens == 0
     assert events[2] == Done("stop", "unload")
+
+
+def test_openai_stream_refusal_deltas_are_the_reply_and_mark_content_filter() -> None:
+    decoder = openai.OpenAIStreamDecoder()
+    events = feed(
+        decoder,
+        'data: {"id":"c2","choices":[{"delta":{"role":"assistant","content":null,"refusal":""}}]}\n\n'
+        'data: {"id":"c2","choices":[{"delta":{"refusal":"No."},"finish_reason":null}]}\n\n'
+        'data: {"id":"c2","choices":[{"delta":{},"finish_reason":"stop"}]}\n\n'
+        "data: [DONE]\n\n",
+    )
+    assert events == [Delta("No."), Done("content_filter", "stop")]
+    assert decoder.safety == {"refusal": True}
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "etype"),
+    [
+        (400, "invalid_model", "invalid_request_error"),
+        (401, "no_parameter_permission", "access_denied"),
+        (401, "invalid_model", "invalid_request_error"),
+    ],
+)
+def test_qianfan_v2_model_and_permission_errors_are_configuration(
+    status: int, code: str, etype: str
+) -> None:
+    body = b'{"error":{"code":"%s","message":"m","type":"%s"},"id":"as-1"}' % (
+        code.encode(),
+        etype.encode(),
+    )
+    error = openai.map_error(status, {}, body)
+    assert type(error) is ConfigurationError
+    assert error.request_id == "as-1"
+
+
+def test_openai_429_without_retry_after_uses_the_ratelimit_reset() -> None:
+    headers = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "2s"}
+    error = openai.map_error(429, headers, b'{"error":{"code":"rate_limit_exceeded"}}')
+    assert isinstance(error, RetryableError)
+    assert error.retry_after == 2.0
+    both = {**headers, "retry-after": "5"}
+    error = openai.map_error(429, both, b'{"error":{"code":"rate_limit_exceeded"}}')
+    assert isinstance(error, RetryableError)
+    assert error.retry_after == 5.0  # an explicit Retry-After wins
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "kind", "reason"),
+    [
+        (11200, "AppIdNoAuthError (sid: cha000a9999@dx19)", ConfigurationError, None),
+        (11200, "tokens exhausted: volume over limit", FatalError, "quota_exhausted"),
+        # Spark's own wording names both causes: left to the operator as configuration.
+        (
+            11200,
+            "授权错误：该appId没有相关功能的授权 或者 业务量超过限制",
+            ConfigurationError,
+            None,
+        ),
+        (10016, "app id not authorised for this version", ConfigurationError, None),
+        (10016, "token quota exhausted", FatalError, "quota_exhausted"),
+        (10016, "tokens余量不足", FatalError, "quota_exhausted"),
+    ],
+)
+def test_spark_auth_or_quota_codes_are_split_by_message(
+    code: int, message: str, kind: type[Exception], reason: str | None
+) -> None:
+    error = spark.map_code(code, message, "sid", "", 200)
+    assert type(error) is kind
+    if reason is not None:
+        assert isinstance(error, FatalError)
+        assert error.reason == reason
+
+
+def test_dashscope_allocation_quota_carries_the_suggested_wait() -> None:
+    body = {"code": "Throttling.AllocationQuota", "message": "Allocated quota exceeded."}
+    error = dashscope.map_error_body(429, body, "", {}, allocation_wait_s=8.0)
+    assert isinstance(error, RetryableError)
+    assert error.retry_after == 8.0
+    rate = dashscope.map_error_body(
+        429, {"code": "Throttling.RateQuota", "message": "m"}, "", {}, allocation_wait_s=8.0
+    )
+    assert isinstance(rate, RetryableError)
+    assert rate.retry_after is None
+    free = dashscope.map_error_body(
+        429,
+        {"code": "Throttling.AllocationQuota", "message": "Free allocated quota exceeded."},
+        "",
+        {},
+        allocation_wait_s=8.0,
+    )
+    assert isinstance(free, FatalError)
+    assert free.reason == "quota_exhausted"
+
+
+def test_ernie_need_clear_history_is_a_rejection_carrying_ban_round() -> None:
+    with pytest.raises(ContentRejected) as caught:
+        ernie.parse_completion(
+            {},
+            b'{"id":"as-2","result":"sorry","need_clear_history":true,"ban_round":-1,"flag":0}',
+        )
+    error = caught.value
+    assert (error.stage, error.clear_history, error.code) == ("input", True, "need_clear_history")
+    assert error.request_id == "as-2"
+    assert "ban_round=-1" in error.message
+    assert error.raw == '{"id":"as-2","need_clear_history":true,"ban_round":-1}'

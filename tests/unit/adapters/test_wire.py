@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from adapters.wire import SseParser, classify_status, redact, refine_fatal, retry_after_s
+from adapters.wire import (
+    SseParser,
+    anthropic_reset_s,
+    classify_status,
+    duration_s,
+    openai_reset_s,
+    redact,
+    refine_fatal,
+    retry_after_s,
+)
 from core.errors import ConfigurationError, FatalError, RetryableError
 
 
@@ -65,6 +74,53 @@ def test_retry_after(headers: dict[str, str], expected: float | None) -> None:
 def test_retry_after_http_date() -> None:
     value = retry_after_s({"retry-after": "Wed, 21 Oct 2015 07:28:30 GMT"}, now=1445412500.0)
     assert value == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("1s", 1.0),
+        ("250ms", 0.25),
+        ("6m0s", 360.0),
+        ("1h2m3.5s", 3723.5),
+        ("2.5", 2.5),
+        ("soon", None),
+        ("1x", None),
+        ("", None),
+    ],
+)
+def test_go_durations(text: str, seconds: float | None) -> None:
+    assert duration_s(text) == seconds
+
+
+def test_openai_reset_prefers_the_exhausted_bucket() -> None:
+    headers = {
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": "120ms",
+        "x-ratelimit-remaining-tokens": "5000",
+        "x-ratelimit-reset-tokens": "6m0s",
+    }
+    assert openai_reset_s(headers) == pytest.approx(0.12)
+    # Neither marked empty: wait for the longer one, to be safe.
+    assert (
+        openai_reset_s({"x-ratelimit-reset-requests": "1s", "x-ratelimit-reset-tokens": "3s"}) == 3
+    )
+    assert openai_reset_s({"x-ratelimit-reset-requests": "garbage"}) is None
+    assert openai_reset_s({}) is None
+
+
+def test_anthropic_reset_reads_rfc3339_timestamps() -> None:
+    headers = {
+        "anthropic-ratelimit-tokens-remaining": "0",
+        "anthropic-ratelimit-tokens-reset": "2026-11-24T08:00:12Z",
+        "anthropic-ratelimit-requests-remaining": "40",
+        "anthropic-ratelimit-requests-reset": "2026-11-24T08:00:59+00:00",
+    }
+    now = 1795507200.0  # 2026-11-24T08:00:00Z
+    assert anthropic_reset_s(headers, now=now) == pytest.approx(12.0)
+    assert anthropic_reset_s({"anthropic-ratelimit-tokens-reset": "yesterday"}, now=now) is None
+    past = {"anthropic-ratelimit-tokens-reset": "2026-11-24T07:59:00Z"}
+    assert anthropic_reset_s(past, now=now) is None
 
 
 @pytest.mark.parametrize(
