@@ -52,6 +52,9 @@ class Conversation(Base):
     bot: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_message_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Messages with an id up to this one are left out of history windows (a provider
+    # judged the conversation risky and asked for its history to be cleared).
+    history_from_id: Mapped[int | None] = mapped_column(_ID, nullable=True)
 
 
 class Message(Base):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, Table, func, select
+from sqlalchemy import Select, Table, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -126,17 +126,26 @@ class Store:
     ) -> tuple[Turn, ...]:
         """The last ``turns`` messages of a conversation that fit in ``token_budget``, oldest first.
 
+        Only exchanges the model really answered count: a question that was blocked,
+        rejected by a provider, unsupported or answered by the fallback apology is
+        never sent to a model again as history, and neither is anything before a
+        provider asked us to clear the history (``clear_history``).
         Uses the (conversation_id, id) index: one backward range scan.
         """
         if turns <= 0:
             return ()
-        query = self.history_query(conversation_id, turns + 1)
+        query = self.history_query(conversation_id, 2 * turns + 2)
         async with self.engine.connect() as session:
             rows = (await session.execute(query)).all()
         picked: list[Turn] = []
+        skipped: set[str] = set()  # user messages whose reply was not a model answer
         used = 0
-        for role, text, tokens, msg_id in rows:
-            if msg_id == before_msg_id:
+        for role, text, tokens, msg_id, kind, reply_to in rows:
+            if role == "assistant" and kind != "answer":
+                if reply_to:
+                    skipped.add(reply_to)
+                continue
+            if msg_id == before_msg_id or msg_id in skipped:
                 continue  # the message being answered is not its own history
             cost = tokens if tokens is not None else estimate_tokens(text)
             if used + cost > token_budget or len(picked) >= turns:
@@ -150,14 +159,45 @@ class Store:
         return tuple(picked)
 
     @staticmethod
-    def history_query(conversation_id: str, limit: int) -> Select[tuple[str, str, int | None, str]]:
-        """The newest ``limit`` messages of a conversation (the history window's one query)."""
+    def history_query(
+        conversation_id: str, limit: int
+    ) -> Select[tuple[str, str, int | None, str, str, str | None]]:
+        """The newest ``limit`` messages of a conversation since its history was last cleared."""
+        cleared = (
+            select(Conversation.history_from_id)
+            .where(Conversation.id == conversation_id)
+            .scalar_subquery()
+        )
         return (
-            select(Message.role, Message.text, Message.tokens, Message.msg_id)
-            .where(Message.conversation_id == conversation_id)
+            select(
+                Message.role,
+                Message.text,
+                Message.tokens,
+                Message.msg_id,
+                Message.kind,
+                Message.reply_to,
+            )
+            .where(
+                Message.conversation_id == conversation_id,
+                Message.id > func.coalesce(cleared, 0),
+            )
             .order_by(Message.id.desc())
             .limit(limit)
         )
+
+    async def clear_history(self, conversation_id: str) -> None:
+        """Leave everything said so far out of future history windows (rows stay, for audit)."""
+        newest = (
+            select(func.max(Message.id))
+            .where(Message.conversation_id == conversation_id)
+            .scalar_subquery()
+        )
+        async with self._writing() as session:
+            await session.execute(
+                update(Conversation)
+                .where(Conversation.id == conversation_id)
+                .values(history_from_id=newest)
+            )
 
     async def record_exchange(self, env: Envelope, reply_text: str, *, reply_kind: str) -> None:
         """Write the user's message and the reply (idempotent) and the conversation."""

@@ -193,6 +193,10 @@ class CallModel(_UserFacingStage):
                 "model",
                 [AuditEntry("provider", (exc.provider or "unknown")[:120], category, "block")],
             )
+            if exc.clear_history:
+                # e.g. ERNIE's need_clear_history: later turns would be refused again
+                # (and the provider asks for it) unless the risky context is dropped.
+                await self.ctx.store.clear_history(env.conversation_id)
             return [_answer(env, self.name, self.ctx.policy.replies.rejected, "rejected")]
         completion = Completion(
             text=result.text,

@@ -69,6 +69,31 @@ async def test_usage_is_recorded_once_per_answered_message(store: Store) -> None
     assert await store.count(Usage, conversation_id=conv) == 1
 
 
+async def test_only_exchanges_the_model_answered_are_history(store: Store) -> None:
+    """A blocked or rejected question must never reach a model later as context."""
+    conv = f"chat:ai_bot:{uuid.uuid4().hex[:8]}"
+    await store.record_exchange(_env(conv, 0), "回答0", reply_kind="answer")
+    await store.record_exchange(
+        _env(conv, 1, "违禁"), "抱歉，这个问题我无法回答。", reply_kind="blocked_input"
+    )
+    await store.record_exchange(_env(conv, 2, "危险"), "抱歉。", reply_kind="rejected")
+    await store.record_exchange(_env(conv, 3), "请稍后再试", reply_kind="fallback")
+    await store.record_exchange(_env(conv, 4), "回答4", reply_kind="answer")
+    window = await store.history_window(conv, turns=10, token_budget=1000)
+    assert [t.content for t in window] == ["问题0", "回答0", "问题4", "回答4"]
+
+
+async def test_cleared_history_is_left_out_of_later_windows(store: Store) -> None:
+    conv = f"chat:ai_bot:{uuid.uuid4().hex[:8]}"
+    for n in range(2):
+        await store.record_exchange(_env(conv, n), f"回答{n}", reply_kind="answer")
+    await store.clear_history(conv)  # a provider judged the conversation risky
+    await store.record_exchange(_env(conv, 2), "回答2", reply_kind="answer")
+    window = await store.history_window(conv, turns=10, token_budget=1000)
+    assert [t.content for t in window] == ["问题2", "回答2"]
+    assert await store.count(Message, conversation_id=conv) == 6  # rows stay, for audit
+
+
 async def test_history_respects_the_token_budget(store: Store) -> None:
     conv = f"chat:ai_bot:{uuid.uuid4().hex[:8]}"
     for n in range(3):
