@@ -1,0 +1,91 @@
+"""The model stage against a fake provider over real HTTP, with the real store."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from core.db import ModerationAudit, Usage
+from core.envelope import ChatType, Content, Envelope, RouteDecision
+from core.settings import Settings
+from sender.store import Store
+from streams.stages import CallModel, Context
+from tests.fakes.providers import FakeErnie
+from tests.integration.adapters.conftest import CatalogFactory, ernie_fake, make_catalog
+from tests.integration.adapters.helpers import entry_for
+
+__all__ = ["ernie_fake", "make_catalog"]  # fixtures used below
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[Store]:
+    s = await Store.open(db_url)
+    yield s
+    await s.close()
+
+
+def _env(conv: str, user: str) -> Envelope:
+    return Envelope(
+        msg_id=uuid.uuid4().hex,
+        conversation_id=conv,
+        chat_type=ChatType.direct,
+        sender=user,
+        to="ai_bot",
+        bot="ai_bot",
+        content=Content(type="txt", text="一个有风险的问题"),
+        route=RouteDecision(route="default", models=("ernie",)),
+    )
+
+
+async def test_a_provider_asking_to_clear_history_gets_it_cleared_and_audited(
+    ernie_fake: FakeErnie,
+    make_catalog: CatalogFactory,
+    make_settings: Callable[..., Settings],
+    store: Store,
+) -> None:
+    user = f"u{uuid.uuid4().hex[:8]}"
+    conv = f"chat:ai_bot:{user}"
+    earlier = _env(conv, user)
+    await store.record_exchange(earlier, "之前的回答", reply_kind="answer")
+    assert await store.history_window(conv, turns=10, token_budget=1000) != ()
+
+    ernie_fake.extra = {"need_clear_history": True, "ban_round": -1, "result": "抱歉，我无法回答。"}
+    settings = make_settings()
+    catalog = make_catalog({"ernie": entry_for(ernie_fake)})
+    stage = CallModel(
+        Context(settings=settings, policy=settings.policy, store=store, catalog=catalog)
+    )
+    env = _env(conv, user)
+    [emit] = await stage.handle(env, deadline=time.monotonic() + 10)
+
+    assert emit.envelope.reply is not None
+    assert (emit.envelope.reply.kind, emit.envelope.reply.text) == (
+        "rejected",
+        settings.policy.replies.rejected,
+    )
+    assert await store.history_window(conv, turns=10, token_budget=1000) == ()
+    assert await store.count(ModerationAudit, msg_id=env.msg_id, stage="model") == 1
+    assert await store.count(Usage, msg_id=env.msg_id) == 0
+
+
+async def test_a_completed_call_is_accounted_for_before_it_is_published(
+    ernie_fake: FakeErnie,
+    make_catalog: CatalogFactory,
+    make_settings: Callable[..., Settings],
+    store: Store,
+) -> None:
+    user = f"u{uuid.uuid4().hex[:8]}"
+    settings = make_settings()
+    catalog = make_catalog({"ernie": entry_for(ernie_fake)})
+    stage = CallModel(
+        Context(settings=settings, policy=settings.policy, store=store, catalog=catalog)
+    )
+    env = _env(f"chat:ai_bot:{user}", user)
+    [emit] = await stage.handle(env, deadline=time.monotonic() + 10)
+    completion = emit.envelope.completion
+    assert completion is not None
+    assert completion.provider == "ernie"
+    assert await store.count(Usage, msg_id=env.msg_id) == 1
