@@ -8,23 +8,26 @@ names, never a raw PII value.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import ahocorasick
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from core.envelope import Verdict
 from core.errors import ConfigurationError
 from streams.moderation.injection import injection_score
-from streams.moderation.normalise import load_variant_map, normalise
+from streams.moderation.normalise import Normaliser, fold_full_width, load_variant_map
 from streams.moderation.pii import PLACEHOLDERS, find_pii
 
 DATA_DIR = Path(__file__).with_name("data")
 Action = Literal["allow", "mask", "block", "flag"]
 RuleAction = Literal["block", "mask", "flag"]
+PiiCategory = Literal["mobile", "landline", "id_card", "bank_card", "email", "ip"]
+PiiAction = Literal["mask", "keep", "block"]
 _SEVERITY = {"allow": 0, "flag": 1, "mask": 2, "block": 3}
+_RULE_ACTIONS: dict[str, RuleAction] = {a: a for a in get_args(RuleAction)}
 
 
 class LexiconFile(BaseModel):
@@ -37,7 +40,17 @@ class LexiconFile(BaseModel):
 class InjectionConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     threshold: float = 0.6
-    action: RuleAction = "block"
+    action: Literal["block", "flag"] = "block"
+
+    @field_validator("action", mode="before")
+    @classmethod
+    def _no_mask(cls, value: object) -> object:
+        if value == "mask":
+            raise ValueError(
+                "'mask' cannot apply to prompt injection: the score is about the whole "
+                "message, so masking would star out all of it; use 'block' or 'flag'"
+            )
+        return value
 
 
 class ModerationConfig(BaseModel):
@@ -45,9 +58,9 @@ class ModerationConfig(BaseModel):
     lexicons: tuple[LexiconFile, ...] = (LexiconFile(path=DATA_DIR / "sample_lexicon.txt"),)
     lexicon_words: tuple[str, ...] = ()  # inline words: category "prohibited", action block
     variants: Path | None = DATA_DIR / "t2s.txt"
-    pii: dict[str, Literal["mask", "keep", "block"]] = Field(
-        default_factory=dict
-    )  # category -> action
+    # category -> action; a category not named here is masked. An unknown category is an
+    # error, not a silently ignored typo.
+    pii: dict[PiiCategory, PiiAction] = Field(default_factory=dict)
     injection: InjectionConfig = InjectionConfig()
     leak_min_chars: int = 30  # an answer repeating this much of the system prompt is a leak
 
@@ -113,34 +126,45 @@ class Moderator:
             entries = list(self._entries(config, base_dir))
         except OSError as exc:
             raise ConfigurationError(f"cannot read a moderation file: {exc}") from None
+        self.normaliser = Normaliser(self.variants)
         self.automaton: Any = None
         if entries:
             automaton = ahocorasick.Automaton()
             for word, category, action in entries:
-                norm, _ = normalise(word, self.variants)
-                if norm:
+                norm = self.normaliser(word).text
+                if not norm:
+                    continue
+                previous = automaton.get(norm, None)
+                # Two entries that normalise alike (炸彈 and 炸弹): the stricter action stands.
+                if previous is None or _SEVERITY[action] > _SEVERITY[previous[3]]:
                     automaton.add_word(norm, (len(norm), f"{category}:{word}", category, action))
             automaton.make_automaton()
             self.automaton = automaton
-        self.pii_actions = {cat: config.pii.get(cat, "mask") for cat in PLACEHOLDERS}
+        self.pii_actions: dict[str, PiiAction] = {
+            cat: config.pii.get(cat, "mask") for cat in get_args(PiiCategory)
+        }
 
     @staticmethod
-    def _entries(config: ModerationConfig, base_dir: Path | None) -> Any:
+    def _entries(
+        config: ModerationConfig, base_dir: Path | None
+    ) -> Iterator[tuple[str, str, RuleAction]]:
         for lexicon in config.lexicons:
-            for line in _resolve(lexicon.path, base_dir).read_text(encoding="utf-8").splitlines():
+            path = _resolve(lexicon.path, base_dir)
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
                 if not line.strip() or line.lstrip().startswith("#"):
                     continue
                 parts = [p.strip() for p in line.split("\t")]
-                action = (
-                    parts[2]
-                    if len(parts) > 2 and parts[2] in ("block", "mask", "flag")
-                    else lexicon.action
-                )
-                yield (
-                    parts[0],
-                    (parts[1] if len(parts) > 1 and parts[1] else lexicon.category),
-                    action,
-                )
+                action: RuleAction = lexicon.action
+                if len(parts) > 2 and parts[2]:
+                    if parts[2] not in _RULE_ACTIONS:
+                        # A typo must not quietly turn a block into the file's default.
+                        raise ConfigurationError(
+                            f"{path}:{number}: unknown action {parts[2]!r} "
+                            f"(expected one of {', '.join(_RULE_ACTIONS)})"
+                        )
+                    action = _RULE_ACTIONS[parts[2]]
+                category = parts[1] if len(parts) > 1 and parts[1] else lexicon.category
+                yield parts[0], category, action
         for word in config.lexicon_words:
             yield word, "prohibited", "block"
 
@@ -157,12 +181,12 @@ class Moderator:
     def _lexicon(self, text: str) -> list[Finding]:
         if self.automaton is None:
             return []
-        norm, index = normalise(text, self.variants)
+        norm = self.normaliser(text)
         findings: list[Finding] = []
-        for end, (length, rule, category, action) in self.automaton.iter(norm):
-            start = end - length + 1
+        for last, (length, rule, category, action) in self.automaton.iter(norm.text):
+            start, end = norm.span(last - length + 1, last + 1)
             findings.append(Finding(detector="lexicon", category=category, rule=rule, action=action,
-                                    start=index[start], end=index[end] + 1))  # fmt: skip
+                                    start=start, end=end))  # fmt: skip
         return findings
 
     def _pii(self, text: str) -> list[Finding]:
@@ -180,23 +204,15 @@ class Moderator:
         for f in findings:
             if _SEVERITY[f.action] > _SEVERITY[action]:
                 action = f.action
-        masked = text
-        for f in sorted(
-            (f for f in findings if f.action == "mask"), key=lambda f: f.start, reverse=True
-        ):
-            replacement = (
-                PLACEHOLDERS.get(f.rule, "*" * (f.end - f.start))
-                if f.detector == "pii"
-                else "*" * (f.end - f.start)
-            )
-            masked = masked[: f.start] + replacement + masked[f.end :]
+        masked = _masked(text, findings) if findings else text
         return ModerationResult(action=action, text=masked, findings=tuple(findings), score=score)
 
     # -- public ----------------------------------------------------------------
 
     def check_input(self, text: str) -> ModerationResult:
-        findings = self._lexicon(text) + self._pii(text)
-        score, rules = injection_score(text)
+        folded = fold_full_width(text)  # same positions; PII and injection read it as ASCII
+        findings = self._lexicon(text) + self._pii(folded)
+        score, rules = injection_score(folded)
         if score >= self.config.injection.threshold:
             findings.append(Finding(detector="injection", category="prompt_injection", rule="+".join(rules),
                                     action=self.config.injection.action, start=0, end=len(text)))  # fmt: skip
@@ -205,7 +221,7 @@ class Moderator:
     def check_output(
         self, text: str, *, finish_reason: str | None = None, system_prompt: str | None = None
     ) -> ModerationResult:
-        findings = self._lexicon(text) + self._pii(text)
+        findings = self._lexicon(text) + self._pii(fold_full_width(text))
         if finish_reason == "content_filter":
             findings.append(Finding(detector="provider", category="provider_filter", rule="finish_reason",
                                     action="block", start=0, end=len(text)))  # fmt: skip
@@ -213,6 +229,26 @@ class Moderator:
             findings.append(Finding(detector="leak", category="system_prompt_leak", rule="system_prompt",
                                     action="block", start=0, end=len(text)))  # fmt: skip
         return self._result(text, findings)
+
+
+def _masked(text: str, findings: list[Finding]) -> str:
+    """Masked findings replaced: PII by its placeholder, lexicon words by stars. Spans that
+    overlap (a masked word inside an e-mail address) become one span."""
+    spans: list[tuple[int, int, str | None]] = []  # start, end, placeholder
+    for f in sorted((f for f in findings if f.action == "mask"), key=lambda f: f.start):
+        placeholder = PLACEHOLDERS.get(f.rule) if f.detector == "pii" else None
+        if spans and f.start < spans[-1][1]:
+            start, end, previous = spans[-1]
+            spans[-1] = (start, max(end, f.end), previous or placeholder)
+        else:
+            spans.append((f.start, f.end, placeholder))
+    parts: list[str] = []
+    pos = 0
+    for start, end, placeholder in spans:
+        parts += (text[pos:start], placeholder or "*" * (end - start))
+        pos = end
+    parts.append(text[pos:])
+    return "".join(parts)
 
 
 def _leaks(answer: str, secret: str, min_chars: int) -> bool:
@@ -223,4 +259,4 @@ def _leaks(answer: str, secret: str, min_chars: int) -> bool:
     return any(secret[i : i + need] in answer for i in range(0, len(secret) - need + 1))
 
 
-__all__ = ["Finding", "ModerationConfig", "ModerationResult", "Moderator"]
+__all__ = ["Finding", "ModerationConfig", "ModerationResult", "Moderator", "PiiCategory"]

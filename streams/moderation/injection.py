@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from streams.moderation.normalise import fold_full_width
+
 _RULES: tuple[tuple[str, float, re.Pattern[str]], ...] = tuple(
     (name, weight, re.compile(pattern, re.IGNORECASE))
     for name, weight, pattern in (
@@ -52,21 +54,36 @@ _RULES: tuple[tuple[str, float, re.Pattern[str]], ...] = tuple(
 
 
 # Every rule needs one of these words; most messages contain none, so one search decides.
-_TRIGGERS_EN = re.compile(
-    r"ignore|disregard|forget|reveal|show|print|repeat|output|tell me|DAN|do anything|developer mode"
-    r"|jailbreak|restrictions|limitations|filters|rules|instruction|system|INST|im_start",
-    re.IGNORECASE,
+# Searched in the lower-cased text without IGNORECASE (which makes ``re`` try every
+# alternative at every position, 20× slower), unless the text holds one of the four
+# non-ASCII letters that IGNORECASE also equates with an ASCII letter (İ ı ſ K).
+_TRIGGER_WORDS = (
+    r"ignore|disregard|forget|reveal|show|print|repeat|output|tell me|dan|do anything"
+    r"|developer mode|jailbreak|restrictions|limitations|filters|rules|instruction|system"
+    r"|inst|im_start"
 )
-_HAS_ASCII_LETTER = re.compile(r"[A-Za-z]")
+_TRIGGERS_EN = re.compile(_TRIGGER_WORDS)
+_TRIGGERS_EN_ANY_CASE = re.compile(_TRIGGER_WORDS, re.IGNORECASE)
+_CASE_FOLDS_TO_ASCII = re.compile("[\u0130\u0131\u017f\u212a]")
+_HAS_ASCII_LETTER = re.compile(r"[A-Za-z\u0130\u0131\u017f\u212a]")
 _TRIGGERS_ZH = re.compile(
     r"忽略|无视|忘记|忘掉|不要理会|输出|显示|告诉我|重复|打印|泄露|复述|你现在是|从现在起|扮演|假装|指令"
 )
 
 
+def _has_trigger(text: str) -> bool:
+    if _TRIGGERS_ZH.search(text) is not None:
+        return True
+    if _HAS_ASCII_LETTER.search(text) is None:
+        return False
+    if _CASE_FOLDS_TO_ASCII.search(text) is not None:
+        return _TRIGGERS_EN_ANY_CASE.search(text) is not None
+    return _TRIGGERS_EN.search(text.lower()) is not None
+
+
 def injection_score(text: str) -> tuple[float, list[str]]:
-    if _TRIGGERS_ZH.search(text) is None and (
-        not _HAS_ASCII_LETTER.search(text) or _TRIGGERS_EN.search(text) is None
-    ):
+    text = fold_full_width(text)  # "ｉｇｎｏｒｅ　ａｌｌ …" reads as ASCII
+    if not _has_trigger(text):
         return 0.0, []
     score = 0.0
     rules: list[str] = []
