@@ -2,6 +2,12 @@
 
 Per request it does only: size limit, parse, signature, "is this for the AI?",
 publish (acks=all) with a deadline, answer. Anything slower belongs in a stage.
+
+Optional fast path (``policy.callback.refuse_blocked_input``): the input lexicon
+check of ``streams.moderation`` runs here too, so a prohibited message is refused
+before Easemob delivers it. That is the one import of ``streams`` from the gateway:
+the moderation package is pure code (no Faust, no I/O), the same checker must give
+the same verdict in both places, and it is imported only when the switch is on.
 """
 
 from __future__ import annotations
@@ -10,9 +16,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import AsyncIterator
-from typing import Any
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
@@ -21,10 +27,12 @@ from aiokafka.errors import KafkaError
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 from core import topics
-from core.envelope import encode_envelope
 from core.kafka import new_producer
 from core.settings import Settings
 from gateway.callback import CallbackRejected, decide, verify
+
+if TYPE_CHECKING:
+    from streams.moderation import Moderator
 
 log = logging.getLogger("imbot.gateway")
 
@@ -40,6 +48,10 @@ LATENCY = Histogram(
 PUBLISH_FAILURES = Counter(
     "imbot_gateway_publish_failures_total", "Publishes that missed the deadline or failed", ["why"]
 )
+LATE_ACKS = Counter(
+    "imbot_gateway_late_acks_total",
+    "Records acked after their deadline: answered by the fail policy, yet on the topic",
+)
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
 PUBLISHER: web.AppKey[Publisher] = web.AppKey("publisher")
@@ -51,18 +63,81 @@ def _json(body: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
+def _answer(body: bytes) -> web.Response:
+    return web.Response(body=body, content_type="application/json")
+
+
+class _Publish:
+    """One publish between ``send`` and its ack, with its deadline (see ``Publisher``)."""
+
+    __slots__ = ("deadline", "expired", "msg_id", "on_late_ack", "task", "waiter")
+
+    def __init__(
+        self, deadline: float, msg_id: str, on_late_ack: Callable[[str], None] | None
+    ) -> None:
+        self.deadline = deadline
+        self.expired = False
+        self.msg_id = msg_id
+        self.on_late_ack = on_late_ack
+        self.task: asyncio.Task[Any] | None = None  # set while ``send`` itself is suspended
+        self.waiter: asyncio.Future[str | None] | None = None  # set once the record is queued
+
+    def expire(self) -> None:
+        self.expired = True
+        if self.task is not None:
+            # Still inside ``producer.send`` (no metadata yet, or the partition's batch
+            # is full): cancelling it there means the record is not queued at all.
+            self.task.cancel(_DEADLINE)
+        elif self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result("timeout")
+
+    def __call__(self, delivery: asyncio.Future[Any]) -> None:
+        """Done-callback of aiokafka's delivery future."""
+        if delivery.cancelled():
+            failure: str | None = "kafka_error"
+        elif (exc := delivery.exception()) is not None:
+            log.warning("publish failed", extra={"msg_id": self.msg_id, "error": str(exc)})
+            failure = "kafka_error"
+        else:
+            failure = None
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(failure)
+        elif failure is None:
+            # Acked after the deadline: Easemob was already answered by the fail policy,
+            # but the record is on the topic and the pipeline will answer it. Remember
+            # the id so a later duplicate callback is not published a second time.
+            LATE_ACKS.inc()
+            log.warning("record acked after the deadline", extra={"msg_id": self.msg_id})
+            if self.on_late_ack is not None:
+                self.on_late_ack(self.msg_id)
+
+
+_DEADLINE = "imbot publish deadline"
+_SWEEP_S = 0.005  # deadlines are enforced to within this
+
+
 class Publisher:
     """A Kafka producer that starts in the background and never blocks a request.
 
     If the broker is down at start-up the gateway still answers callbacks (by the
     fail policy) and keeps trying to connect.
+
+    Deadlines: every publish gets the same timeout, so pending publishes expire in
+    the order they started. One timer walks a FIFO of them instead of arming an
+    ``asyncio.timeout`` per request (a timer handle, heap push and cancel each time,
+    measurably slower at thousands of requests per second), and the deadline never
+    cancels aiokafka's delivery future, so a late ack is still seen.
     """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.topic = settings.topic(topics.INBOUND)
         self.producer: AIOKafkaProducer | None = None
+        self.on_late_ack: Callable[[str], None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._pending: deque[_Publish] = deque()
+        self._timer: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._connect())
@@ -84,20 +159,47 @@ class Publisher:
             log.info("kafka producer ready", extra={"bootstrap": self.settings.kafka_bootstrap})
             return
 
-    async def publish(self, key: bytes, value: bytes, timeout: float) -> str | None:
-        """Publish and wait for the ack; returns None on success or why it failed."""
+    async def publish(self, key: bytes, value: bytes, msg_id: str, timeout: float) -> str | None:
+        """Publish and wait for the ack (acks=all); returns None on success or why it failed.
+
+        "timeout" does not always mean "not published": a record already handed to
+        the producer when the deadline passes is still sent, and may be acked later
+        (see ``_Publish.__call__``). Easemob is answered by the fail policy either way.
+        """
         producer = self.producer
         if producer is None:
             return "not_connected"
+        loop = asyncio.get_running_loop()
+        entry = _Publish(loop.time() + timeout, msg_id, self.on_late_ack)
+        self._pending.append(entry)
+        if self._timer is None:
+            self._timer = loop.call_at(entry.deadline, self._sweep)
+        entry.task = task = asyncio.current_task()
         try:
-            async with asyncio.timeout(timeout):
-                await producer.send_and_wait(self.topic, value, key=key)
-        except TimeoutError:
-            return "timeout"
+            delivery = await producer.send(self.topic, value, key=key)
+        except asyncio.CancelledError:
+            if entry.expired and task is not None and task.uncancel() == 0:
+                return "timeout"  # our deadline, while the record was not yet queued
+            raise
         except KafkaError as exc:
-            log.warning("publish failed", extra={"error": str(exc)})
+            log.warning("publish failed", extra={"msg_id": msg_id, "error": str(exc)})
             return "kafka_error"
-        return None
+        finally:
+            entry.task = None
+        waiter: asyncio.Future[str | None] = loop.create_future()
+        entry.waiter = waiter
+        delivery.add_done_callback(entry)
+        return await waiter
+
+    def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        pending = self._pending
+        while pending and pending[0].deadline <= now:
+            pending.popleft().expire()
+        self._timer = (
+            loop.call_at(max(pending[0].deadline, now + _SWEEP_S), self._sweep) if pending else None
+        )
 
     async def ready(self) -> bool:
         producer = self.producer
@@ -114,6 +216,9 @@ class Publisher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.producer is not None:
             await self.producer.stop()
 
@@ -141,20 +246,35 @@ class CallbackHandler:
         self.publisher = publisher
         self.secrets = settings.secret_values()
         self.max_body = settings.callback_max_body_bytes
+        self.window_s = settings.callback_timestamp_window_s
         self.timeout = settings.publish_timeout_ms / 1000.0
         self.recent = RecentIds(settings.dedupe_window)
+        publisher.on_late_ack = self.recent.add
+        # msg_id -> the outcome of its publish in progress; the future is created only
+        # when a concurrent duplicate arrives and waits for it.
+        self.in_flight: dict[str, asyncio.Future[str | None] | None] = {}
         self._metrics: dict[str, tuple[Counter, Histogram]] = {}
         cb = self.policy.callback
-        self.accepted = (
-            _VALID
+        self.accepted = orjson.dumps(
+            {"valid": True}
             if cb.ai_message == "pass"
-            else orjson.dumps({"valid": False, "code": cb.intercept_code})
+            else {"valid": False, "code": cb.intercept_code}
         )
-        self.on_failure = (
-            _VALID
+        self.on_failure = orjson.dumps(
+            {"valid": True}
             if cb.kafka_failure == "pass"
-            else orjson.dumps({"valid": False, "code": cb.kafka_failure_code})
+            else {"valid": False, "code": cb.kafka_failure_code}
         )
+        self.refused = orjson.dumps({"valid": False, "code": cb.blocked_input_code})
+        self.moderator: Moderator | None = None
+        if cb.refuse_blocked_input:
+            # The lexicon fast path (issue 5). Imported here so a gateway without it
+            # does not load the automaton; see the module docstring on the dependency.
+            from streams.moderation import Moderator
+
+            self.moderator = Moderator.from_config(
+                self.policy.moderation, base_dir=settings.policy_file.parent
+            )
 
     async def handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
@@ -166,14 +286,30 @@ class CallbackHandler:
         metrics[1].observe(time.perf_counter() - started)
         return response
 
-    async def _handle(self, request: web.Request) -> tuple[str, web.Response]:
+    async def _read_body(self, request: web.Request) -> bytes | None:
+        """The whole body, or None when it exceeds the limit.
+
+        ``content.read(n)`` would return only what has arrived so far: a body split
+        across TCP segments (ordinary over the Internet) would then fail to parse.
+        """
         length = request.content_length
         if length is not None and length > self.max_body:
-            return "too_large", self._reject(
-                CallbackRejected(413, "body_too_large", f"body exceeds {self.max_body} bytes")
-            )
-        raw = await request.content.read(self.max_body + 1)
-        if len(raw) > self.max_body:
+            return None
+        content = request.content
+        raw = await content.readany()
+        if not content.at_eof():
+            chunks, size = [raw], len(raw)
+            while chunk := await content.readany():
+                size += len(chunk)
+                if size > self.max_body:
+                    return None
+                chunks.append(chunk)
+            raw = b"".join(chunks)
+        return raw if len(raw) <= self.max_body else None
+
+    async def _handle(self, request: web.Request) -> tuple[str, web.Response]:
+        raw = await self._read_body(request)
+        if raw is None:
             return "too_large", self._reject(
                 CallbackRejected(413, "body_too_large", f"body exceeds {self.max_body} bytes")
             )
@@ -182,29 +318,64 @@ class CallbackHandler:
         except orjson.JSONDecodeError:
             return "bad_json", self._reject(CallbackRejected(400, "bad_json", "body is not JSON"))
         try:
-            verify(data, self.secrets, window_s=self.settings.callback_timestamp_window_s)
+            verify(data, self.secrets, window_s=self.window_s)
             decision = decide(data, self.policy)
         except CallbackRejected as exc:
             return exc.error, self._reject(exc, data)
-        env = decision.envelope
-        if env is None:
-            return "not_ai", web.Response(body=_VALID, content_type="application/json")
-        if env.msg_id in self.recent:
-            return "duplicate", web.Response(body=self.accepted, content_type="application/json")
-        failure = await self.publisher.publish(
-            env.conversation_id.encode(), encode_envelope(env), self.timeout
-        )
+        message = decision.message
+        if message is None:
+            return "not_ai", _answer(_VALID)
+        if self.moderator is not None and message.body.type == "txt" and message.body.text:
+            verdict = self.moderator.check_input(message.body.text)
+            if verdict.action == "block":
+                # Refused before Easemob delivers it; the text is never logged.
+                log.info(
+                    "input refused by moderation",
+                    extra={
+                        "msg_id": message.msg_id,
+                        "conversation": message.conversation_id,
+                        "categories": list(verdict.categories()),
+                    },
+                )
+                return "blocked", _answer(self.refused)
+        msg_id = message.msg_id
+        if msg_id in self.recent:
+            return "duplicate", _answer(self.accepted)
+        in_flight = self.in_flight
+        if msg_id in in_flight:
+            # The same callback is being published right now (Easemob sent it twice,
+            # e.g. two matching rules): wait for that publish and answer as it does.
+            first = in_flight[msg_id]
+            if first is None:
+                first = in_flight[msg_id] = asyncio.get_running_loop().create_future()
+            failure = await asyncio.shield(first)
+            if failure is None:
+                return "duplicate", _answer(self.accepted)
+            return "publish_failed", _answer(self.on_failure)
+        in_flight[msg_id] = None
+        failure = "cancelled"
+        try:
+            failure = await self.publisher.publish(
+                message.conversation_id.encode(), message.encode(), msg_id, self.timeout
+            )
+        finally:
+            waiting = in_flight.pop(msg_id)
+            if waiting is not None and not waiting.done():
+                waiting.set_result(failure)
         if failure is not None:
+            # After a "timeout" the record may still reach the topic (it was already
+            # queued; ``_Publish.__call__`` then remembers the id). So with
+            # kafka_failure=block the sender may be told "blocked" and still get the
+            # AI's reply; with pass, the reply just arrives. Easemob never retries, and
+            # the pipeline's delivery ledger keeps any repeat from being answered twice.
             PUBLISH_FAILURES.labels(failure).inc()
             log.error(
                 "publish failed, answering by the fail policy",
-                extra={"msg_id": env.msg_id, "conversation": env.conversation_id, "why": failure},
+                extra={"msg_id": msg_id, "conversation": message.conversation_id, "why": failure},
             )
-            return "publish_failed", web.Response(
-                body=self.on_failure, content_type="application/json"
-            )
-        self.recent.add(env.msg_id)
-        return "published", web.Response(body=self.accepted, content_type="application/json")
+            return "publish_failed", _answer(self.on_failure)
+        self.recent.add(msg_id)
+        return "published", _answer(self.accepted)
 
     @staticmethod
     def _reject(exc: CallbackRejected, data: Any = None) -> web.Response:

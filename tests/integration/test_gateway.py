@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -28,8 +31,6 @@ async def _client(settings: Settings) -> TestClient:  # type: ignore[type-arg]
     for _ in range(100):
         if (await client.get("/readyz")).status == 200:
             break
-        import asyncio
-
         await asyncio.sleep(0.05)
     return client
 
@@ -192,8 +193,6 @@ async def test_kafka_unreachable_answers_by_fail_policy_within_budget(
     client = TestClient(TestServer(create_app(settings)))
     await client.start_server()
     try:
-        import time
-
         started = time.perf_counter()
         status, body = await _post(client, callback())
         elapsed = time.perf_counter() - started
@@ -210,3 +209,119 @@ async def test_metrics_count_callbacks_by_outcome(gateway: Any) -> None:
     await _post(client, callback(secret="wrong"))
     text = await (await client.get("/metrics")).text()
     assert 'imbot_gateway_callbacks_total{outcome="bad_signature"}' in text
+
+
+async def test_concurrent_duplicates_are_published_once_and_answered_alike(gateway: Any) -> None:
+    client, settings = gateway
+    data = callback("同一条消息")
+    answers = await asyncio.gather(*(_post(client, dict(data)) for _ in range(8)))
+    assert answers == [(200, {"valid": True})] * 8
+    records = await consume_all(
+        settings.kafka_bootstrap, settings.topic(topics.INBOUND), 2, timeout=1.5
+    )
+    assert [decode_envelope(v).msg_id for _, v in records] == [data["msg_id"]]
+
+
+def _fast_path_policy(tmp_path: Any, *, on: bool) -> Any:
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        f"callback: {{refuse_blocked_input: {str(on).lower()}, blocked_input_code: NOT_ALLOWED}}\n"
+        "moderation: {lexicon_words: [违禁词示例]}\n"
+        "models: {demo: {provider: demo}}\nroutes: {default: {models: [demo]}}\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+async def test_fast_path_refuses_a_blocked_word_without_publishing(
+    make_settings: Callable[..., Settings], tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = make_settings(policy_file=_fast_path_policy(tmp_path, on=True))
+    client = await _client(settings)
+    try:
+        caplog.set_level(logging.INFO, logger="imbot.gateway")
+        # Spaces inserted between the characters (a usual evasion): still caught.
+        blocked = callback("请告诉我 违 禁 词 示 例 的内容")
+        assert await _post(client, blocked) == (200, {"valid": False, "code": "NOT_ALLOWED"})
+        clean = callback("今天天气怎么样？")
+        assert await _post(client, clean) == (200, {"valid": True})
+        records = await consume_all(
+            settings.kafka_bootstrap, settings.topic(topics.INBOUND), 2, timeout=1.5
+        )
+        assert [decode_envelope(v).msg_id for _, v in records] == [clean["msg_id"]]
+        refusals = [r for r in caplog.records if getattr(r, "msg_id", None) == blocked["msg_id"]]
+        assert len(refusals) == 1
+        assert "违" not in repr(vars(refusals[0]))  # the line names the message, not its text
+        text = await (await client.get("/metrics")).text()
+        assert 'imbot_gateway_callbacks_total{outcome="blocked"}' in text
+    finally:
+        await client.close()
+
+
+async def test_fast_path_off_publishes_the_blocked_word_for_the_stage_to_judge(
+    make_settings: Callable[..., Settings], tmp_path: Any
+) -> None:
+    settings = make_settings(policy_file=_fast_path_policy(tmp_path, on=False))
+    client = await _client(settings)
+    try:
+        data = callback("违禁词示例")
+        assert await _post(client, data) == (200, {"valid": True})
+        records = await consume_all(settings.kafka_bootstrap, settings.topic(topics.INBOUND), 1)
+        assert [decode_envelope(v).msg_id for _, v in records] == [data["msg_id"]]
+    finally:
+        await client.close()
+
+
+async def test_fast_path_leaves_non_text_messages_to_the_pipeline(
+    make_settings: Callable[..., Settings], tmp_path: Any
+) -> None:
+    settings = make_settings(policy_file=_fast_path_policy(tmp_path, on=True))
+    client = await _client(settings)
+    try:
+        data = callback(body={"type": "img", "url": "https://x/违禁词示例.png"})
+        assert await _post(client, data) == (200, {"valid": True})
+        records = await consume_all(settings.kafka_bootstrap, settings.topic(topics.INBOUND), 1)
+        assert [decode_envelope(v).content.type for _, v in records] == ["img"]
+    finally:
+        await client.close()
+
+
+async def test_body_arriving_in_several_segments_is_read_whole(gateway: Any) -> None:
+    # Over the Internet a callback body often spans TCP segments; the gateway must
+    # wait for all of it rather than parse the first piece.
+    client, settings = gateway
+    data = callback("分几次到达的消息", ext={"padding": "x" * 2000})
+    body = orjson.dumps(data)
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    try:
+        writer.write(
+            b"POST /easemob/callback HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+        )
+        for start in range(0, len(body), 700):
+            writer.write(body[start : start + 700])
+            await writer.drain()
+            await asyncio.sleep(0.02)
+        response = await reader.read()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    head, _, payload = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert orjson.loads(payload) == {"valid": True}
+    records = await consume_all(settings.kafka_bootstrap, settings.topic(topics.INBOUND), 1)
+    assert [decode_envelope(v).msg_id for _, v in records] == [data["msg_id"]]
+
+
+async def test_chunked_body_over_the_limit_is_413(gateway: Any) -> None:
+    client, _ = gateway
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(20):
+            yield b" " * 4096  # no Content-Length: the limit must hold while reading
+
+    resp = await client.post(
+        "/easemob/callback", data=chunks(), headers={"Content-Type": "application/json"}
+    )
+    assert resp.status == 413
+    assert (await resp.json())["error"] == "body_too_large"

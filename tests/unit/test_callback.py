@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
+import orjson
 import pytest
 
-from core.envelope import ChatType
+from core.envelope import ChatType, Envelope, decode_envelope, encode_envelope
 from core.settings import AiRules, Bot, Policy
 from core.signature import expected_security, verify_signature
 from gateway.callback import CallbackRejected, decide, normalise_content, verify
@@ -12,6 +14,12 @@ from tests.payloads import callback
 
 SECRETS = ["test-secret", "old-secret"]
 POLICY = Policy(bots=(Bot(id="ai_bot"), Bot(id="helper_bot")))
+
+
+def _envelope(data: dict[str, Any], policy: Policy) -> Envelope | None:
+    """The envelope the gateway would publish for ``data``, or None when it is not for the AI."""
+    message = decide(data, policy).message
+    return None if message is None else decode_envelope(message.encode())
 
 
 @pytest.mark.parametrize(
@@ -98,7 +106,7 @@ def test_image_body_keeps_its_fields() -> None:
     content, _ = normalise_content({"type": "img", "url": "https://x/y.png", "filename": "y.png"})
     assert content is not None
     assert content.type == "img"
-    assert content.body["url"] == "https://x/y.png"
+    assert content.fields["url"] == "https://x/y.png"
 
 
 def test_combined_message_without_type_is_recognised() -> None:
@@ -110,8 +118,7 @@ def test_combined_message_without_type_is_recognised() -> None:
 
 
 def test_direct_message_to_bot_is_ai() -> None:
-    decision = decide(callback("你好"), POLICY)
-    env = decision.envelope
+    env = _envelope(callback("你好"), POLICY)
     assert env is not None
     assert (env.chat_type, env.bot, env.conversation_id, env.content.text) == (
         ChatType.direct,
@@ -122,11 +129,11 @@ def test_direct_message_to_bot_is_ai() -> None:
 
 
 def test_direct_message_between_people_is_not_ai() -> None:
-    assert decide(callback(to="bob"), POLICY).envelope is None
+    assert _envelope(callback(to="bob"), POLICY) is None
 
 
 def test_message_from_a_bot_is_never_ai() -> None:
-    assert decide(callback(sender="ai_bot", to="helper_bot"), POLICY).envelope is None
+    assert _envelope(callback(sender="ai_bot", to="helper_bot"), POLICY) is None
 
 
 @pytest.mark.parametrize("chat_type", ["group", "groupchat"])
@@ -138,7 +145,7 @@ def test_group_message_mentioning_bot_is_ai(chat_type: str) -> None:
         group_id="2289781",
         ext={"em_at_list": ["ai_bot"]},
     )
-    env = decide(data, POLICY).envelope
+    env = _envelope(data, POLICY)
     assert env is not None
     assert (env.chat_type, env.conversation_id, env.to) == (
         ChatType.group,
@@ -151,14 +158,14 @@ def test_group_message_without_mention_is_not_ai() -> None:
     data = callback(
         chat_type="groupchat", to="2289781", group_id="2289781", ext={"em_at_list": ["bob"]}
     )
-    assert decide(data, POLICY).envelope is None
+    assert _envelope(data, POLICY) is None
 
 
 def test_mention_all_counts_only_when_configured() -> None:
     data = callback(chat_type="group", to="g1", group_id="g1", ext={"em_at_list": "ALL"})
-    assert decide(data, POLICY).envelope is None
+    assert _envelope(data, POLICY) is None
     policy = POLICY.model_copy(update={"ai": AiRules(mention_all=True)})
-    assert decide(data, policy).envelope is not None
+    assert _envelope(data, policy) is not None
 
 
 def test_chatroom_message_mentioning_bot_is_ai() -> None:
@@ -169,7 +176,7 @@ def test_chatroom_message_mentioning_bot_is_ai() -> None:
         group_id="1851453",
         ext={"em_at_list": ["ai_bot"]},
     )
-    env = decide(data, POLICY).envelope
+    env = _envelope(data, POLICY)
     assert env is not None
     assert (env.chat_type, env.conversation_id) == (ChatType.chatroom, "room:1851453")
 
@@ -177,25 +184,25 @@ def test_chatroom_message_mentioning_bot_is_ai() -> None:
 def test_groupchat_with_chatroom_payload_type_is_a_chatroom() -> None:
     data = callback(chat_type="groupchat", to="r1", group_id="r1", ext={"em_at_list": ["ai_bot"]})
     data["payload"]["type"] = "chatroom"
-    env = decide(data, POLICY).envelope
+    env = _envelope(data, POLICY)
     assert env is not None
     assert env.chat_type is ChatType.chatroom
 
 
 def test_ext_flag_marks_any_message_as_ai() -> None:
     data = callback(to="bob", ext={"imbot_ai": True, "imbot_bot": "helper_bot"})
-    env = decide(data, POLICY).envelope
+    env = _envelope(data, POLICY)
     assert env is not None
     assert env.bot == "helper_bot"
 
 
 @pytest.mark.parametrize("chat_type", ["recall", "read_ack", "edit", "roster"])
 def test_post_send_event_types_pass_untouched(chat_type: str) -> None:
-    assert decide(callback(chat_type=chat_type), POLICY).envelope is None
+    assert _envelope(callback(chat_type=chat_type), POLICY) is None
 
 
 def test_cmd_messages_are_not_answered() -> None:
-    assert decide(callback(body={"type": "cmd", "action": "TypingBegin"}), POLICY).envelope is None
+    assert _envelope(callback(body={"type": "cmd", "action": "TypingBegin"}), POLICY) is None
 
 
 def test_text_body_without_msg_is_400() -> None:
@@ -207,7 +214,7 @@ def test_text_body_without_msg_is_400() -> None:
 def test_numeric_msg_id_is_kept_as_string() -> None:
     data = callback()
     data["msg_id"] = 1290012345678901234
-    env = decide(data, POLICY).envelope
+    env = _envelope(data, POLICY)
     assert env is not None
     assert env.msg_id == "1290012345678901234"
 
@@ -219,3 +226,53 @@ def test_missing_message_fields_are_400(field: str) -> None:
     with pytest.raises(CallbackRejected) as err:
         decide(data, POLICY)
     assert (err.value.status, err.value.error) == (400, "missing_field")
+
+
+def test_body_type_not_listed_in_policy_is_not_ai() -> None:
+    text_only = POLICY.model_copy(update={"ai": AiRules(body_types=("txt",))})
+    image = callback(body={"type": "img", "url": "https://x/y.png"})
+    decision = decide(image, text_only)
+    assert (decision.message, decision.reason) == (None, "body_type")
+    assert decide(callback("你好"), text_only).message is not None
+    # The default policy lists images: they reach the pipeline (which answers `unsupported`).
+    assert decide(image, POLICY).message is not None
+
+
+def test_custom_body_is_not_ai_by_default() -> None:
+    decision = decide(callback(body={"type": "custom", "customEvent": "gift"}), POLICY)
+    assert (decision.message, decision.reason) == (None, "body_type")
+
+
+_GROUP = {"chat_type": "group", "to": "g1", "group_id": "g1", "ext": {"em_at_list": ["ai_bot"]}}
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        callback("你好"),
+        callback("hi", shape="flat"),
+        callback("总结一下", **_GROUP),  # type: ignore[arg-type]
+        callback(chat_type="chatroom", to="r1", group_id="r1", ext={"em_at_list": ["ai_bot"]}),
+        callback(body={"type": "img", "url": "https://x/y.png", "secret": None}),
+        callback(body={"type": "loc", "addr": "北京", "lat": 39.9, "lng": 116.4}),
+        callback(to="bob", ext={"imbot_ai": True, "nested": {"a": [1, None, "x"]}}),
+    ],
+    ids=["text", "flat", "group", "chatroom", "image", "location", "ext"],
+)
+def test_published_bytes_are_the_envelope_pydantic_would_write(data: dict[str, Any]) -> None:
+    # The gateway writes the envelope's JSON with orjson (hot path); it must stay
+    # exactly what the pydantic model encodes and what every stage decodes.
+    message = decide(data, POLICY).message
+    assert message is not None
+    fast = message.encode(received_at=1_700_000_000_123.5)
+    model = message.envelope(received_at=1_700_000_000_123.5)
+    assert orjson.loads(fast) == orjson.loads(encode_envelope(model))
+    assert decode_envelope(fast) == model
+
+
+def test_numeric_call_id_is_dropped_not_published_as_a_number() -> None:
+    data = callback()
+    data["callId"] = 12345
+    message = decide(data, POLICY).message
+    assert message is not None
+    assert decode_envelope(message.encode()).call_id is None

@@ -1,0 +1,113 @@
+"""The publish deadline against a broker that stops answering (a private broker, paused).
+
+SIGSTOP keeps the broker's sockets open but answers nothing, like a broker stuck
+in a long GC pause or a partition leader that went silent: the gateway must answer
+Easemob by the fail policy before its budget, and when the broker resumes and acks
+the record after all, a repeat of the same callback must not publish it twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from core import topics
+from core.envelope import decode_envelope
+from core.kafka import EmbeddedBroker, ensure_topics
+from core.settings import Settings
+from gateway.app import create_app
+from tests.conftest import consume_all
+from tests.payloads import callback
+
+
+@pytest.fixture
+def paused_broker() -> Iterator[EmbeddedBroker]:
+    broker = EmbeddedBroker()
+    broker.start()
+    try:
+        yield broker
+    finally:
+        if broker.pid is not None:
+            os.kill(broker.pid, signal.SIGCONT)
+        broker.stop()
+
+
+async def _post(client: Any, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    resp = await client.post("/easemob/callback", data=orjson.dumps(body))
+    return resp.status, await resp.json()
+
+
+def _late_acks(metrics: str) -> float:
+    m = re.search(r"^imbot_gateway_late_acks_total ([\d.e+]+)$", metrics, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+async def test_silent_broker_is_answered_by_fail_policy_and_a_late_ack_is_remembered(
+    make_settings: Callable[..., Settings], tmp_path: Any, paused_broker: EmbeddedBroker
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "callback: {kafka_failure: block, kafka_failure_code: DOWN}\n"
+        "models: {demo: {provider: demo}}\nroutes: {default: {models: [demo]}}\n"
+    )
+    settings = make_settings(policy_file=policy, kafka_bootstrap=paused_broker.bootstrap)
+    await ensure_topics(settings, [topics.INBOUND])
+    client: TestClient = TestClient(TestServer(create_app(settings)))  # type: ignore[type-arg]
+    await client.start_server()
+    try:
+        for _ in range(100):
+            if (await client.get("/readyz")).status == 200:
+                break
+            await asyncio.sleep(0.05)
+        warm = callback("先来一条")
+        assert await _post(client, warm) == (200, {"valid": True})
+        late_before = _late_acks(await (await client.get("/metrics")).text())
+
+        assert paused_broker.pid is not None
+        os.kill(paused_broker.pid, signal.SIGSTOP)
+        # Alice's record goes out in a produce request the silent broker never answers.
+        # Then three from carol at once: the first is queued behind that request, the
+        # other two wait inside ``producer.send`` for room in carol's one-record batch.
+        # So both ways a deadline can strike are exercised: queued, and not yet queued.
+        alice = callback("broker 没有回应")
+        carol = [callback(f"第 {i} 条", sender="carol") for i in range(3)]
+        stuck = [alice, *carol]
+        try:
+            started = time.perf_counter()
+            answers = [await _post(client, alice)]
+            answers += await asyncio.gather(*(_post(client, d) for d in carol))
+            elapsed = time.perf_counter() - started
+        finally:
+            os.kill(paused_broker.pid, signal.SIGCONT)
+        assert answers == [(200, {"valid": False, "code": "DOWN"})] * 4
+        # Two deadlines of 120 ms (publish_timeout_ms) one after the other, each inside
+        # Easemob's 200 ms; the slack is for a loaded test machine. Without the deadline
+        # each would wait for aiokafka's 10 s request timeout.
+        assert elapsed < 0.8, elapsed
+        # The two records already queued (alice's, carol's first) are acked once the
+        # broker resumes; the other two were never handed to Kafka.
+        for _ in range(100):
+            if _late_acks(await (await client.get("/metrics")).text()) >= late_before + 2:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the queued records were never acked after the broker resumed")
+        # Easemob was told DOWN for all four. Say each arrives again (a second rule):
+        # the late-acked ones are duplicates, the others are published now.
+        assert [await _post(client, dict(d)) for d in stuck] == [(200, {"valid": True})] * 4
+        records = await consume_all(
+            settings.kafka_bootstrap, settings.topic(topics.INBOUND), 6, timeout=1.5
+        )
+        published = sorted(decode_envelope(v).msg_id for _, v in records)
+        assert published == sorted(d["msg_id"] for d in [warm, *stuck])  # each exactly once
+    finally:
+        await client.close()
