@@ -31,7 +31,7 @@ from typing import Any, Protocol
 from faker import Faker
 
 from bench.report import write_section
-from streams.moderation.pii import find_pii, luhn_valid
+from moderation.pii import find_pii, luhn_valid
 
 TEMPLATES = (
     "我的{}请记一下",

@@ -120,7 +120,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_moderate(args: argparse.Namespace) -> int:
-    from streams.moderation import Moderator
+    from moderation import Moderator
 
     settings = load_settings()
     moderator = Moderator.from_config(

@@ -182,7 +182,7 @@ class Policy(_Frozen):
     ai: AiRules = AiRules()
     callback: CallbackPolicy = CallbackPolicy()
     # Model catalog and moderation config are validated by their owners
-    # (adapters.registry, streams.moderation) so core stays free of their schemas.
+    # (adapters.registry, moderation) so core stays free of their schemas.
     models: dict[str, dict[str, Any]] = Field(default_factory=dict)
     routes: dict[str, Route] = Field(default_factory=lambda: {"default": Route(models=("demo",))})
     moderation: dict[str, Any] = Field(default_factory=dict)

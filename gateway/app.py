@@ -3,11 +3,10 @@
 Per request it does only: size limit, parse, signature, "is this for the AI?",
 publish (acks=all) with a deadline, answer. Anything slower belongs in a stage.
 
-Optional fast path (``policy.callback.refuse_blocked_input``): the input lexicon
-check of ``streams.moderation`` runs here too, so a prohibited message is refused
-before Easemob delivers it. That is the one import of ``streams`` from the gateway:
-the moderation package is pure code (no Faust, no I/O), the same checker must give
-the same verdict in both places, and it is imported only when the switch is on.
+Optional fast path (``policy.callback.refuse_blocked_input``): the input check
+of ``moderation`` (the same checker the moderate-in stage runs, so both give the
+same verdict) runs here too, so a prohibited message is refused before Easemob
+delivers it. It is imported only when the switch is on.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from core.settings import Settings
 from gateway.callback import CallbackRejected, decide, verify
 
 if TYPE_CHECKING:
-    from streams.moderation import Moderator
+    from moderation import Moderator
 
 log = logging.getLogger("imbot.gateway")
 
@@ -268,9 +267,9 @@ class CallbackHandler:
         self.refused = orjson.dumps({"valid": False, "code": cb.blocked_input_code})
         self.moderator: Moderator | None = None
         if cb.refuse_blocked_input:
-            # The lexicon fast path (issue 5). Imported here so a gateway without it
-            # does not load the automaton; see the module docstring on the dependency.
-            from streams.moderation import Moderator
+            # The fast path. Imported here so a gateway without it does not build
+            # the automaton.
+            from moderation import Moderator
 
             self.moderator = Moderator.from_config(
                 self.policy.moderation, base_dir=settings.policy_file.parent

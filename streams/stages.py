@@ -29,8 +29,8 @@ from sender.store import AuditEntry, Store
 from streams.boundary import Emit
 
 if TYPE_CHECKING:  # loaded only by the workers that run these stages
+    from moderation import ModerationResult, Moderator
     from sender.service import ReplySender
-    from streams.moderation import ModerationResult, Moderator
 
 MODERATION_DECISIONS = Counter(
     "imbot_moderation_decisions_total",

@@ -61,7 +61,7 @@ class Runtime:
         self._closers.append(store.close)
         ctx = Context(settings=settings, policy=policy, store=store)
         if {"moderate-in", "moderate-out"} & set(self.stages):
-            from streams.moderation import Moderator
+            from moderation import Moderator
 
             ctx.moderator = Moderator.from_config(
                 policy.moderation, base_dir=settings.policy_file.parent

@@ -6,8 +6,8 @@ from typing import get_args
 import pytest
 
 from core.errors import ConfigurationError
-from streams.moderation import Moderator, PiiCategory
-from streams.moderation.pii import PLACEHOLDERS, find_pii, id_card_valid, luhn_valid
+from moderation import Moderator, PiiCategory
+from moderation.pii import PLACEHOLDERS, find_pii, id_card_valid, luhn_valid
 
 VALID_ID = "11010519491231002X"
 INVALID_ID = "110105194912310021"  # wrong check digit

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from streams.moderation import DATA_DIR
-from streams.moderation.normalise import (
+from moderation import DATA_DIR
+from moderation.normalise import (
     Normaliser,
     fold_full_width,
     load_variant_map,

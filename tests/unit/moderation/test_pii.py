@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from streams.moderation import Moderator
-from streams.moderation.pii import (
+from moderation import Moderator
+from moderation.pii import (
     bank_card_valid,
     find_pii,
     id_card_shaped,

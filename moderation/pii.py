@@ -28,7 +28,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from streams.moderation.normalise import fold_full_width
+from moderation.normalise import fold_full_width
 
 PLACEHOLDERS = {
     "mobile": "[手机号]",

@@ -17,9 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from core.envelope import Verdict
 from core.errors import ConfigurationError
-from streams.moderation.injection import injection_score
-from streams.moderation.normalise import Normaliser, fold_full_width, load_variant_map
-from streams.moderation.pii import PLACEHOLDERS, find_pii
+from moderation.injection import injection_score
+from moderation.normalise import Normaliser, fold_full_width, load_variant_map
+from moderation.pii import PLACEHOLDERS, find_pii
 
 DATA_DIR = Path(__file__).with_name("data")
 Action = Literal["allow", "mask", "block", "flag"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from streams.moderation.normalise import fold_full_width
+from moderation.normalise import fold_full_width
 
 _RULES: tuple[tuple[str, float, re.Pattern[str]], ...] = tuple(
     (name, weight, re.compile(pattern, re.IGNORECASE))
