@@ -17,8 +17,8 @@ the reply text and a digest of the text. So:
   that a replay produces after an outage still reaches the user, while an apology
   for a message already answered is never sent.
 
-The ledger row is committed right after Easemob accepts a part, before anything
-else is written. Easemob has no idempotency key, so the window a crash can hit is
+The ledger row is committed right after Easemob accepts a part (the last part's
+row together with the history; if that commit fails the row is committed alone). Easemob has no idempotency key, so the window a crash can hit is
 between Easemob accepting a part and that commit: that one part is sent again
 (see README "Delivery guarantee").
 """
@@ -175,14 +175,17 @@ class ReplySender:
                 parts=parts,
                 target_kind=kind,
                 target=target,
+                # The last part writes the history in the same commit.
+                exchange=(env, text, reply.kind) if end >= len(text) else None,
             )
             PARTS_SENT.labels("sent").inc()
             ids.append(easemob_id)
             start = end
-        # Idempotent, so a record whose parts were all sent before (a duplicate, or a
-        # retry after the history write failed) still leaves the history complete.
-        await self.store.record_exchange(env, text, reply_kind=reply.kind)
         duplicate = resumed == len(ids)
+        if duplicate:
+            # Idempotent: a record whose parts were all sent before (a duplicate, or a
+            # retry after the history write failed) still leaves the history complete.
+            await self.store.record_exchange(env, text, reply_kind=reply.kind)
         if duplicate:
             PARTS_SENT.labels("duplicate").inc()
             log.info("duplicate outbound record, nothing sent", extra={"msg_id": env.msg_id})

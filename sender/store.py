@@ -8,21 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
 
-from sqlalchemy import Select, Table, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import DateTime, Select, TextClause, bindparam, func, select, text, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from core.db import (
     Conversation,
     Delivery,
     Message,
-    ModerationAudit,
-    Usage,
     check_migrated,
     create_engine,
     utcnow,
@@ -52,6 +48,63 @@ def estimate_tokens(text: str) -> int:
     """Cheap token estimate for the history budget: ~1 token per CJK char, ~4 chars otherwise."""
     cjk = sum(1 for ch in text if ord(ch) > 0x2E80)
     return cjk + (len(text) - cjk + 3) // 4
+
+
+def _sql(statement: str) -> TextClause:
+    """A write statement in the SQL both SQLite (3.24+) and PostgreSQL speak.
+
+    Plain text on purpose: SQLAlchemy never caches the compiled form of its
+    dialect-specific ``INSERT … ON CONFLICT`` constructs, and compiling them was
+    most of the sender's database time. A ``text()`` statement is compiled once.
+    """
+    return text(statement).bindparams(bindparam("now", type_=DateTime(timezone=True)))
+
+
+_UPSERT_CONVERSATION = _sql(
+    "INSERT INTO conversations (id, chat_type, bot, created_at, last_message_at)"
+    " VALUES (:id, :chat_type, :bot, :now, :now)"
+    " ON CONFLICT (id) DO UPDATE SET last_message_at = excluded.last_message_at"
+)
+_MESSAGE_COLUMNS = (
+    "INSERT INTO messages (msg_id, conversation_id, role, author, text, kind, reply_to,"
+    " tokens, created_at) VALUES (:msg_id, :conversation_id, :role, :author, :text, :kind,"
+    " :reply_to, :tokens, :now)"
+)
+_INSERT_MESSAGE = _sql(_MESSAGE_COLUMNS + " ON CONFLICT (msg_id) DO NOTHING")
+# A real answer replaces the fallback apology sent while the pipeline was failing
+# (the DLQ record was replayed later); any other reply row is written once.
+_UPSERT_ANSWER = _sql(
+    _MESSAGE_COLUMNS + " ON CONFLICT (msg_id) DO UPDATE SET text = excluded.text,"
+    " kind = excluded.kind, tokens = excluded.tokens WHERE messages.kind = 'fallback'"
+)
+_INSERT_USAGE = _sql(
+    "INSERT INTO usage (msg_id, conversation_id, model, provider, input_tokens,"
+    " output_tokens, cost, currency, latency_ms, created_at) VALUES (:msg_id,"
+    " :conversation_id, :model, :provider, :input_tokens, :output_tokens, :cost, :currency,"
+    " :latency_ms, :now) ON CONFLICT (msg_id) DO NOTHING"
+)
+_INSERT_AUDIT = _sql(
+    "INSERT INTO moderation_audit (msg_id, stage, detector, rule, category, action,"
+    " created_at) VALUES (:msg_id, :stage, :detector, :rule, :category, :action, :now)"
+    " ON CONFLICT (msg_id, stage, detector, rule) DO NOTHING"
+)
+# A sent part is final: no later statement changes it.
+_MARK_SENT = _sql(
+    "INSERT INTO deliveries (msg_id, part, parts, target_kind, target, status,"
+    " easemob_msg_id, end_offset, reply_digest, attempts, created_at, sent_at) VALUES"
+    " (:msg_id, :part, :parts, :target_kind, :target, 'sent', :easemob_msg_id, :end_offset,"
+    " :reply_digest, 1, :now, :now) ON CONFLICT (msg_id, part) DO UPDATE SET status = 'sent',"
+    " easemob_msg_id = excluded.easemob_msg_id, end_offset = excluded.end_offset,"
+    " reply_digest = excluded.reply_digest, attempts = deliveries.attempts + 1,"
+    " sent_at = excluded.sent_at, error = NULL WHERE deliveries.status != 'sent'"
+)
+_MARK_FAILED = _sql(
+    "INSERT INTO deliveries (msg_id, part, parts, target_kind, target, status, attempts,"
+    " error, created_at) VALUES (:msg_id, :part, :parts, :target_kind, :target, :status, 1,"
+    " :error, :now) ON CONFLICT (msg_id, part) DO UPDATE SET status = excluded.status,"
+    " attempts = deliveries.attempts + 1, error = excluded.error"
+    " WHERE deliveries.status != 'sent'"
+)
 
 
 class Store:
@@ -87,15 +140,10 @@ class Store:
     async def close(self) -> None:
         await self.engine.dispose()
 
-    def _insert_ignore(self, table: type[object], index: Sequence[str]):  # type: ignore[no-untyped-def]
-        """INSERT … ON CONFLICT DO NOTHING, in this engine's dialect."""
-        if self._dialect == "postgresql":
-            return postgresql.insert(table).on_conflict_do_nothing(index_elements=list(index))
-        return sqlite.insert(table).on_conflict_do_nothing(index_elements=list(index))
-
     # -- moderation audit ----------------------------------------------------
 
     async def record_audit(self, msg_id: str, stage: str, entries: Iterable[AuditEntry]) -> None:
+        now = utcnow()
         rows = [
             {
                 "msg_id": msg_id,
@@ -104,15 +152,14 @@ class Store:
                 "rule": e.rule[:120],
                 "category": e.category[:64],
                 "action": e.action,
-                "created_at": utcnow(),
+                "now": now,
             }
             for e in entries
         ]
         if not rows:
             return
-        stmt = self._insert_ignore(ModerationAudit, ("msg_id", "stage", "detector", "rule"))
         async with self._writing() as session:
-            await session.execute(stmt, rows)
+            await session.execute(_INSERT_AUDIT, rows)
 
     # -- history ---------------------------------------------------------------
 
@@ -140,18 +187,20 @@ class Store:
         picked: list[Turn] = []
         skipped: set[str] = set()  # user messages whose reply was not a model answer
         used = 0
-        for role, text, tokens, msg_id, kind, reply_to in rows:
+        for role, content, tokens, msg_id, kind, reply_to in rows:
             if role == "assistant" and kind != "answer":
                 if reply_to:
                     skipped.add(reply_to)
                 continue
             if msg_id == before_msg_id or msg_id in skipped:
                 continue  # the message being answered is not its own history
-            cost = tokens if tokens is not None else estimate_tokens(text)
+            cost = tokens if tokens is not None else estimate_tokens(content)
             if used + cost > token_budget or len(picked) >= turns:
                 break
             used += cost
-            picked.append(Turn(role="assistant" if role == "assistant" else "user", content=text))
+            picked.append(
+                Turn(role="assistant" if role == "assistant" else "user", content=content)
+            )
         picked.reverse()
         # A window must start with the user's turn (some providers require it).
         while picked and picked[0].role == "assistant":
@@ -209,48 +258,42 @@ class Store:
     ) -> None:
         now = utcnow()
         user_text = env.user_text
-        await self._upsert_conversation(session, env, now)
         await session.execute(
-            self._insert_ignore(Message, ("msg_id",)),
-            [
-                {
-                    "msg_id": env.msg_id,
-                    "conversation_id": env.conversation_id,
-                    "role": "user",
-                    "author": env.sender,
-                    "text": user_text,
-                    "kind": env.content.type,
-                    "reply_to": None,
-                    "tokens": estimate_tokens(user_text),
-                    "created_at": now,
-                }
-            ],
-        )
-        # The reply row: written once, except that a real answer replaces the fallback
-        # apology sent while the pipeline was failing (a DLQ replay answered it later).
-        dialect_insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
-        table = Message.__table__
-        assert isinstance(table, Table)
-        tokens = env.completion.output_tokens if env.completion else None
-        insert = dialect_insert(table).values(
-            msg_id=f"{env.msg_id}:reply",
-            conversation_id=env.conversation_id,
-            role="assistant",
-            author=env.bot,
-            text=reply_text,
-            kind=reply_kind,
-            reply_to=env.msg_id,
-            tokens=tokens,
-            created_at=now,
+            _UPSERT_CONVERSATION,
+            {
+                "id": env.conversation_id,
+                "chat_type": env.chat_type.value,
+                "bot": env.bot,
+                "now": now,
+            },
         )
         await session.execute(
-            insert.on_conflict_do_nothing(index_elements=["msg_id"])
-            if reply_kind == "fallback"
-            else insert.on_conflict_do_update(
-                index_elements=["msg_id"],
-                set_={"text": reply_text, "kind": reply_kind, "tokens": tokens},
-                where=table.c.kind == "fallback",
-            )
+            _INSERT_MESSAGE,
+            {
+                "msg_id": env.msg_id,
+                "conversation_id": env.conversation_id,
+                "role": "user",
+                "author": env.sender,
+                "text": user_text,
+                "kind": env.content.type,
+                "reply_to": None,
+                "tokens": estimate_tokens(user_text),
+                "now": now,
+            },
+        )
+        await session.execute(
+            _INSERT_MESSAGE if reply_kind == "fallback" else _UPSERT_ANSWER,
+            {
+                "msg_id": f"{env.msg_id}:reply",
+                "conversation_id": env.conversation_id,
+                "role": "assistant",
+                "author": env.bot,
+                "text": reply_text,
+                "kind": reply_kind,
+                "reply_to": env.msg_id,
+                "tokens": env.completion.output_tokens if env.completion else None,
+                "now": now,
+            },
         )
 
     async def record_usage(self, env: Envelope, c: Completion) -> None:
@@ -261,38 +304,20 @@ class Store:
         """
         async with self._writing() as session:
             await session.execute(
-                self._insert_ignore(Usage, ("msg_id",)),
-                [
-                    {
-                        "msg_id": env.msg_id,
-                        "conversation_id": env.conversation_id,
-                        "model": c.model,
-                        "provider": c.provider,
-                        "input_tokens": c.input_tokens,
-                        "output_tokens": c.output_tokens,
-                        "cost": c.cost,
-                        "currency": c.currency,
-                        "latency_ms": c.latency_ms,
-                        "created_at": utcnow(),
-                    }
-                ],
+                _INSERT_USAGE,
+                {
+                    "msg_id": env.msg_id,
+                    "conversation_id": env.conversation_id,
+                    "model": c.model,
+                    "provider": c.provider,
+                    "input_tokens": c.input_tokens,
+                    "output_tokens": c.output_tokens,
+                    "cost": c.cost,
+                    "currency": c.currency,
+                    "latency_ms": c.latency_ms,
+                    "now": utcnow(),
+                },
             )
-
-    async def _upsert_conversation(
-        self, session: AsyncConnection, env: Envelope, now: datetime
-    ) -> None:
-        dialect_insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
-        await session.execute(
-            dialect_insert(Conversation)
-            .values(
-                id=env.conversation_id,
-                chat_type=env.chat_type.value,
-                bot=env.bot,
-                created_at=now,
-                last_message_at=now,
-            )
-            .on_conflict_do_update(index_elements=["id"], set_={"last_message_at": now})
-        )
 
     # -- delivery ledger -----------------------------------------------------
 
@@ -309,20 +334,6 @@ class Store:
             rows = (await session.execute(query)).all()
         return {r.part: LedgerRow(*r) for r in rows}
 
-    def _upsert_delivery(self, values: dict[str, object], on_conflict: dict[str, object]) -> Any:
-        table = Delivery.__table__
-        assert isinstance(table, Table)
-        dialect_insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
-        return (
-            dialect_insert(table)
-            .values(values)
-            .on_conflict_do_update(
-                index_elements=["msg_id", "part"],
-                set_=on_conflict,
-                where=table.c.status != "sent",  # a sent part is final
-            )
-        )
-
     async def mark_sent(
         self,
         msg_id: str,
@@ -334,40 +345,60 @@ class Store:
         parts: int,
         target_kind: str,
         target: str,
+        exchange: tuple[Envelope, str, str] | None = None,
     ) -> None:
         """Record a part Easemob accepted — the ledger entry that stops any resend.
 
-        Its own transaction, committed before anything else is written: the history
-        that follows the last part must not be able to roll it back.
+        With ``exchange`` (envelope, reply text, reply kind: the last part) the history
+        is written in the same transaction, one commit per reply. If that transaction
+        fails, the ledger row is committed on its own and the error raised, so the
+        history can never take the ledger row down with it: the retry finds every
+        part sent and only writes the history.
         """
-        now = utcnow()
-        stmt = self._upsert_delivery(
-            {
-                "msg_id": msg_id,
-                "part": part,
-                "parts": parts,
-                "target_kind": target_kind,
-                "target": target,
-                "status": "sent",
-                "easemob_msg_id": easemob_msg_id,
-                "end_offset": end_offset,
-                "reply_digest": reply_digest,
-                "attempts": 1,
-                "created_at": now,
-                "sent_at": now,
-            },
-            {
-                "status": "sent",
-                "easemob_msg_id": easemob_msg_id,
-                "end_offset": end_offset,
-                "reply_digest": reply_digest,
-                "attempts": Delivery.attempts + 1,
-                "sent_at": now,
-                "error": None,
-            },
+        if exchange is not None:
+            try:
+                await self._mark_sent(
+                    msg_id, part, easemob_msg_id, end_offset, reply_digest, parts,
+                    target_kind, target, exchange,
+                )  # fmt: skip
+                return
+            except SQLAlchemyError:
+                await self._mark_sent(
+                    msg_id, part, easemob_msg_id, end_offset, reply_digest, parts,
+                    target_kind, target, None,
+                )  # fmt: skip
+                raise
+        await self._mark_sent(
+            msg_id, part, easemob_msg_id, end_offset, reply_digest, parts, target_kind, target, None
         )
+
+    async def _mark_sent(
+        self,
+        msg_id: str,
+        part: int,
+        easemob_msg_id: str,
+        end_offset: int,
+        reply_digest: str,
+        parts: int,
+        target_kind: str,
+        target: str,
+        exchange: tuple[Envelope, str, str] | None,
+    ) -> None:
+        values = {
+            "msg_id": msg_id,
+            "part": part,
+            "parts": parts,
+            "target_kind": target_kind,
+            "target": target,
+            "easemob_msg_id": easemob_msg_id,
+            "end_offset": end_offset,
+            "reply_digest": reply_digest,
+            "now": utcnow(),
+        }
         async with self._writing() as session:
-            await session.execute(stmt)
+            await session.execute(_MARK_SENT, values)
+            if exchange is not None:
+                await self._record_exchange(session, *exchange)
 
     async def mark_failed(
         self,
@@ -381,23 +412,18 @@ class Store:
         final: bool,
     ) -> None:
         """Count a failed attempt (``final``: it will not be retried)."""
-        status = "failed" if final else "retrying"
-        stmt = self._upsert_delivery(
-            {
-                "msg_id": msg_id,
-                "part": part,
-                "parts": parts,
-                "target_kind": target_kind,
-                "target": target,
-                "status": status,
-                "attempts": 1,
-                "error": error[:500],
-                "created_at": utcnow(),
-            },
-            {"status": status, "attempts": Delivery.attempts + 1, "error": error[:500]},
-        )
+        values = {
+            "msg_id": msg_id,
+            "part": part,
+            "parts": parts,
+            "target_kind": target_kind,
+            "target": target,
+            "status": "failed" if final else "retrying",
+            "error": error[:500],
+            "now": utcnow(),
+        }
         async with self._writing() as session:
-            await session.execute(stmt)
+            await session.execute(_MARK_FAILED, values)
 
     async def count(self, table: type[object], **where: object) -> int:
         """Row count, for operations tooling and tests."""
