@@ -25,7 +25,7 @@ import base64
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -60,12 +60,21 @@ class Emit:
     envelope: Envelope
 
 
+@dataclass(frozen=True, slots=True)
+class AfterPublish:
+    """Work that must be done before the record is acknowledged, but need not hold
+    up the next stage: run once the outputs are published (e.g. the usage row of a
+    model call). It handles its own failures; the record is acknowledged after it."""
+
+    run: Callable[[], Awaitable[None]]
+
+
 class Stage(Protocol):
     name: str
     input_topic: str
     user_waiting: bool  # whether a fatal failure should send the user a fallback reply
 
-    async def handle(self, env: Envelope, *, deadline: float) -> Sequence[Emit]: ...
+    async def handle(self, env: Envelope, *, deadline: float) -> Sequence[Emit | AfterPublish]: ...
 
     def fallback(self, env: Envelope, error: BaseException) -> Emit | None: ...
 
@@ -171,7 +180,8 @@ class Boundary:
             # completed model call must not be paid for again because Kafka hiccuped.
             try:
                 for emit in emits:
-                    await self._publish_forever(emit.topic, key, encode_envelope(emit.envelope))
+                    if isinstance(emit, Emit):
+                        await self._publish_forever(emit.topic, key, encode_envelope(emit.envelope))
             except _UNPUBLISHABLE as exc:
                 log.error(
                     "output cannot be published, to DLQ",
@@ -179,6 +189,9 @@ class Boundary:
                 )
                 await self._fail(key, value, where, exc, attempt, env)
                 return "unpublishable"
+            for after in emits:
+                if isinstance(after, AfterPublish):
+                    await after.run()
             return "ok"
 
     async def _fail(

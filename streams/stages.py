@@ -10,6 +10,7 @@ delivers whatever reaches it. Agents (``streams.worker``) only decode, call
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
@@ -26,7 +27,7 @@ from core.envelope import Completion, Envelope, Reply, ReplyKind, RouteDecision,
 from core.errors import ContentRejected, RetryableError
 from core.settings import Policy, Settings
 from sender.store import AuditEntry, Store
-from streams.boundary import Emit
+from streams.boundary import AfterPublish, Emit
 
 if TYPE_CHECKING:  # loaded only by the workers that run these stages
     from moderation import ModerationResult, Moderator
@@ -174,7 +175,7 @@ class CallModel(_UserFacingStage):
         assert ctx.catalog is not None
         self.catalog = ctx.catalog
 
-    async def handle(self, env: Envelope, *, deadline: float) -> Sequence[Emit]:
+    async def handle(self, env: Envelope, *, deadline: float) -> Sequence[Emit | AfterPublish]:
         if env.route is None:
             return [_fallback(self.ctx, env, self.name)]
         remaining = deadline - time.monotonic()
@@ -211,8 +212,13 @@ class CallModel(_UserFacingStage):
             provider_request_id=result.provider_request_id,
             attempts=result.attempts,
         )
-        await self._record_usage(env, completion)
-        return [Emit(topics.COMPLETED, env.stamped(self.name, completion=completion))]
+        # The usage row is written once the completion is on its way to the next
+        # stage, and before this record is acknowledged: durable, but off the path
+        # the user waits on (a commit costs milliseconds).
+        return [
+            Emit(topics.COMPLETED, env.stamped(self.name, completion=completion)),
+            AfterPublish(functools.partial(self._record_usage, env, completion)),
+        ]
 
     async def _record_usage(self, env: Envelope, completion: Completion) -> None:
         """Account for the paid call now; a database hiccup must not buy it twice.

@@ -21,7 +21,7 @@ from core.envelope import (
 from core.errors import FatalError, RetryableError
 from core.kafka import ensure_topics, new_producer
 from core.settings import Settings
-from streams.boundary import Boundary, Emit, Outputs
+from streams.boundary import AfterPublish, Boundary, Emit, Outputs
 from tests.conftest import consume_all
 
 
@@ -182,3 +182,20 @@ async def test_a_stage_deadline_of_its_own_overrides_the_setting(outputs: Output
     )
     assert outcome == "exhausted"
     assert asyncio.get_running_loop().time() - started < 1.5  # not the settings' 2 s
+
+
+async def test_after_publish_work_runs_once_the_outputs_are_out(outputs: Outputs) -> None:
+    seen_on_topic: list[int] = []
+
+    class StageWithEffect(ScriptedStage):
+        async def handle(self, env: Envelope, *, deadline: float) -> Sequence[Emit | AfterPublish]:
+            async def effect() -> None:
+                seen_on_topic.append(len(await _read(outputs, topics.COMPLETED)))
+
+            return [Emit(topics.COMPLETED, env.stamped(self.name)), AfterPublish(effect)]
+
+    outcome = await Boundary(StageWithEffect([]), outputs, outputs.settings).process(
+        b"k", encode_envelope(_env()), "t", 0, 6
+    )
+    assert outcome == "ok"
+    assert seen_on_topic == [1]  # the output was already published when the effect ran

@@ -12,6 +12,7 @@ from core.db import ModerationAudit, Usage
 from core.envelope import ChatType, Content, Envelope, RouteDecision
 from core.settings import Settings
 from sender.store import Store
+from streams.boundary import AfterPublish, Emit
 from streams.stages import CallModel, Context
 from tests.fakes.providers import FakeErnie
 from tests.integration.adapters.conftest import CatalogFactory, ernie_fake, make_catalog
@@ -61,6 +62,7 @@ async def test_a_provider_asking_to_clear_history_gets_it_cleared_and_audited(
     env = _env(conv, user)
     [emit] = await stage.handle(env, deadline=time.monotonic() + 10)
 
+    assert isinstance(emit, Emit)
     assert emit.envelope.reply is not None
     assert (emit.envelope.reply.kind, emit.envelope.reply.text) == (
         "rejected",
@@ -71,7 +73,7 @@ async def test_a_provider_asking_to_clear_history_gets_it_cleared_and_audited(
     assert await store.count(Usage, msg_id=env.msg_id) == 0
 
 
-async def test_a_completed_call_is_accounted_for_before_it_is_published(
+async def test_a_completed_call_is_accounted_for_once_it_is_published(
     ernie_fake: FakeErnie,
     make_catalog: CatalogFactory,
     make_settings: Callable[..., Settings],
@@ -84,8 +86,13 @@ async def test_a_completed_call_is_accounted_for_before_it_is_published(
         Context(settings=settings, policy=settings.policy, store=store, catalog=catalog)
     )
     env = _env(f"chat:ai_bot:{user}", user)
-    [emit] = await stage.handle(env, deadline=time.monotonic() + 10)
+    emit, after = await stage.handle(env, deadline=time.monotonic() + 10)
+    assert isinstance(emit, Emit)
+    assert isinstance(after, AfterPublish)
     completion = emit.envelope.completion
     assert completion is not None
     assert completion.provider == "ernie"
+    # Written after the completion is published, before the record is acknowledged.
+    assert await store.count(Usage, msg_id=env.msg_id) == 0
+    await after.run()
     assert await store.count(Usage, msg_id=env.msg_id) == 1
