@@ -144,7 +144,10 @@ def create_engine(url: str) -> AsyncEngine:
         engine = create_async_engine(url, connect_args={"timeout": 30})
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
-    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+    # No pool_pre_ping: it costs a round trip on every checkout. A connection that
+    # went stale fails its statement instead, the pool drops it (SQLAlchemy
+    # invalidates on disconnect errors) and the stage boundary retries the record.
+    return create_async_engine(url, pool_size=10, max_overflow=10, pool_recycle=1800)
 
 
 def alembic_config(url: str) -> object:

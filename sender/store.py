@@ -115,6 +115,9 @@ class Store:
         # process would meet in SQLite's busy handler, which sleeps up to 100 ms
         # between tries. Queue them here instead (PostgreSQL needs no such thing).
         self._write_lock = asyncio.Lock() if self._dialect == "sqlite" else None
+        # Reads are single statements: without a transaction around them they are one
+        # round trip to the server instead of three (BEGIN, SELECT, ROLLBACK).
+        self._reader = engine.execution_options(isolation_level="AUTOCOMMIT")
 
     @classmethod
     async def open(cls, url: str, *, check: bool = True) -> Store:
@@ -182,7 +185,7 @@ class Store:
         if turns <= 0:
             return ()
         query = self.history_query(conversation_id, 2 * turns + 2)
-        async with self.engine.connect() as session:
+        async with self._reader.connect() as session:
             rows = (await session.execute(query)).all()
         picked: list[Turn] = []
         skipped: set[str] = set()  # user messages whose reply was not a model answer
@@ -330,7 +333,7 @@ class Store:
             Delivery.end_offset,
             Delivery.reply_digest,
         ).where(Delivery.msg_id == msg_id)
-        async with self.engine.connect() as session:
+        async with self._reader.connect() as session:
             rows = (await session.execute(query)).all()
         return {r.part: LedgerRow(*r) for r in rows}
 
@@ -430,7 +433,7 @@ class Store:
         query = select(func.count()).select_from(table)
         for column, value in where.items():
             query = query.where(getattr(table, column) == value)
-        async with self.engine.connect() as session:
+        async with self._reader.connect() as session:
             return int((await session.execute(query)).scalar_one())
 
 
