@@ -65,17 +65,20 @@ _UPSERT_CONVERSATION = _sql(
     " VALUES (:id, :chat_type, :bot, :now, :now)"
     " ON CONFLICT (id) DO UPDATE SET last_message_at = excluded.last_message_at"
 )
-_MESSAGE_COLUMNS = (
+# The question and the reply in one statement. Each row is written once, except
+# that a real answer replaces the fallback apology sent while the pipeline was
+# failing (the DLQ record was replayed later): the user's row never has kind
+# 'fallback', and a fallback never replaces anything.
+_INSERT_EXCHANGE = _sql(
     "INSERT INTO messages (msg_id, conversation_id, role, author, text, kind, reply_to,"
-    " tokens, created_at) VALUES (:msg_id, :conversation_id, :role, :author, :text, :kind,"
-    " :reply_to, :tokens, :now)"
-)
-_INSERT_MESSAGE = _sql(_MESSAGE_COLUMNS + " ON CONFLICT (msg_id) DO NOTHING")
-# A real answer replaces the fallback apology sent while the pipeline was failing
-# (the DLQ record was replayed later); any other reply row is written once.
-_UPSERT_ANSWER = _sql(
-    _MESSAGE_COLUMNS + " ON CONFLICT (msg_id) DO UPDATE SET text = excluded.text,"
-    " kind = excluded.kind, tokens = excluded.tokens WHERE messages.kind = 'fallback'"
+    " tokens, created_at) VALUES"
+    " (:msg_id, :conversation_id, 'user', :sender, :user_text, :content_type, NULL,"
+    " :user_tokens, :now),"
+    " (:reply_id, :conversation_id, 'assistant', :bot, :reply_text, :reply_kind, :msg_id,"
+    " :reply_tokens, :now)"
+    " ON CONFLICT (msg_id) DO UPDATE SET text = excluded.text, kind = excluded.kind,"
+    " tokens = excluded.tokens"
+    " WHERE messages.kind = 'fallback' AND excluded.kind <> 'fallback'"
 )
 _INSERT_USAGE = _sql(
     "INSERT INTO usage (msg_id, conversation_id, model, provider, input_tokens,"
@@ -271,30 +274,19 @@ class Store:
             },
         )
         await session.execute(
-            _INSERT_MESSAGE,
+            _INSERT_EXCHANGE,
             {
                 "msg_id": env.msg_id,
                 "conversation_id": env.conversation_id,
-                "role": "user",
-                "author": env.sender,
-                "text": user_text,
-                "kind": env.content.type,
-                "reply_to": None,
-                "tokens": estimate_tokens(user_text),
-                "now": now,
-            },
-        )
-        await session.execute(
-            _INSERT_MESSAGE if reply_kind == "fallback" else _UPSERT_ANSWER,
-            {
-                "msg_id": f"{env.msg_id}:reply",
-                "conversation_id": env.conversation_id,
-                "role": "assistant",
-                "author": env.bot,
-                "text": reply_text,
-                "kind": reply_kind,
-                "reply_to": env.msg_id,
-                "tokens": env.completion.output_tokens if env.completion else None,
+                "sender": env.sender,
+                "user_text": user_text,
+                "content_type": env.content.type,
+                "user_tokens": estimate_tokens(user_text),
+                "reply_id": f"{env.msg_id}:reply",
+                "bot": env.bot,
+                "reply_text": reply_text,
+                "reply_kind": reply_kind,
+                "reply_tokens": env.completion.output_tokens if env.completion else None,
                 "now": now,
             },
         )
