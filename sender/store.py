@@ -350,35 +350,6 @@ class Store:
         history can never take the ledger row down with it: the retry finds every
         part sent and only writes the history.
         """
-        if exchange is not None:
-            try:
-                await self._mark_sent(
-                    msg_id, part, easemob_msg_id, end_offset, reply_digest, parts,
-                    target_kind, target, exchange,
-                )  # fmt: skip
-                return
-            except SQLAlchemyError:
-                await self._mark_sent(
-                    msg_id, part, easemob_msg_id, end_offset, reply_digest, parts,
-                    target_kind, target, None,
-                )  # fmt: skip
-                raise
-        await self._mark_sent(
-            msg_id, part, easemob_msg_id, end_offset, reply_digest, parts, target_kind, target, None
-        )
-
-    async def _mark_sent(
-        self,
-        msg_id: str,
-        part: int,
-        easemob_msg_id: str,
-        end_offset: int,
-        reply_digest: str,
-        parts: int,
-        target_kind: str,
-        target: str,
-        exchange: tuple[Envelope, str, str] | None,
-    ) -> None:
         values = {
             "msg_id": msg_id,
             "part": part,
@@ -390,10 +361,17 @@ class Store:
             "reply_digest": reply_digest,
             "now": utcnow(),
         }
-        async with self._writing() as session:
-            await session.execute(_MARK_SENT, values)
-            if exchange is not None:
-                await self._record_exchange(session, *exchange)
+        try:
+            async with self._writing() as session:
+                await session.execute(_MARK_SENT, values)
+                if exchange is not None:
+                    await self._record_exchange(session, *exchange)
+        except SQLAlchemyError:
+            if exchange is None:
+                raise
+            async with self._writing() as session:
+                await session.execute(_MARK_SENT, values)
+            raise
 
     async def mark_failed(
         self,

@@ -14,25 +14,14 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from core import topics
 from core.envelope import decode_envelope
-from core.kafka import ensure_topics, free_port
+from core.kafka import free_port
 from core.settings import Settings
 from gateway.app import create_app
 from tests.conftest import consume_all
+from tests.integration.conftest import start_gateway
 from tests.payloads import callback
 
 Client = TestClient  # type: ignore[type-arg]
-
-
-async def _client(settings: Settings) -> TestClient:  # type: ignore[type-arg]
-    await ensure_topics(settings)
-    client = TestClient(TestServer(create_app(settings)))
-    await client.start_server()
-    # The producer connects in the background; wait until the gateway is ready.
-    for _ in range(100):
-        if (await client.get("/readyz")).status == 200:
-            break
-        await asyncio.sleep(0.05)
-    return client
 
 
 @pytest.fixture
@@ -40,7 +29,7 @@ async def gateway(
     make_settings: Callable[..., Settings],
 ) -> AsyncIterator[tuple[TestClient, Settings]]:  # type: ignore[type-arg]
     settings = make_settings()
-    client = await _client(settings)
+    client = await start_gateway(settings)
     yield client, settings
     await client.close()
 
@@ -171,7 +160,7 @@ async def test_intercept_policy_blocks_the_users_message(
         "models: {demo: {provider: demo}}\nroutes: {default: {models: [demo]}}\n"
     )
     settings = make_settings(policy_file=policy)
-    client = await _client(settings)
+    client = await start_gateway(settings)
     try:
         assert await _post(client, callback()) == (200, {"valid": False, "code": "AI_ONLY"})
     finally:
@@ -237,7 +226,7 @@ async def test_fast_path_refuses_a_blocked_word_without_publishing(
     make_settings: Callable[..., Settings], tmp_path: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings = make_settings(policy_file=_fast_path_policy(tmp_path, on=True))
-    client = await _client(settings)
+    client = await start_gateway(settings)
     try:
         caplog.set_level(logging.INFO, logger="imbot.gateway")
         # Spaces inserted between the characters (a usual evasion): still caught.
@@ -262,7 +251,7 @@ async def test_fast_path_off_publishes_the_blocked_word_for_the_stage_to_judge(
     make_settings: Callable[..., Settings], tmp_path: Any
 ) -> None:
     settings = make_settings(policy_file=_fast_path_policy(tmp_path, on=False))
-    client = await _client(settings)
+    client = await start_gateway(settings)
     try:
         data = callback("违禁词示例")
         assert await _post(client, data) == (200, {"valid": True})
@@ -276,7 +265,7 @@ async def test_fast_path_leaves_non_text_messages_to_the_pipeline(
     make_settings: Callable[..., Settings], tmp_path: Any
 ) -> None:
     settings = make_settings(policy_file=_fast_path_policy(tmp_path, on=True))
-    client = await _client(settings)
+    client = await start_gateway(settings)
     try:
         data = callback(body={"type": "img", "url": "https://x/违禁词示例.png"})
         assert await _post(client, data) == (200, {"valid": True})

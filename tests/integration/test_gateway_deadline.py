@@ -18,14 +18,13 @@ from typing import Any
 
 import orjson
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 
 from core import topics
 from core.envelope import decode_envelope
-from core.kafka import EmbeddedBroker, ensure_topics
+from core.kafka import EmbeddedBroker
 from core.settings import Settings
-from gateway.app import create_app
 from tests.conftest import consume_all
+from tests.integration.conftest import start_gateway
 from tests.payloads import callback
 
 
@@ -60,14 +59,8 @@ async def test_silent_broker_is_answered_by_fail_policy_and_a_late_ack_is_rememb
         "models: {demo: {provider: demo}}\nroutes: {default: {models: [demo]}}\n"
     )
     settings = make_settings(policy_file=policy, kafka_bootstrap=paused_broker.bootstrap)
-    await ensure_topics(settings, [topics.INBOUND])
-    client: TestClient = TestClient(TestServer(create_app(settings)))  # type: ignore[type-arg]
-    await client.start_server()
+    client = await start_gateway(settings)
     try:
-        for _ in range(100):
-            if (await client.get("/readyz")).status == 200:
-                break
-            await asyncio.sleep(0.05)
         warm = callback("先来一条")
         assert await _post(client, warm) == (200, {"valid": True})
         late_before = _late_acks(await (await client.get("/metrics")).text())

@@ -13,28 +13,18 @@ from typing import Any
 
 import httpx
 import pytest
-from aiohttp import web
 
 from core import topics
 from core.envelope import ChatType, Content, DlqRecord, Envelope, Reply, encode_envelope
-from core.kafka import ensure_topics, free_port, new_producer
+from core.kafka import ensure_topics, new_producer
 from core.settings import Settings
-from sender.easemob import EasemobClient
 from sender.service import ReplySender, reply_digest
 from sender.split import part_end, split_reply
 from sender.store import Store
-from simulator.app import SimulatorConfig, serve
 from streams.boundary import Boundary, Outputs
 from streams.stages import Context, Send
 from tests.conftest import consume_all
-
-
-@pytest.fixture
-async def simulator() -> AsyncIterator[str]:
-    config = SimulatorConfig(port=free_port())
-    runner: web.AppRunner = await serve(config)
-    yield f"http://127.0.0.1:{config.port}"
-    await runner.cleanup()
+from tests.integration.conftest import new_easemob_client
 
 
 class Harness:
@@ -70,13 +60,7 @@ async def harness(
     settings = make_settings(stage_retry_base_s=0.01, stage_retry_max_s=0.05, sender_deadline_s=2.0)
     await ensure_topics(settings)
     store = await Store.open(db_url)
-    client = EasemobClient(
-        base_url=simulator,
-        org="demo-org",
-        app="demo-app",
-        client_id="dev-client",
-        client_secret="dev-client-secret",
-    )
+    client = new_easemob_client(simulator)
     sender = ReplySender(client, store)
     ctx = Context(settings=settings, policy=settings.policy, store=store, sender=sender)
     producer = new_producer(settings)

@@ -9,37 +9,21 @@ from typing import Any
 
 import httpx
 import pytest
-from aiohttp import web
 
 from core.envelope import ChatType, Content, Envelope, Reply
 from core.errors import ConfigurationError, FatalError, RetryableError
-from core.kafka import free_port
 from sender.easemob import EasemobClient, MessageTooLarge
 from sender.service import ReplySender, reply_digest
 from sender.split import split_reply
 from sender.store import Store
-from simulator.app import SimulatorConfig, serve
+from tests.integration.conftest import new_easemob_client
 
 
 @pytest.fixture
-async def simulator() -> AsyncIterator[str]:
-    config = SimulatorConfig(port=free_port())
-    runner: web.AppRunner = await serve(config)
-    yield f"http://127.0.0.1:{config.port}"
-    await runner.cleanup()
-
-
-@pytest.fixture
-async def client(simulator: str) -> AsyncIterator[EasemobClient]:
-    c = EasemobClient(
-        base_url=simulator,
-        org="demo-org",
-        app="demo-app",
-        client_id="dev-client",
-        client_secret="dev-client-secret",
-    )
-    yield c
-    await c.aclose()
+async def store(db_url: str) -> AsyncIterator[Store]:
+    s = await Store.open(db_url)
+    yield s
+    await s.close()
 
 
 async def _inject(simulator: str, **body: Any) -> None:
@@ -132,169 +116,133 @@ async def test_each_response_class_maps_to_its_error(
 
 
 async def test_bad_credentials_are_a_configuration_error(simulator: str) -> None:
-    bad = EasemobClient(
-        base_url=simulator, org="demo-org", app="demo-app", client_id="x", client_secret="nope"
-    )
-    try:
+    async with new_easemob_client(simulator, client_id="x", client_secret="nope") as bad:
         with pytest.raises(ConfigurationError) as raised:
             await bad.send_text("users", sender="ai_bot", to="alice", text="hi")
-        assert "nope" not in str(raised.value)
-    finally:
-        await bad.aclose()
+    assert "nope" not in str(raised.value)
 
 
 async def test_reply_is_delivered_once_even_when_the_record_repeats(
-    client: EasemobClient, simulator: str, db_url: str
+    client: EasemobClient, simulator: str, store: Store
 ) -> None:
-    store = await Store.open(db_url)
     sender = ReplySender(client, store)
-    try:
-        env = _env("这是回答")
-        first = await sender.deliver(env, deadline=time.monotonic() + 10)
-        again = await sender.deliver(env, deadline=time.monotonic() + 10)
-        assert (first.parts, first.duplicate, again.duplicate) == (1, False, True)
-        assert first.easemob_msg_ids == again.easemob_msg_ids
-        assert len(await _delivered(simulator, "alice")) == 1
-    finally:
-        await store.close()
+    env = _env("这是回答")
+    first = await sender.deliver(env, deadline=time.monotonic() + 10)
+    again = await sender.deliver(env, deadline=time.monotonic() + 10)
+    assert (first.parts, first.duplicate, again.duplicate) == (1, False, True)
+    assert first.easemob_msg_ids == again.easemob_msg_ids
+    assert len(await _delivered(simulator, "alice")) == 1
 
 
 async def test_group_reply_mentions_the_asker(
-    client: EasemobClient, simulator: str, sqlite_url: str
+    client: EasemobClient, simulator: str, store: Store
 ) -> None:
-    store = await Store.open(sqlite_url)
-    try:
-        await ReplySender(client, store).deliver(
-            _env("总结", chat_type=ChatType.group), deadline=time.monotonic() + 10
-        )
-        [message] = await _delivered(simulator, "g1")
-        assert message["kind"] == "chatgroups"
-        assert message["ext"]["em_at_list"] == ["alice"]
-    finally:
-        await store.close()
+    await ReplySender(client, store).deliver(
+        _env("总结", chat_type=ChatType.group), deadline=time.monotonic() + 10
+    )
+    [message] = await _delivered(simulator, "g1")
+    assert message["kind"] == "chatgroups"
+    assert message["ext"]["em_at_list"] == ["alice"]
 
 
 async def test_long_reply_is_split_sent_in_order_and_resumed_after_a_failure(
-    client: EasemobClient, simulator: str, sqlite_url: str
+    client: EasemobClient, simulator: str, store: Store
 ) -> None:
-    store = await Store.open(sqlite_url)
     sender = ReplySender(client, store)
     text = "".join(f"第{i}句话，内容比较长一些。" for i in range(700))  # ~10,000 characters
     env = _env(text)
-    try:
-        parts = split_reply(text, 3000)
-        assert len(parts) > 3
-        # The third part fails with a server error: the first two are sent and recorded...
-        await _inject(simulator, status=500, after=2)
-        with pytest.raises(RetryableError):
-            await sender.deliver(env, deadline=time.monotonic() + 10)
-        assert len(await _delivered(simulator, "alice")) == 2
-        # ...and the retry resumes from the first unsent part.
-        result = await sender.deliver(env, deadline=time.monotonic() + 10)
-        delivered = await _delivered(simulator, "alice")
-        assert result.parts == len(parts)
-        assert [m["ext"]["imbot_part"] for m in delivered] == list(range(len(parts)))
-        assert "".join(m["body"]["msg"] for m in delivered) == text
-    finally:
-        await store.close()
+    parts = split_reply(text, 3000)
+    assert len(parts) > 3
+    # The third part fails with a server error: the first two are sent and recorded...
+    await _inject(simulator, status=500, after=2)
+    with pytest.raises(RetryableError):
+        await sender.deliver(env, deadline=time.monotonic() + 10)
+    assert len(await _delivered(simulator, "alice")) == 2
+    # ...and the retry resumes from the first unsent part.
+    result = await sender.deliver(env, deadline=time.monotonic() + 10)
+    delivered = await _delivered(simulator, "alice")
+    assert result.parts == len(parts)
+    assert [m["ext"]["imbot_part"] for m in delivered] == list(range(len(parts)))
+    assert "".join(m["body"]["msg"] for m in delivered) == text
 
 
 async def test_a_part_refused_as_too_large_is_split_further(
-    client: EasemobClient, simulator: str, db_url: str
+    client: EasemobClient, simulator: str, store: Store
 ) -> None:
     """Easemob's limit is lower than ours: the refused part goes out as smaller pieces."""
-    store = await Store.open(db_url)
     sender = ReplySender(client, store, max_part_bytes=3000)
     text = "".join(f"第{i}句话，内容比较长一些。" for i in range(300))
     env = _env(text)
-    try:
-        await _inject(simulator, max_message_bytes=1800, oversize_status=413)
-        result = await sender.deliver(env, deadline=time.monotonic() + 10)
-        delivered = await _delivered(simulator, "alice")
-        assert "".join(m["body"]["msg"] for m in delivered) == text  # nothing lost, in order
-        assert all(len(m["body"]["msg"].encode()) <= 1500 for m in delivered)
-        assert [m["ext"]["imbot_part"] for m in delivered] == list(range(len(delivered)))
-        assert result.parts == len(delivered)
-        # A replay of the record sends nothing more.
-        again = await sender.deliver(env, deadline=time.monotonic() + 10)
-        assert again.duplicate
-        assert len(await _delivered(simulator, "alice")) == len(delivered)
-    finally:
-        await store.close()
+    await _inject(simulator, max_message_bytes=1800, oversize_status=413)
+    result = await sender.deliver(env, deadline=time.monotonic() + 10)
+    delivered = await _delivered(simulator, "alice")
+    assert "".join(m["body"]["msg"] for m in delivered) == text  # nothing lost, in order
+    assert all(len(m["body"]["msg"].encode()) <= 1500 for m in delivered)
+    assert [m["ext"]["imbot_part"] for m in delivered] == list(range(len(delivered)))
+    assert result.parts == len(delivered)
+    # A replay of the record sends nothing more.
+    again = await sender.deliver(env, deadline=time.monotonic() + 10)
+    assert again.duplicate
+    assert len(await _delivered(simulator, "alice")) == len(delivered)
 
 
 async def test_a_different_reply_to_an_answered_message_is_not_sent(
-    client: EasemobClient, simulator: str, db_url: str
+    client: EasemobClient, simulator: str, store: Store
 ) -> None:
     """A replay through the model stage answers again: the user already has an answer."""
-    store = await Store.open(db_url)
     sender = ReplySender(client, store)
     msg_id = uuid.uuid4().hex
-    try:
-        await sender.deliver(_env("第一次的回答", msg_id=msg_id), deadline=time.monotonic() + 10)
-        second = await sender.deliver(
-            _env("另一个回答", msg_id=msg_id), deadline=time.monotonic() + 10
-        )
-        assert second.duplicate
-        assert [m["body"]["msg"] for m in await _delivered(simulator, "alice")] == ["第一次的回答"]
-    finally:
-        await store.close()
+    await sender.deliver(_env("第一次的回答", msg_id=msg_id), deadline=time.monotonic() + 10)
+    second = await sender.deliver(_env("另一个回答", msg_id=msg_id), deadline=time.monotonic() + 10)
+    assert second.duplicate
+    assert [m["body"]["msg"] for m in await _delivered(simulator, "alice")] == ["第一次的回答"]
 
 
 async def test_history_is_written_even_when_only_the_retry_gets_there(
-    client: EasemobClient, simulator: str, db_url: str
+    client: EasemobClient, simulator: str, store: Store
 ) -> None:
     """Every part was sent before (the history write failed then): the retry completes it."""
     from core.db import Message
 
-    store = await Store.open(db_url)
     sender = ReplySender(client, store)
     env = _env("回答")
-    try:
-        easemob_id = await client.send_text("users", sender="ai_bot", to="alice", text="回答")
-        await store.mark_sent(
-            env.msg_id,
-            0,
-            easemob_id,
-            end_offset=2,
-            reply_digest=reply_digest("回答"),
-            parts=1,
-            target_kind="users",
-            target="alice",
-        )
-        result = await sender.deliver(env, deadline=time.monotonic() + 10)
-        assert result.duplicate
-        assert len(await _delivered(simulator, "alice")) == 1
-        assert await store.count(Message, msg_id=env.msg_id) == 1
-        assert await store.count(Message, msg_id=f"{env.msg_id}:reply") == 1
-    finally:
-        await store.close()
+    easemob_id = await client.send_text("users", sender="ai_bot", to="alice", text="回答")
+    await store.mark_sent(
+        env.msg_id,
+        0,
+        easemob_id,
+        end_offset=2,
+        reply_digest=reply_digest("回答"),
+        parts=1,
+        target_kind="users",
+        target="alice",
+    )
+    result = await sender.deliver(env, deadline=time.monotonic() + 10)
+    assert result.duplicate
+    assert len(await _delivered(simulator, "alice")) == 1
+    assert await store.count(Message, msg_id=env.msg_id) == 1
+    assert await store.count(Message, msg_id=f"{env.msg_id}:reply") == 1
 
 
 async def test_a_bad_request_is_fatal_and_recorded_in_the_ledger(
-    client: EasemobClient, simulator: str, db_url: str
+    client: EasemobClient, simulator: str, store: Store
 ) -> None:
-    store = await Store.open(db_url)
     sender = ReplySender(client, store)
     env = _env("回答")
-    try:
-        await _inject(simulator, status=400, description="param to can't be empty")
-        with pytest.raises(FatalError):
-            await sender.deliver(env, deadline=time.monotonic() + 10)
-        ledger = await store.ledger(env.msg_id)
-        assert ledger[0].status == "failed"
-        assert await _delivered(simulator, "alice") == []
-    finally:
-        await store.close()
+    await _inject(simulator, status=400, description="param to can't be empty")
+    with pytest.raises(FatalError):
+        await sender.deliver(env, deadline=time.monotonic() + 10)
+    ledger = await store.ledger(env.msg_id)
+    assert ledger[0].status == "failed"
+    assert await _delivered(simulator, "alice") == []
 
 
 async def test_the_real_answer_after_a_fallback_apology_is_still_delivered(
-    client: EasemobClient, simulator: str, db_url: str
+    client: EasemobClient, simulator: str, store: Store
 ) -> None:
     """An outage made a stage answer with the fallback; the DLQ replay brings the answer."""
     from core.db import Message
 
-    store = await Store.open(db_url)
     sender = ReplySender(client, store)
     msg_id = uuid.uuid4().hex
 
@@ -302,26 +250,23 @@ async def test_the_real_answer_after_a_fallback_apology_is_still_delivered(
         e = _env(text, msg_id=msg_id)
         return e.model_copy(update={"reply": Reply(text=text, kind=kind)})  # type: ignore[arg-type]
 
-    try:
-        deadline = time.monotonic() + 10
-        await sender.deliver(env("抱歉，请稍后再试。", "fallback"), deadline=deadline)
-        again = await sender.deliver(env("抱歉，请稍后再试。", "fallback"), deadline=deadline)
-        await sender.deliver(env("真正的回答", "answer"), deadline=deadline)
-        late = await sender.deliver(env("抱歉，请稍后再试。", "fallback"), deadline=deadline)
-        assert again.duplicate
-        assert late.duplicate
-        bodies = [m["body"]["msg"] for m in await _delivered(simulator, "alice")]
-        assert bodies[-2:] == ["抱歉，请稍后再试。", "真正的回答"]
-        assert bodies.count("抱歉，请稍后再试。") == 1
-        # The history the router reads keeps the answer, not the apology.
-        async with store.engine.connect() as conn:
-            from sqlalchemy import select
+    deadline = time.monotonic() + 10
+    await sender.deliver(env("抱歉，请稍后再试。", "fallback"), deadline=deadline)
+    again = await sender.deliver(env("抱歉，请稍后再试。", "fallback"), deadline=deadline)
+    await sender.deliver(env("真正的回答", "answer"), deadline=deadline)
+    late = await sender.deliver(env("抱歉，请稍后再试。", "fallback"), deadline=deadline)
+    assert again.duplicate
+    assert late.duplicate
+    bodies = [m["body"]["msg"] for m in await _delivered(simulator, "alice")]
+    assert bodies[-2:] == ["抱歉，请稍后再试。", "真正的回答"]
+    assert bodies.count("抱歉，请稍后再试。") == 1
+    # The history the router reads keeps the answer, not the apology.
+    async with store.engine.connect() as conn:
+        from sqlalchemy import select
 
-            row = (
-                await conn.execute(
-                    select(Message.text, Message.kind).where(Message.msg_id == f"{msg_id}:reply")
-                )
-            ).one()
-        assert tuple(row) == ("真正的回答", "answer")
-    finally:
-        await store.close()
+        row = (
+            await conn.execute(
+                select(Message.text, Message.kind).where(Message.msg_id == f"{msg_id}:reply")
+            )
+        ).one()
+    assert tuple(row) == ("真正的回答", "answer")

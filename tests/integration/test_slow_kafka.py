@@ -15,11 +15,10 @@ from typing import Any
 
 import orjson
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 
-from core.kafka import EmbeddedBroker, ensure_topics, free_port
+from core.kafka import EmbeddedBroker, free_port
 from core.settings import Settings
-from gateway.app import create_app
+from tests.integration.conftest import start_gateway
 from tests.payloads import callback
 
 
@@ -83,17 +82,6 @@ async def slow_broker() -> AsyncIterator[tuple[EmbeddedBroker, DelayProxy]]:
         broker.stop()
 
 
-async def _gateway(settings: Settings) -> TestClient:  # type: ignore[type-arg]
-    await ensure_topics(settings)
-    client = TestClient(TestServer(create_app(settings)))
-    await client.start_server()
-    for _ in range(100):
-        if (await client.get("/readyz")).status == 200:
-            break
-        await asyncio.sleep(0.05)
-    return client
-
-
 async def _timed_post(client: Any, body: dict[str, Any]) -> tuple[float, int, dict[str, Any]]:
     started = time.perf_counter()
     resp = await client.post(
@@ -130,7 +118,7 @@ async def test_a_slow_kafka_is_answered_by_the_fail_policy_before_easemobs_deadl
     settings = make_settings(
         kafka_bootstrap=broker.bootstrap, publish_timeout_ms=60, policy_file=policy_file
     )
-    client = await _gateway(settings)
+    client = await start_gateway(settings)
     try:
         took, status, body = await _timed_post(client, callback("快的时候"))
         assert (status, body) == (200, {"valid": True})  # published normally

@@ -15,6 +15,7 @@ from core.errors import ConfigurationError, FatalError, RetryableError
 from sender.easemob import EasemobClient, MessageTooLarge
 from sender.pacing import Pacer
 from simulator.app import SimulatorConfig, serve
+from tests.integration.conftest import new_easemob_client
 
 CLIENT_SECRET = "very-secret-client-secret"
 
@@ -28,14 +29,7 @@ async def simulator() -> AsyncIterator[str]:
 
 
 def _client(base_url: str, **kw: Any) -> EasemobClient:
-    options: dict[str, Any] = {
-        "org": "demo-org",
-        "app": "demo-app",
-        "client_id": "dev-client",
-        "client_secret": CLIENT_SECRET,
-    }
-    options.update(kw)
-    return EasemobClient(base_url=base_url, **options)
+    return new_easemob_client(base_url, **{"client_secret": CLIENT_SECRET, **kw})
 
 
 @pytest.fixture

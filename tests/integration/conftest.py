@@ -1,0 +1,58 @@
+"""Fixtures of the integration tests: a local Easemob simulator, clients, a ready gateway."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from core.kafka import ensure_topics
+from core.settings import Settings
+from gateway.app import create_app
+from sender.easemob import EasemobClient
+from simulator.app import SimulatorConfig, serve
+
+SIMULATOR_CLIENT_SECRET = SimulatorConfig.client_secret
+
+
+@pytest.fixture
+async def simulator() -> AsyncIterator[str]:
+    """A local Easemob (real HTTP) on a free port; its base URL."""
+    config = SimulatorConfig(port=0)
+    runner: web.AppRunner = await serve(config)
+    yield f"http://127.0.0.1:{config.port}"
+    await runner.cleanup()
+
+
+def new_easemob_client(base_url: str, **options: Any) -> EasemobClient:
+    """An Easemob REST client with the simulator's credentials (override any of them)."""
+    kwargs: dict[str, Any] = {
+        "org": "demo-org",
+        "app": "demo-app",
+        "client_id": "dev-client",
+        "client_secret": SIMULATOR_CLIENT_SECRET,
+        **options,
+    }
+    return EasemobClient(base_url=base_url, **kwargs)
+
+
+@pytest.fixture
+async def client(simulator: str) -> AsyncIterator[EasemobClient]:
+    async with new_easemob_client(simulator) as c:
+        yield c
+
+
+async def start_gateway(settings: Settings) -> TestClient:  # type: ignore[type-arg]
+    """The gateway app on a real port, once its producer is connected (``/readyz``)."""
+    await ensure_topics(settings)
+    client: TestClient = TestClient(TestServer(create_app(settings)))  # type: ignore[type-arg]
+    await client.start_server()
+    for _ in range(100):
+        if (await client.get("/readyz")).status == 200:
+            break
+        await asyncio.sleep(0.05)
+    return client
