@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import httpx
@@ -60,13 +61,9 @@ def _busiest(stamps: list[float], window: float) -> int:
     return best
 
 
-async def run(base_url: str, pacer: Pacer | None, duration: float) -> Run:
-    client = EasemobClient(
-        base_url=base_url, org="demo-org", app="demo-app", client_id="dev-client",
-        client_secret="dev-client-secret", pacer=pacer,
-    )  # fmt: skip
+async def _measure(call: Callable[[int, int], Awaitable[object]], duration: float) -> Run:
+    """``CONCURRENCY`` callers repeating ``call(caller, i)`` for ``duration`` seconds."""
     loop = asyncio.get_running_loop()
-    await client.send_text("users", sender="ai_bot", to="warmup", text="warm-up")
     stamps: list[float] = []
     latencies: list[float] = []
     start = loop.time()
@@ -76,7 +73,7 @@ async def run(base_url: str, pacer: Pacer | None, duration: float) -> Run:
         i = 0
         while loop.time() < end:
             began = loop.time()
-            await client.send_text("users", sender="ai_bot", to=f"u{n}", text=f"消息{i}")
+            await call(n, i)
             done = loop.time()
             if done <= end:
                 stamps.append(done)
@@ -84,7 +81,6 @@ async def run(base_url: str, pacer: Pacer | None, duration: float) -> Run:
             i += 1
 
     await asyncio.gather(*(worker(n) for n in range(CONCURRENCY)))
-    await client.aclose()
     stamps.sort()
     latencies.sort()
     windows = [
@@ -101,59 +97,52 @@ async def run(base_url: str, pacer: Pacer | None, duration: float) -> Run:
     )
 
 
+def _client(base_url: str, pacer: Pacer | None = None) -> EasemobClient:
+    return EasemobClient(
+        base_url=base_url, org="demo-org", app="demo-app", client_id="dev-client",
+        client_secret="dev-client-secret", pacer=pacer,
+    )  # fmt: skip
+
+
+async def run(base_url: str, pacer: Pacer | None, duration: float) -> Run:
+    client = _client(base_url, pacer)
+    await client.send_text("users", sender="ai_bot", to="warmup", text="warm-up")
+
+    async def send(n: int, i: int) -> str:
+        return await client.send_text("users", sender="ai_bot", to=f"u{n}", text=f"消息{i}")
+
+    result = await _measure(send, duration)
+    await client.aclose()
+    return result
+
+
 async def run_deliveries(base_url: str, db_url: str, duration: float) -> Run:
-    """Unpaced ``ReplySender.deliver``: ledger read, send, ledger commit, history commit."""
+    """Unpaced ``ReplySender.deliver``: ledger read, send, one commit with the history."""
     from core.envelope import ChatType, Content, Envelope, Reply
     from sender.service import ReplySender
     from sender.store import Store
 
     store = await Store.open(db_url)
-    client = EasemobClient(
-        base_url=base_url, org="demo-org", app="demo-app", client_id="dev-client",
-        client_secret="dev-client-secret",
-    )  # fmt: skip
-    sender = ReplySender(client, store)
-    loop = asyncio.get_running_loop()
-    stamps: list[float] = []
-    latencies: list[float] = []
-    start = loop.time()
-    end = start + duration
+    sender = ReplySender(_client(base_url), store)
     tag = uuid.uuid4().hex[:8]
 
-    async def worker(n: int) -> None:
-        i = 0
-        while loop.time() < end:
-            env = Envelope(
-                msg_id=f"{tag}-{n}-{i}",
-                conversation_id=f"chat:ai_bot:u{n}",
-                chat_type=ChatType.direct,
-                sender=f"u{n}",
-                to="ai_bot",
-                bot="ai_bot",
-                content=Content(type="txt", text=f"问题{i}"),
-                reply=Reply(text=f"回答{i}"),
-            )
-            began = loop.time()
-            await sender.deliver(env, deadline=time.monotonic() + 30)
-            done = loop.time()
-            if done <= end:
-                stamps.append(done)
-                latencies.append(done - began)
-            i += 1
+    async def deliver(n: int, i: int) -> object:
+        env = Envelope(
+            msg_id=f"{tag}-{n}-{i}",
+            conversation_id=f"chat:ai_bot:u{n}",
+            chat_type=ChatType.direct,
+            sender=f"u{n}",
+            to="ai_bot",
+            bot="ai_bot",
+            content=Content(type="txt", text=f"问题{i}"),
+            reply=Reply(text=f"回答{i}"),
+        )
+        return await sender.deliver(env, deadline=time.monotonic() + 30)
 
-    await asyncio.gather(*(worker(n) for n in range(CONCURRENCY)))
+    result = await _measure(deliver, duration)
     await sender.aclose()
     await store.close()
-    stamps.sort()
-    latencies.sort()
-    return Run(
-        sends=len(stamps),
-        elapsed=duration,
-        windows=[],
-        busiest_second=_busiest(stamps, 1.0 - 1e-9),
-        p50_ms=latencies[len(latencies) // 2] * 1000,
-        p99_ms=latencies[int(len(latencies) * 0.99)] * 1000,
-    )
+    return result
 
 
 def _wait_ready(base: str) -> None:
@@ -232,7 +221,7 @@ def main() -> None:
             "simulator in the same run), so pacing, not the client, sets the pace.",
             "",
             f"{CONCURRENCY} concurrent callers of `EasemobClient.send_text` (or of `ReplySender.deliver`, "
-            "one-part replies, each a new message: ledger read, send, ledger commit, history commit) "
+            "one-part replies, each a new message: ledger read, send, one commit of the ledger row with the history) "
             "in one process, the simulator "
             f"in another; both share this 2-core machine with other sessions' work (1-min load "
             f"average {load:.1f} at the end), so the raw figure is a floor and will be re-run later; "
