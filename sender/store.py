@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import DateTime, Select, TextClause, bindparam, func, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
@@ -110,6 +111,48 @@ _MARK_FAILED = _sql(
 )
 
 
+class _GroupCommit:
+    """Rows of one idempotent statement, written by as few transactions as the load allows.
+
+    ``write`` returns once its row is committed. Rows that arrive while a commit is
+    in progress go together in the next one, so under load the number of commits
+    (and of waits for SQLite's single writer, shared with the sender's process) no
+    longer grows with the number of rows. Alone, a row is committed at once. A
+    failed commit fails every row in it; each caller retries its own.
+    """
+
+    def __init__(self, store: Store, statement: TextClause) -> None:
+        self._store = store
+        self._statement = statement
+        self._rows: list[dict[str, Any]] = []
+        self._waiters: list[asyncio.Future[None]] = []
+        self._flushing: asyncio.Task[None] | None = None
+
+    async def write(self, row: dict[str, Any]) -> None:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._rows.append(row)
+        self._waiters.append(waiter)
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.create_task(self._flush())
+        await waiter
+
+    async def _flush(self) -> None:
+        while self._rows:
+            rows, waiters = self._rows, self._waiters
+            self._rows, self._waiters = [], []
+            try:
+                async with self._store._writing() as session:
+                    await session.execute(self._statement, rows)
+            except Exception as exc:
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_exception(exc)
+            else:
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(None)
+
+
 class Store:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
@@ -121,6 +164,7 @@ class Store:
         # Reads are single statements: without a transaction around them they are one
         # round trip to the server instead of three (BEGIN, SELECT, ROLLBACK).
         self._reader = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._usage = _GroupCommit(self, _INSERT_USAGE)
 
     @classmethod
     async def open(cls, url: str, *, check: bool = True) -> Store:
@@ -297,22 +341,20 @@ class Store:
         Written by the model stage as soon as the call returns, so a paid call is
         accounted for even when its reply is never delivered.
         """
-        async with self._writing() as session:
-            await session.execute(
-                _INSERT_USAGE,
-                {
-                    "msg_id": env.msg_id,
-                    "conversation_id": env.conversation_id,
-                    "model": c.model,
-                    "provider": c.provider,
-                    "input_tokens": c.input_tokens,
-                    "output_tokens": c.output_tokens,
-                    "cost": c.cost,
-                    "currency": c.currency,
-                    "latency_ms": c.latency_ms,
-                    "now": utcnow(),
-                },
-            )
+        await self._usage.write(
+            {
+                "msg_id": env.msg_id,
+                "conversation_id": env.conversation_id,
+                "model": c.model,
+                "provider": c.provider,
+                "input_tokens": c.input_tokens,
+                "output_tokens": c.output_tokens,
+                "cost": c.cost,
+                "currency": c.currency,
+                "latency_ms": c.latency_ms,
+                "now": utcnow(),
+            }
+        )
 
     # -- delivery ledger -----------------------------------------------------
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
 
 from core.db import Delivery, Message, ModerationAudit, Usage, utcnow
 from core.envelope import ChatType, Completion, Content, Envelope, Verdict, conversation_id
@@ -92,6 +94,32 @@ async def test_cleared_history_is_left_out_of_later_windows(store: Store) -> Non
     window = await store.history_window(conv, turns=10, token_budget=1000)
     assert [t.content for t in window] == ["问题2", "回答2"]
     assert await store.count(Message, conversation_id=conv) == 6  # rows stay, for audit
+
+
+async def test_concurrent_usage_rows_are_all_written_once(store: Store) -> None:
+    """Many model calls finishing together: group-committed, none lost or doubled."""
+    conv = f"chat:ai_bot:{uuid.uuid4().hex[:8]}"
+    envs = [_env(conv, n) for n in range(50)]
+    await asyncio.gather(
+        *(store.record_usage(e, e.completion) for e in envs for _ in range(2))  # type: ignore[arg-type]
+    )
+    assert await store.count(Usage, conversation_id=conv) == 50
+
+
+async def test_a_failed_usage_commit_fails_its_callers_who_can_retry(store: Store) -> None:
+    conv = f"chat:ai_bot:{uuid.uuid4().hex[:8]}"
+    good = _env(conv, 1)
+    assert good.completion is not None
+    bad = good.completion.model_copy(update={"model": None})  # NOT NULL column
+    results = await asyncio.gather(
+        store.record_usage(_env(conv, 2), bad),
+        store.record_usage(good, good.completion),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], IntegrityError)
+    if isinstance(results[1], Exception):  # it shared the failed commit: retry it
+        await store.record_usage(good, good.completion)
+    assert await store.count(Usage, conversation_id=conv) == 1
 
 
 async def test_history_respects_the_token_budget(store: Store) -> None:
