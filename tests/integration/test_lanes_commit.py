@@ -6,11 +6,13 @@ These run a real Faust app in-process against the real Tansu broker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+import faust
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from core.kafka import ensure_topics, new_producer
 from core.settings import Settings
@@ -38,14 +40,35 @@ async def _wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> None
     raise AssertionError("condition not reached")
 
 
+@contextlib.asynccontextmanager
+async def _lanes_on_faust(
+    settings: Settings, name: str, handler: Callable[[Any], Awaitable[bool]], max_in_flight: int
+) -> AsyncIterator[tuple[faust.App, AIOKafkaProducer]]:
+    """A real Faust agent reading topic ``name`` through ``KeyedLanes``, and a producer."""
+    await ensure_topics(settings, [name])
+    app = create_app(settings, f"{settings.topic_prefix}{name}")
+    topic = app.topic(settings.topic(name), key_type=bytes, value_type=bytes)
+
+    async def agent(stream: Any) -> None:
+        await KeyedLanes(handler, max_in_flight=max_in_flight).consume(stream)
+
+    app.agent(topic, name=name)(agent)
+    await app.start()
+    producer = new_producer(settings)
+    await producer.start()
+    try:
+        yield app, producer
+    finally:
+        await producer.stop()
+        await app.stop()
+
+
 async def test_commit_waits_for_slow_event_then_advances(
     make_settings: Callable[..., Settings],
 ) -> None:
     settings = make_settings(topic_partitions=1)
     topic_name = settings.topic("lanes")
-    await ensure_topics(settings, ["lanes"])
     group = f"{settings.topic_prefix}lanes"
-    app = create_app(settings, group)
     release = asyncio.Event()
     handled: list[bytes] = []
 
@@ -55,16 +78,7 @@ async def test_commit_waits_for_slow_event_then_advances(
         handled.append(event.value)
         return True
 
-    topic = app.topic(topic_name, key_type=bytes, value_type=bytes)
-
-    async def agent(stream: Any) -> None:
-        await KeyedLanes(handler, max_in_flight=16).consume(stream)
-
-    app.agent(topic, name="lanes")(agent)
-    await app.start()
-    producer = new_producer(settings)
-    await producer.start()
-    try:
+    async with _lanes_on_faust(settings, "lanes", handler, 16) as (app, producer):
         # The embedded-broker fix is in effect on the consumer Faust actually uses.
         fetcher = app.consumer._thread._ensure_consumer()._fetcher
         assert fetcher._fetch_max_wait_ms == settings.consumer_fetch_max_wait_ms
@@ -88,9 +102,6 @@ async def test_commit_waits_for_slow_event_then_advances(
 
         await _wait_for(advanced)
         assert sorted(handled) == [b"0", b"1", b"2", b"3", b"4"]
-    finally:
-        await producer.stop()
-        await app.stop()
 
 
 async def test_a_busy_conversation_does_not_hold_the_slots_of_others(
@@ -99,8 +110,6 @@ async def test_a_busy_conversation_does_not_hold_the_slots_of_others(
     """Messages queued behind a slow one in their lane wait without a handler slot."""
     settings = make_settings(topic_partitions=1)
     topic_name = settings.topic("lanes-hol")
-    await ensure_topics(settings, ["lanes-hol"])
-    app = create_app(settings, f"{settings.topic_prefix}lanes-hol")
     release = asyncio.Event()
     handled: list[bytes] = []
 
@@ -110,33 +119,23 @@ async def test_a_busy_conversation_does_not_hold_the_slots_of_others(
         handled.append(event.value)
         return True
 
-    topic = app.topic(topic_name, key_type=bytes, value_type=bytes)
+    async with _lanes_on_faust(settings, "lanes-hol", handler, 2) as (_, producer):
+        try:
+            for i in range(5):  # more queued messages of one conversation than slots
+                await producer.send_and_wait(topic_name, f"busy{i}".encode(), key=b"busy")
+            await producer.send_and_wait(topic_name, b"other", key=b"other")
 
-    async def agent(stream: Any) -> None:
-        await KeyedLanes(handler, max_in_flight=2).consume(stream)
+            async def other_done() -> bool:
+                return b"other" in handled
 
-    app.agent(topic, name="lanes-hol")(agent)
-    await app.start()
-    producer = new_producer(settings)
-    await producer.start()
-    try:
-        for i in range(5):  # more queued messages of one conversation than slots
-            await producer.send_and_wait(topic_name, f"busy{i}".encode(), key=b"busy")
-        await producer.send_and_wait(topic_name, b"other", key=b"other")
+            await _wait_for(other_done)
+            assert handled == [b"other"]
+            release.set()
 
-        async def other_done() -> bool:
-            return b"other" in handled
+            async def all_done() -> bool:
+                return len(handled) == 6
 
-        await _wait_for(other_done)
-        assert handled == [b"other"]
-        release.set()
-
-        async def all_done() -> bool:
-            return len(handled) == 6
-
-        await _wait_for(all_done)
-        assert handled[1:] == [f"busy{i}".encode() for i in range(5)]  # in order
-    finally:
-        release.set()
-        await producer.stop()
-        await app.stop()
+            await _wait_for(all_done)
+            assert handled[1:] == [f"busy{i}".encode() for i in range(5)]  # in order
+        finally:
+            release.set()  # never stop the app with the agent blocked (a failed assertion)
