@@ -14,6 +14,11 @@ from core.logs import configure_logging
 from core.settings import Settings, load_settings
 
 
+# The stages `imbot worker --stage` and `imbot replay --to-stage` accept (streams.stages.STAGES,
+# named here so the parser does not import the stream machinery).
+STAGE_NAMES = ("moderate-in", "route", "model", "moderate-out", "send")
+
+
 def _settings() -> Settings:
     settings = load_settings()
     configure_logging(settings.log_level, json=settings.log_json)
@@ -194,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--stage",
         action="append",
-        choices=["moderate-in", "route", "model", "moderate-out", "send"],
+        choices=STAGE_NAMES,
         help="run only this stage (repeatable)",
     )
     worker.set_defaults(func=cmd_worker)
@@ -242,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--msg-id", help="only records of this Easemob msg_id")
     replay.add_argument(
         "--to-stage",
-        choices=["moderate-in", "route", "model", "moderate-out", "send"],
+        choices=STAGE_NAMES,
         help="replay into this stage's input topic instead",
     )
     replay.add_argument(
