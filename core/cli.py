@@ -13,7 +13,6 @@ from core.errors import ConfigurationError
 from core.logs import configure_logging
 from core.settings import Settings, load_settings
 
-
 # The stages `imbot worker --stage` and `imbot replay --to-stage` accept (streams.stages.STAGES,
 # named here so the parser does not import the stream machinery).
 STAGE_NAMES = ("moderate-in", "route", "model", "moderate-out", "send")
