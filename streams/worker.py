@@ -18,7 +18,6 @@ from prometheus_client import start_http_server
 
 from core.errors import ConfigurationError
 from core.kafka import ensure_topics, new_producer
-from core.logs import JsonFormatter
 from core.settings import Settings
 from streams.boundary import Boundary, Outputs
 from streams.faust_app import create_app
@@ -99,12 +98,7 @@ def build(settings: Settings, stages: Sequence[str]) -> tuple[faust.App, Runtime
     group = settings.worker_group or settings.topic(
         "imbot-stages" if tuple(stages) == PROCESSING_STAGES else "imbot-" + "-".join(stages)
     )
-    extra: dict[str, Any] = {}
-    if settings.log_json:
-        handler = logging.StreamHandler()
-        handler.setFormatter(JsonFormatter())
-        extra["loghandlers"] = [handler]
-    app = create_app(settings, group, **extra)
+    app = create_app(settings, group)
     runtime = Runtime(settings, stages)
 
     for stage_name in stages:
@@ -139,11 +133,10 @@ def main(settings: Settings, stages: Sequence[str]) -> None:
     app, _ = build(settings, stages)
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port, addr=settings.gateway_host)
-    level = settings.log_level.lower()
-    worker = faust.Worker(
-        app,
-        loglevel={"warning": "warn", "critical": "crit"}.get(level, level),
-        quiet=True,
-        redirect_stdouts=False,
-    )
+    # Logging is configured once, by ``core.logs.configure_logging`` (the CLI does it
+    # before this runs): mode's Worker would otherwise replace the root handlers with
+    # its own plain-text one, so every line came out twice (text and JSON, the JSON
+    # one carrying mode's formatted "extra"). No spinner either: it writes to stdout.
+    worker = faust.Worker(app, quiet=True, redirect_stdouts=False, override_logging=False)
+    worker.spinner = None
     worker.execute_from_commandline()
