@@ -44,12 +44,25 @@ class Base(DeclarativeBase):
 
 _ID = BigInteger().with_variant(Integer, "sqlite")  # SQLite autoincrements INTEGER only
 
+# Column sizes, with margin above the longest value the gateway admits (core.limits)
+# and everything derived from it: a reply's row is f"{msg_id}:reply", the fallback
+# apology's ledger f"{msg_id}#fallback", a conversation "chat:" + bot + ":" + user.
+# PostgreSQL refuses a longer value, and the sender writes these rows after Easemob
+# accepted a reply: tests/integration/test_store_limits.py holds the schema to them.
+MSG_ID_LEN = 128
+ACCOUNT_ID_LEN = 128  # user, bot, group and chatroom ids
+CONVERSATION_ID_LEN = 300
+EASEMOB_MSG_ID_LEN = 128
+MODEL_LEN = 128
+PROVIDER_LEN = 64
+CLAIM_ID_LEN = 64
+
 
 class Conversation(Base):
     __tablename__ = "conversations"
-    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    id: Mapped[str] = mapped_column(String(CONVERSATION_ID_LEN), primary_key=True)
     chat_type: Mapped[str] = mapped_column(String(16))
-    bot: Mapped[str] = mapped_column(String(64))
+    bot: Mapped[str] = mapped_column(String(ACCOUNT_ID_LEN))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_message_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     # Messages with an id up to this one are left out of history windows (a provider
@@ -60,13 +73,13 @@ class Conversation(Base):
 class Message(Base):
     __tablename__ = "messages"
     id: Mapped[int] = mapped_column(_ID, primary_key=True, autoincrement=True)
-    msg_id: Mapped[str] = mapped_column(String(80), unique=True)
+    msg_id: Mapped[str] = mapped_column(String(MSG_ID_LEN), unique=True)  # or f"{msg_id}:reply"
     conversation_id: Mapped[str] = mapped_column(ForeignKey("conversations.id"))
     role: Mapped[str] = mapped_column(String(16))  # user | assistant
-    author: Mapped[str] = mapped_column(String(64))
+    author: Mapped[str] = mapped_column(String(ACCOUNT_ID_LEN))
     text: Mapped[str] = mapped_column(Text)  # user text as sent to the model (masked)
     kind: Mapped[str] = mapped_column(String(24), default="message")
-    reply_to: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    reply_to: Mapped[str | None] = mapped_column(String(MSG_ID_LEN), nullable=True)
     tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
@@ -77,13 +90,15 @@ class Message(Base):
 class Delivery(Base):
     __tablename__ = "deliveries"
     id: Mapped[int] = mapped_column(_ID, primary_key=True, autoincrement=True)
-    msg_id: Mapped[str] = mapped_column(String(80))  # the user's message being answered
+    # The user's message being answered, or f"{msg_id}#fallback" (the apology's ledger).
+    msg_id: Mapped[str] = mapped_column(String(MSG_ID_LEN))
     part: Mapped[int] = mapped_column(Integer)
     parts: Mapped[int] = mapped_column(Integer)
     target_kind: Mapped[str] = mapped_column(String(16))  # users | chatgroups | chatrooms
-    target: Mapped[str] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(16))  # sent | retrying | failed
-    easemob_msg_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    target: Mapped[str] = mapped_column(String(ACCOUNT_ID_LEN))
+    # sending (claimed, Easemob's answer not recorded yet) | sent | retrying | failed
+    status: Mapped[str] = mapped_column(String(16))
+    easemob_msg_id: Mapped[str | None] = mapped_column(String(EASEMOB_MSG_ID_LEN), nullable=True)
     # Where the part ends in the reply text (characters); the next part starts there.
     end_offset: Mapped[int | None] = mapped_column(Integer, nullable=True)
     reply_digest: Mapped[str | None] = mapped_column(String(32), nullable=True)
@@ -91,6 +106,9 @@ class Delivery(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Which sender may send this part, and until when (its lease; see sender.service).
+    claimed_by: Mapped[str | None] = mapped_column(String(CLAIM_ID_LEN), nullable=True)
+    claimed_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
     __table_args__ = (UniqueConstraint("msg_id", "part", name="uq_deliveries_msg_id_part"),)
 
@@ -98,10 +116,10 @@ class Delivery(Base):
 class Usage(Base):
     __tablename__ = "usage"
     id: Mapped[int] = mapped_column(_ID, primary_key=True, autoincrement=True)
-    msg_id: Mapped[str] = mapped_column(String(80), unique=True)
-    conversation_id: Mapped[str] = mapped_column(String(200), index=True)
-    model: Mapped[str] = mapped_column(String(80))
-    provider: Mapped[str] = mapped_column(String(32))
+    msg_id: Mapped[str] = mapped_column(String(MSG_ID_LEN), unique=True)
+    conversation_id: Mapped[str] = mapped_column(String(CONVERSATION_ID_LEN), index=True)
+    model: Mapped[str] = mapped_column(String(MODEL_LEN))  # as the provider named it (clipped)
+    provider: Mapped[str] = mapped_column(String(PROVIDER_LEN))
     input_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     output_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     cost: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -113,7 +131,7 @@ class Usage(Base):
 class ModerationAudit(Base):
     __tablename__ = "moderation_audit"
     id: Mapped[int] = mapped_column(_ID, primary_key=True, autoincrement=True)
-    msg_id: Mapped[str] = mapped_column(String(80), index=True)
+    msg_id: Mapped[str] = mapped_column(String(MSG_ID_LEN), index=True)
     stage: Mapped[str] = mapped_column(String(16))  # input | output
     detector: Mapped[str] = mapped_column(String(24))
     rule: Mapped[str] = mapped_column(String(120))  # never the raw PII value
@@ -139,15 +157,50 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def create_engine(url: str) -> AsyncEngine:
+    """An engine whose errors never carry bound parameters (``hide_parameters``): the
+    parameters are user questions and bot answers, and error messages end up in logs
+    and DLQ records."""
     if url.startswith("sqlite"):
         # One writer at a time; wait rather than fail when another process writes.
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+        engine = create_async_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     # No pool_pre_ping: it costs a round trip on every checkout. A connection that
     # went stale fails its statement instead, the pool drops it (SQLAlchemy
     # invalidates on disconnect errors) and the stage boundary retries the record.
-    return create_async_engine(url, pool_size=10, max_overflow=10, pool_recycle=1800)
+    return create_async_engine(
+        url, pool_size=10, max_overflow=10, pool_recycle=1800, hide_parameters=True
+    )
+
+
+def describe_db_error(exc: BaseException) -> str:
+    """A description of a database error for logs and DLQ records, free of user data.
+
+    ``hide_parameters`` keeps the bound parameters out of SQLAlchemy's message, but
+    the server's own message can still quote them (PostgreSQL: "Failing row
+    contains (…)", "invalid input for query argument $1: '…'"). So this keeps
+    only names: the error classes, the SQLSTATE / SQLite error name, the table,
+    column and constraint the server names, and the start of our SQL statement.
+    """
+    parts = [type(exc).__name__]
+    orig = getattr(exc, "orig", None)
+    driver = orig.__cause__ if orig is not None and orig.__cause__ is not None else orig
+    if driver is not None:
+        parts.append(f"({type(driver).__module__.split('.')[0]}.{type(driver).__name__})")
+        for label, attr in (
+            ("sqlstate", "sqlstate"),
+            ("sqlite", "sqlite_errorname"),
+            ("table", "table_name"),
+            ("column", "column_name"),
+            ("constraint", "constraint_name"),
+        ):
+            value = getattr(driver, attr, None)
+            if isinstance(value, str) and value:
+                parts.append(f"{label}={value}")
+    statement = getattr(exc, "statement", None)
+    if isinstance(statement, str) and statement:
+        parts.append(f"in: {' '.join(statement.split())[:200]}")
+    return " ".join(parts)
 
 
 def alembic_config(url: str) -> object:

@@ -76,6 +76,12 @@ class MessageTooLarge(FatalError):
     """413, or 400 "message is too large" (14007): split the part further and resend."""
 
 
+class AnswerLost(RetryableError):
+    """The request reached Easemob but its answer did not come back (a read timeout, a
+    dropped connection, a 200 without a message id): Easemob may have delivered the
+    message. Easemob has no idempotency key, so a resend may show it twice."""
+
+
 def _status_class(status: int) -> str:
     return f"{status // 100}xx"
 
@@ -279,8 +285,12 @@ class EasemobClient:
         to: str,
         text: str,
         ext: Mapping[str, Any] | None = None,
+        paced: bool = False,
     ) -> str:
-        """Send one text message to one user, group or chatroom; returns Easemob's message id."""
+        """Send one text message to one user, group or chatroom; returns Easemob's message id.
+
+        ``paced``: the caller already took its turn from the pacer (``wait_turn``).
+        """
         body: dict[str, Any] = {
             "from": sender,
             "to": [to],
@@ -290,7 +300,7 @@ class EasemobClient:
         if ext is not None:
             body["ext"] = dict(ext)  # never null: Easemob answers 400 "ext must be JSONObject"
         token = await self.token()
-        response = await self._post(kind, body, token)
+        response = await self._post(kind, body, token, paced=paced)
         if response.status_code == 401:
             log.warning("easemob rejected the app token; fetching a new one", extra={"kind": kind})
             token = await self.token(stale=token)
@@ -299,8 +309,15 @@ class EasemobClient:
             raise classify(response, kind=kind, quota_retry_after_s=self._quota_retry_after[kind])
         return _message_id(response, to)
 
-    async def _post(self, kind: TargetKind, body: dict[str, Any], token: str) -> httpx.Response:
+    async def wait_turn(self) -> None:
+        """Wait for the pacer's next send slot (the caller then sends with ``paced=True``)."""
         if self._pacer is not None:
+            await self._pacer.acquire()
+
+    async def _post(
+        self, kind: TargetKind, body: dict[str, Any], token: str, *, paced: bool = False
+    ) -> httpx.Response:
+        if self._pacer is not None and not paced:
             await self._pacer.acquire()
         started = time.perf_counter()
         try:
@@ -309,10 +326,19 @@ class EasemobClient:
                 json=body,
                 headers={"Authorization": f"Bearer {token}"},
             )
+        except (httpx.ConnectTimeout, httpx.PoolTimeout):
+            # The request never left: nothing was delivered.
+            REQUESTS.labels(kind, "timeout").inc()
+            raise RetryableError("Easemob send timed out connecting", provider=_PROVIDER) from None
         except httpx.TimeoutException:
             # Easemob has no idempotency key: the message may have been delivered.
             REQUESTS.labels(kind, "timeout").inc()
-            raise RetryableError("Easemob send timed out", provider=_PROVIDER) from None
+            raise AnswerLost("Easemob send timed out", provider=_PROVIDER) from None
+        except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+            REQUESTS.labels(kind, "error").inc()
+            raise AnswerLost(
+                f"Easemob send failed: {type(exc).__name__}", provider=_PROVIDER
+            ) from None
         except httpx.HTTPError as exc:
             REQUESTS.labels(kind, "error").inc()
             raise RetryableError(
@@ -336,7 +362,7 @@ def _message_id(response: httpx.Response, to: str) -> str:
         data = None
     message_id = data.get(to) if isinstance(data, dict) else None
     if not message_id:
-        raise RetryableError(
+        raise AnswerLost(
             "Easemob answered 200 without a message id", provider=_PROVIDER, status=200
         )
     return str(message_id)

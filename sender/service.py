@@ -17,32 +17,58 @@ the reply text and a digest of the text. So:
   that a replay produces after an outage still reaches the user, while an apology
   for a message already answered is never sent.
 
-The ledger row is committed right after Easemob accepts a part (the last part's
-row together with the history; if that commit fails the row is committed alone). Easemob has no idempotency key, so the window a crash can hit is
-between Easemob accepting a part and that commit: that one part is sent again
-(see README "Delivery guarantee").
+Each part is *claimed* before it is sent: one atomic statement inserts its ledger
+row as ``sending`` (or takes the row over), unless the part was sent or another
+sender's claim is still live. So two senders working on the same record (a
+consumer-group rebalance) never send the same part: the one that finds a part
+claimed stops with a ``RetryableError``, and its retry finds the part sent. A
+claim lasts ``claim_lease_s`` (2 × the Easemob client's timeout: a token fetch and
+the send, each bounded by that timeout); a sender that died holding one stops
+blocking the part when it expires.
+
+Right after Easemob accepts a part its ledger row is set to ``sent``: one
+statement, committed on its own, with nothing else awaited in between. The
+history is written after the last part, in its own transaction: a failing
+history write never rolls back or delays a ledger row (the retry finds every
+part sent and writes only the history).
+
+Easemob has no idempotency key, so a crash between Easemob's answer and that
+commit, or an answer lost on the way (``AnswerLost``), leaves a part whose fate
+is unknown. The rule is: never silently lost, and a duplicate is the lesser evil
+but must be visible. Such a part is sent again, and counted
+(``imbot_sender_uncertain_parts_total``), logged with its ids, and marked in its
+ledger row's ``error`` (see README "Delivery guarantee").
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import time
+import uuid
 from typing import Literal
 
 from prometheus_client import Counter
 
 from core.envelope import ChatType, Delivery, Envelope
-from core.errors import RetryableError
+from core.errors import FatalError, RetryableError
 from core.settings import Settings
-from sender.easemob import EasemobClient, MessageTooLarge
+from sender.easemob import AnswerLost, EasemobClient, MessageTooLarge
 from sender.pacing import Pacer
 from sender.split import part_end, split_reply
-from sender.store import Store
+from sender.store import UNCERTAIN_ANSWER, Store, unstorable
 
 log = logging.getLogger("imbot.sender")
 
 PARTS_SENT = Counter("imbot_sender_parts_total", "Reply parts by outcome", ["outcome"])
+UNCERTAIN_PARTS = Counter(
+    "imbot_sender_uncertain_parts_total",
+    "Parts sent again although Easemob may already have shown them, by cause: a claim"
+    " never resolved (a sender died between Easemob's answer and the ledger commit) or"
+    " an answer lost on the way (timeout, dropped connection)",
+    ["cause"],
+)
 
 TargetKind = Literal["users", "chatgroups", "chatrooms"]
 # Below this a 413 is not about our part size any more (ext or Easemob's limit).
@@ -68,11 +94,17 @@ class ReplySender:
         *,
         max_part_bytes: int = 3000,
         mention_asker: bool = True,
+        claim_lease_s: float = 20.0,
     ) -> None:
         self.client = client
         self.store = store
         self.max_part_bytes = max_part_bytes
         self.mention_asker = mention_asker
+        self.claim_lease_s = claim_lease_s
+        # Claims are per call of ``deliver``: a second call for the same record (in
+        # this process or another) is another claimant and waits for the first.
+        self._name = uuid.uuid4().hex[:16]
+        self._calls = itertools.count()
 
     @classmethod
     def from_settings(cls, settings: Settings, store: Store) -> ReplySender:
@@ -94,6 +126,7 @@ class ReplySender:
             store,
             max_part_bytes=settings.sender_max_part_bytes,
             mention_asker=settings.sender_mention_asker,
+            claim_lease_s=2 * settings.easemob_timeout_s,
         )
 
     async def aclose(self) -> None:
@@ -116,6 +149,10 @@ class ReplySender:
                 log.info("fallback for an answered message, not sent", extra={"msg_id": env.msg_id})
                 return Delivery(parts=len(answered), duplicate=True)
         ledger_id = fallback_ledger_id(env.msg_id) if reply.kind == "fallback" else env.msg_id
+        if (field := unstorable(env, ledger_id)) is not None:
+            # Refused before anything is sent: the ledger and history rows written
+            # after Easemob's acceptance must never fail (a replay would resend).
+            raise FatalError(f"{field} too long to store, not sent", reason="bad_request")
         ledger = await self.store.ledger(ledger_id)
 
         # Skip what was sent already: parts 0, 1, … as long as the ledger has them.
@@ -134,6 +171,7 @@ class ReplySender:
         resumed = len(ids)
 
         size = self.max_part_bytes
+        claimant = f"{self._name}:{next(self._calls)}"
         while start < len(text) or not ids:
             if time.monotonic() > deadline:
                 raise RetryableError("delivery deadline passed")
@@ -148,24 +186,55 @@ class ReplySender:
             }
             if kind != "users" and self.mention_asker:
                 ext["em_at_list"] = [env.sender]
+            ids_log = {"msg_id": env.msg_id, "conversation": env.conversation_id, "part": index}
+            # The pacer's wait comes before the claim, so the lease covers only the send.
+            await self.client.wait_turn()
+            claim = await self.store.claim_part(
+                ledger_id,
+                index,
+                claimant,
+                lease_s=self.claim_lease_s,
+                parts=parts,
+                target_kind=kind,
+                target=target,
+            )
+            if claim is None:
+                PARTS_SENT.labels("claimed_elsewhere").inc()
+                log.info("part claimed by another sender, leaving it to that one", extra=ids_log)
+                raise RetryableError("another sender is delivering this reply")
+            if claim.uncertain:
+                UNCERTAIN_PARTS.labels("unresolved_claim").inc()
+                log.warning(
+                    "part may have been shown already (a sender stopped before recording"
+                    " Easemob's answer); sending it again",
+                    extra={**ids_log, "attempt": claim.attempt},
+                )
             try:
                 easemob_id = await self.client.send_text(
-                    kind, sender=env.bot, to=target, text=text[start:end], ext=ext
+                    kind, sender=env.bot, to=target, text=text[start:end], ext=ext, paced=True
                 )
             except MessageTooLarge as exc:
                 if size // 2 >= _MIN_PART_BYTES and end - start > 1:
                     PARTS_SENT.labels("split_further").inc()
                     log.info(
                         "part too large for Easemob, splitting it further",
-                        extra={"msg_id": env.msg_id, "part": index, "max_bytes": size // 2},
+                        extra={**ids_log, "max_bytes": size // 2},
                     )
                     size //= 2
-                    continue
-                await self._failed(ledger_id, index, parts, kind, target, exc)
+                    continue  # the same claimant claims the part again
+                await self._failed(ledger_id, index, parts, kind, target, exc, claimant)
                 raise
             except Exception as exc:
-                await self._failed(ledger_id, index, parts, kind, target, exc)
+                if isinstance(exc, AnswerLost):
+                    UNCERTAIN_PARTS.labels("answer_lost").inc()
+                    log.warning(
+                        "Easemob's answer was lost; the part may have been shown and will be"
+                        " sent again",
+                        extra={**ids_log, "attempt": claim.attempt, "error": str(exc)},
+                    )
+                await self._failed(ledger_id, index, parts, kind, target, exc, claimant)
                 raise
+            # Nothing else is awaited between Easemob's answer and this commit.
             await self.store.mark_sent(
                 ledger_id,
                 index,
@@ -175,17 +244,23 @@ class ReplySender:
                 parts=parts,
                 target_kind=kind,
                 target=target,
-                # The last part writes the history in the same commit.
-                exchange=(env, text, reply.kind) if end >= len(text) else None,
             )
             PARTS_SENT.labels("sent").inc()
+            log.info(
+                "reply part sent",
+                extra={
+                    **ids_log,
+                    "parts": parts,
+                    "easemob_msg_id": easemob_id,
+                    "attempt": claim.attempt,
+                },
+            )
             ids.append(easemob_id)
             start = end
         duplicate = resumed == len(ids)
-        if duplicate:
-            # Idempotent: a record whose parts were all sent before (a duplicate, or a
-            # retry after the history write failed) still leaves the history complete.
-            await self.store.record_exchange(env, text, reply_kind=reply.kind)
+        # Idempotent, and after every ledger row: a record whose parts were all sent
+        # before (a duplicate, or a retry after this write failed) completes it.
+        await self.store.record_exchange(env, text, reply_kind=reply.kind)
         if duplicate:
             PARTS_SENT.labels("duplicate").inc()
             log.info("duplicate outbound record, nothing sent", extra={"msg_id": env.msg_id})
@@ -199,16 +274,19 @@ class ReplySender:
         kind: TargetKind,
         target: str,
         exc: Exception,
+        claimant: str,
     ) -> None:
         PARTS_SENT.labels(type(exc).__name__).inc()
+        error = f"{UNCERTAIN_ANSWER}{exc}" if isinstance(exc, AnswerLost) else str(exc)
         await self.store.mark_failed(
             ledger_id,
             index,
-            str(exc),
+            error,
             final=not isinstance(exc, RetryableError),
             parts=parts,
             target_kind=kind,
             target=target,
+            claimant=claimant,
         )
 
 

@@ -10,16 +10,17 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import DateTime, Select, TextClause, bindparam, func, select, text, update
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from core.db import (
     Conversation,
     Delivery,
     Message,
+    Usage,
     check_migrated,
     create_engine,
     utcnow,
@@ -43,6 +44,25 @@ class LedgerRow:
     attempts: int
     end_offset: int | None = None
     reply_digest: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A part this sender may send now (``Store.claim_part``)."""
+
+    attempt: int  # 1 for the first try of the part
+    # An earlier claim of the part was never resolved: a sender died (or lost its
+    # database) between claiming it and recording Easemob's answer, so Easemob may
+    # already have shown it. Sending it again may show it twice.
+    uncertain: bool
+
+
+# ``deliveries.error`` of a part claimed again after an unresolved claim (kept once the
+# part is sent: the ledger shows which parts the user may have seen twice).
+UNCERTAIN_CLAIM = "uncertain: an earlier claim was never resolved; sent again"
+# ``deliveries.error`` prefix of an attempt whose answer from Easemob was lost.
+UNCERTAIN_ANSWER = "uncertain: "
 
 
 def estimate_tokens(text: str) -> int:
@@ -51,14 +71,58 @@ def estimate_tokens(text: str) -> int:
     return cjk + (len(text) - cjk + 3) // 4
 
 
-def _sql(statement: str) -> TextClause:
-    """A write statement in the SQL both SQLite (3.24+) and PostgreSQL speak.
+def _sql(statement: str, *timestamps: str) -> TextClause:
+    """A write statement in the SQL both SQLite (3.35+) and PostgreSQL speak.
 
     Plain text on purpose: SQLAlchemy never caches the compiled form of its
     dialect-specific ``INSERT … ON CONFLICT`` constructs, and compiling them was
     most of the sender's database time. A ``text()`` statement is compiled once.
     """
-    return text(statement).bindparams(bindparam("now", type_=DateTime(timezone=True)))
+    return text(statement).bindparams(
+        *(bindparam(name, type_=DateTime(timezone=True)) for name in ("now", *timestamps))
+    )
+
+
+def storable_text(value: str) -> str:
+    """``value`` as a text column can hold it: PostgreSQL refuses NUL characters."""
+    return value.replace("\x00", "\ufffd") if "\x00" in value else value
+
+
+def _clip(value: str | None, limit: int) -> str | None:
+    return value[:limit] if isinstance(value, str) else value
+
+
+def _length(column: Any) -> int:
+    return int(column.type.length)
+
+
+# Identifiers the sender writes after Easemob accepted a reply, and the column each goes to.
+_ID_COLUMNS: tuple[tuple[str, int], ...] = (
+    ("msg_id", _length(Message.__table__.c.msg_id)),
+    ("conversation_id", _length(Conversation.__table__.c.id)),
+    ("sender", _length(Message.__table__.c.author)),
+    ("bot", _length(Conversation.__table__.c.bot)),
+    ("to", _length(Delivery.__table__.c.target)),
+)
+_MSG_ID_MAX = _length(Message.__table__.c.msg_id)
+_LEDGER_ID_MAX = _length(Delivery.__table__.c.msg_id)
+
+
+def unstorable(env: Envelope, ledger_id: str) -> str | None:
+    """Which identifier of ``env`` the database cannot hold, if any (None: all fit).
+
+    Checked before anything is sent: every row the sender writes after Easemob
+    accepted a part (ledger, history) must be writable, or a replay would send the
+    reply again. The gateway refuses such values (core.limits); this catches a
+    record that got past it (an older gateway, a hand-made replay).
+    """
+    for field, limit in _ID_COLUMNS:
+        value: str = getattr(env, field)
+        if len(value) > limit or "\x00" in value:
+            return field
+    if len(f"{env.msg_id}:reply") > _MSG_ID_MAX or len(ledger_id) > _LEDGER_ID_MAX:
+        return "msg_id"
+    return None
 
 
 _UPSERT_CONVERSATION = _sql(
@@ -92,6 +156,26 @@ _INSERT_AUDIT = _sql(
     " created_at) VALUES (:msg_id, :stage, :detector, :rule, :category, :action, :now)"
     " ON CONFLICT (msg_id, stage, detector, rule) DO NOTHING"
 )
+# A part is claimed before it is sent: inserted as 'sending', or taken over unless it
+# was sent or another sender's claim is still live. One atomic statement, so two
+# senders never both hold a part. Claiming a part whose earlier claim (another
+# claimant's) is still 'sending' means that claim was never resolved: its fate at
+# Easemob is unknown, and the row says so (``error``).
+_CLAIM = _sql(
+    "INSERT INTO deliveries (msg_id, part, parts, target_kind, target, status, attempts,"
+    " claimed_by, claimed_until, created_at) VALUES (:msg_id, :part, :parts, :target_kind,"
+    " :target, 'sending', 0, :claimant, :until, :now) ON CONFLICT (msg_id, part) DO UPDATE"
+    " SET status = 'sending', parts = excluded.parts, claimed_by = excluded.claimed_by,"
+    " claimed_until = excluded.claimed_until,"
+    " error = CASE WHEN deliveries.status = 'sending'"
+    " AND deliveries.claimed_by <> excluded.claimed_by THEN :uncertain"
+    " WHEN deliveries.error LIKE 'uncertain:%' THEN deliveries.error ELSE NULL END"
+    " WHERE deliveries.status <> 'sent' AND (deliveries.claimed_until IS NULL"
+    " OR deliveries.claimed_until < excluded.created_at"
+    " OR deliveries.claimed_by = excluded.claimed_by)"
+    " RETURNING attempts, error",
+    "until",
+)
 # A sent part is final: no later statement changes it.
 _MARK_SENT = _sql(
     "INSERT INTO deliveries (msg_id, part, parts, target_kind, target, status,"
@@ -100,14 +184,19 @@ _MARK_SENT = _sql(
     " :reply_digest, 1, :now, :now) ON CONFLICT (msg_id, part) DO UPDATE SET status = 'sent',"
     " easemob_msg_id = excluded.easemob_msg_id, end_offset = excluded.end_offset,"
     " reply_digest = excluded.reply_digest, attempts = deliveries.attempts + 1,"
-    " sent_at = excluded.sent_at, error = NULL WHERE deliveries.status != 'sent'"
+    " sent_at = excluded.sent_at, claimed_until = NULL,"
+    " error = CASE WHEN deliveries.error LIKE 'uncertain:%' THEN deliveries.error END"
+    " WHERE deliveries.status != 'sent'"
 )
+# Releases the claim (``claimant``) of the attempt that failed; never touches a part
+# sent, or claimed by someone else since.
 _MARK_FAILED = _sql(
     "INSERT INTO deliveries (msg_id, part, parts, target_kind, target, status, attempts,"
     " error, created_at) VALUES (:msg_id, :part, :parts, :target_kind, :target, :status, 1,"
     " :error, :now) ON CONFLICT (msg_id, part) DO UPDATE SET status = excluded.status,"
-    " attempts = deliveries.attempts + 1, error = excluded.error"
-    " WHERE deliveries.status != 'sent'"
+    " attempts = deliveries.attempts + 1, error = excluded.error, claimed_until = NULL"
+    " WHERE deliveries.status != 'sent' AND (deliveries.claimed_by IS NULL"
+    " OR deliveries.claimed_by = :claimant)"
 )
 
 
@@ -185,6 +274,19 @@ class Store:
                 yield session
             return
         async with self._write_lock, self.engine.begin() as session:
+            yield session
+
+    @contextlib.asynccontextmanager
+    async def _writing_one(self) -> AsyncIterator[AsyncConnection]:
+        """One write statement committed by itself: one round trip, no BEGIN / COMMIT.
+
+        For the ledger, whose rows must be durable the moment the statement returns.
+        """
+        if self._write_lock is None:
+            async with self._reader.connect() as session:
+                yield session
+            return
+        async with self._write_lock, self._reader.connect() as session:
             yield session
 
     async def close(self) -> None:
@@ -307,7 +409,7 @@ class Store:
         self, session: AsyncConnection, env: Envelope, reply_text: str, reply_kind: str
     ) -> None:
         now = utcnow()
-        user_text = env.user_text
+        user_text = storable_text(env.user_text)
         await session.execute(
             _UPSERT_CONVERSATION,
             {
@@ -328,7 +430,7 @@ class Store:
                 "user_tokens": estimate_tokens(user_text),
                 "reply_id": f"{env.msg_id}:reply",
                 "bot": env.bot,
-                "reply_text": reply_text,
+                "reply_text": storable_text(reply_text),
                 "reply_kind": reply_kind,
                 "reply_tokens": env.completion.output_tokens if env.completion else None,
                 "now": now,
@@ -345,12 +447,13 @@ class Store:
             {
                 "msg_id": env.msg_id,
                 "conversation_id": env.conversation_id,
-                "model": c.model,
-                "provider": c.provider,
+                # As the provider named them: free text, clipped to what the columns hold.
+                "model": _clip(c.model, _MODEL_MAX),
+                "provider": _clip(c.provider, _PROVIDER_MAX),
                 "input_tokens": c.input_tokens,
                 "output_tokens": c.output_tokens,
                 "cost": c.cost,
-                "currency": c.currency,
+                "currency": _clip(c.currency, _CURRENCY_MAX),
                 "latency_ms": c.latency_ms,
                 "now": utcnow(),
             }
@@ -366,10 +469,45 @@ class Store:
             Delivery.attempts,
             Delivery.end_offset,
             Delivery.reply_digest,
+            Delivery.error,
         ).where(Delivery.msg_id == msg_id)
         async with self._reader.connect() as session:
             rows = (await session.execute(query)).all()
         return {r.part: LedgerRow(*r) for r in rows}
+
+    async def claim_part(
+        self,
+        msg_id: str,
+        part: int,
+        claimant: str,
+        *,
+        lease_s: float,
+        parts: int,
+        target_kind: str,
+        target: str,
+    ) -> Claim | None:
+        """Claim a part before sending it; None when it is sent or another live claim holds it.
+
+        The claim lasts ``lease_s`` seconds: a sender that died holding it stops
+        blocking the part then. Committed on its own before the call to Easemob.
+        """
+        now = utcnow()
+        values = {
+            "msg_id": msg_id,
+            "part": part,
+            "parts": parts,
+            "target_kind": target_kind,
+            "target": target,
+            "claimant": claimant,
+            "until": now + timedelta(seconds=lease_s),
+            "uncertain": UNCERTAIN_CLAIM,
+            "now": now,
+        }
+        async with self._writing_one() as session:
+            row = (await session.execute(_CLAIM, values)).first()
+        if row is None:
+            return None
+        return Claim(attempt=int(row.attempts) + 1, uncertain=row.error == UNCERTAIN_CLAIM)
 
     async def mark_sent(
         self,
@@ -382,15 +520,13 @@ class Store:
         parts: int,
         target_kind: str,
         target: str,
-        exchange: tuple[Envelope, str, str] | None = None,
     ) -> None:
         """Record a part Easemob accepted — the ledger entry that stops any resend.
 
-        With ``exchange`` (envelope, reply text, reply kind: the last part) the history
-        is written in the same transaction, one commit per reply. If that transaction
-        fails, the ledger row is committed on its own and the error raised, so the
-        history can never take the ledger row down with it: the retry finds every
-        part sent and only writes the history.
+        One statement committed by itself (one round trip): the window in which a
+        crash leaves a part sent but unrecorded is this statement's. The history is
+        written afterwards in its own transaction (``record_exchange``), so it can
+        neither roll back nor delay this row.
         """
         values = {
             "msg_id": msg_id,
@@ -398,22 +534,13 @@ class Store:
             "parts": parts,
             "target_kind": target_kind,
             "target": target,
-            "easemob_msg_id": easemob_msg_id,
+            "easemob_msg_id": easemob_msg_id[:_EASEMOB_ID_MAX],
             "end_offset": end_offset,
             "reply_digest": reply_digest,
             "now": utcnow(),
         }
-        try:
-            async with self._writing() as session:
-                await session.execute(_MARK_SENT, values)
-                if exchange is not None:
-                    await self._record_exchange(session, *exchange)
-        except SQLAlchemyError:
-            if exchange is None:
-                raise
-            async with self._writing() as session:
-                await session.execute(_MARK_SENT, values)
-            raise
+        async with self._writing_one() as session:
+            await session.execute(_MARK_SENT, values)
 
     async def mark_failed(
         self,
@@ -425,8 +552,9 @@ class Store:
         target_kind: str,
         target: str,
         final: bool,
+        claimant: str | None = None,
     ) -> None:
-        """Count a failed attempt (``final``: it will not be retried)."""
+        """Count a failed attempt (``final``: it will not be retried) and release its claim."""
         values = {
             "msg_id": msg_id,
             "part": part,
@@ -434,10 +562,11 @@ class Store:
             "target_kind": target_kind,
             "target": target,
             "status": "failed" if final else "retrying",
-            "error": error[:500],
+            "error": storable_text(error[:500]),
+            "claimant": claimant,
             "now": utcnow(),
         }
-        async with self._writing() as session:
+        async with self._writing_one() as session:
             await session.execute(_MARK_FAILED, values)
 
     async def count(self, table: type[object], **where: object) -> int:
@@ -449,4 +578,19 @@ class Store:
             return int((await session.execute(query)).scalar_one())
 
 
-__all__ = ["AuditEntry", "LedgerRow", "Store", "estimate_tokens"]
+_MODEL_MAX = _length(Usage.__table__.c.model)
+_PROVIDER_MAX = _length(Usage.__table__.c.provider)
+_CURRENCY_MAX = _length(Usage.__table__.c.currency)
+_EASEMOB_ID_MAX = _length(Delivery.__table__.c.easemob_msg_id)
+
+__all__ = [
+    "UNCERTAIN_ANSWER",
+    "UNCERTAIN_CLAIM",
+    "AuditEntry",
+    "Claim",
+    "LedgerRow",
+    "Store",
+    "estimate_tokens",
+    "storable_text",
+    "unstorable",
+]

@@ -32,10 +32,11 @@ from typing import Any, Protocol
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
 from prometheus_client import Counter, Histogram
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 
 from core import topics
+from core.db import describe_db_error
 from core.envelope import DlqRecord, Envelope, decode_envelope, encode_envelope
 from core.errors import FatalError, ImbotError, RetryableError, UndecodableError
 from core.settings import Settings
@@ -139,7 +140,10 @@ class Boundary:
                 SATimeoutError,
             ) as exc:
                 if isinstance(exc, DBAPIError) and not _transient_db(exc):
-                    log.exception("database error, to DLQ", extra={**where, **ids})
+                    log.error(
+                        "database error, to DLQ",
+                        extra={**where, **ids, "error": type(exc).__name__},
+                    )
                     await self._fail(key, value, where, exc, attempt, env)
                     return "fatal"
                 retry_after = exc.retry_after if isinstance(exc, RetryableError) else None
@@ -155,14 +159,14 @@ class Boundary:
                             **ids,
                             "attempt": attempt,
                             "delay_s": round(delay, 3),
-                            "error": str(exc),
+                            "error": _loggable(exc),
                         },
                     )
                     await asyncio.sleep(delay)
                     continue
                 log.error(
                     "retries exhausted, to DLQ",
-                    extra={**where, **ids, "attempts": attempt, "error": str(exc)},
+                    extra={**where, **ids, "attempts": attempt, "error": _loggable(exc)},
                 )
                 await self._fail(key, value, where, exc, attempt, env)
                 return "exhausted"
@@ -173,7 +177,13 @@ class Boundary:
                 await self._fail(key, value, where, exc, attempt, env)
                 return "fatal"
             except Exception as exc:  # a bug: never let it kill the agent
-                log.exception("unexpected error, to DLQ", extra={**where, **ids})
+                if isinstance(exc, SQLAlchemyError):  # its message and traceback carry data
+                    log.error(
+                        "unexpected database error, to DLQ",
+                        extra={**where, **ids, "error": type(exc).__name__},
+                    )
+                else:
+                    log.exception("unexpected error, to DLQ", extra={**where, **ids})
                 await self._fail(key, value, where, exc, attempt, env)
                 return "error"
             # Publishing is retried on its own, never by re-running the stage: a
@@ -235,7 +245,7 @@ class Boundary:
             value=text,
             value_b64=b64,
             error_kind=exc.kind if isinstance(exc, ImbotError) else type(exc).__name__,
-            error=str(exc)[:2000],
+            error=describe_db_error(exc) if isinstance(exc, SQLAlchemyError) else str(exc)[:2000],
             reason=exc.reason if isinstance(exc, FatalError) else None,
             status=exc.status if isinstance(exc, ImbotError) else None,
             attempts=attempts,
@@ -269,6 +279,12 @@ class Boundary:
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
+
+
+def _loggable(exc: BaseException) -> str:
+    """What a log line may say about an error: a database error only by its type (its
+    message can quote the statement's parameters: user questions, bot answers)."""
+    return type(exc).__name__ if isinstance(exc, SQLAlchemyError) else str(exc)
 
 
 def _transient_db(exc: DBAPIError) -> bool:
