@@ -270,3 +270,27 @@ async def test_the_real_answer_after_a_fallback_apology_is_still_delivered(
             )
         ).one()
     assert tuple(row) == ("真正的回答", "answer")
+
+
+async def test_each_part_sent_is_logged_with_its_ids_and_never_its_text(
+    client: EasemobClient, simulator: str, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A duplicate can be traced from the logs alone: one line per part Easemob accepted."""
+    import logging
+
+    text = "".join(f"第{i}句话，内容比较长一些。" for i in range(150))
+    parts = split_reply(text, 3000)
+    assert len(parts) >= 2
+    env = _env(text)
+    with caplog.at_level(logging.INFO, logger="imbot.sender"):
+        await ReplySender(client, store).deliver(env, deadline=time.monotonic() + 10)
+    delivered = await _delivered(simulator, "alice")
+    lines = [r for r in caplog.records if r.getMessage() == "reply part sent"]
+    assert [
+        (r.msg_id, r.conversation, r.part, r.parts, r.easemob_msg_id, r.attempt)  # type: ignore[attr-defined]
+        for r in lines
+    ] == [
+        (env.msg_id, env.conversation_id, i, len(parts), m["id"], 1)
+        for i, m in enumerate(delivered)
+    ]
+    assert not any(part[:20] in repr(r.__dict__) for r in caplog.records for part in parts)
