@@ -243,3 +243,12 @@ async def check_migrated(engine: AsyncEngine) -> None:
             f"database {engine.url.render_as_string(hide_password=True)} is at migration"
             f" {current or 'none'}, the code needs {head}: run `imbot migrate` first"
         )
+
+
+class CallbackId(Base):
+    """A signed callback's callId, remembered by the gateways until ``expires_at``
+    (ms epoch: its timestamp plus the window) so a replay of it is never published."""
+
+    __tablename__ = "callback_ids"
+    call_id: Mapped[str] = mapped_column(String(256), primary_key=True)  # limits.CALL_ID_MAX
+    expires_at: Mapped[int] = mapped_column(BigInteger, index=True)

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from core.errors import ConfigurationError
+from core.limits import USER_ID_MAX
 
 DEFAULT_POLICY_FILE = Path(__file__).with_name("default_policy.yaml")
 
@@ -36,8 +37,18 @@ class Settings(BaseSettings):
     callback_path: str = "/easemob/callback"
     callback_secrets: Annotated[tuple[SecretStr, ...], NoDecode] = ()
     # Reject callbacks whose Easemob timestamp is further than this from our clock
-    # (replay protection). 0 turns the check off; Easemob documents no window.
-    callback_timestamp_window_s: float = 0.0
+    # (replay protection; 0 turns it off). Easemob stamps the message when it receives
+    # it and calls us at once, so the skew is our clock's offset from Easemob's plus
+    # the delivery time: well under a second with NTP. ±5 minutes (the reference's
+    # suggestion) tolerates a badly drifting clock; a callId is remembered this long.
+    callback_timestamp_window_s: float = 300.0
+    # Where the callIds of signed callbacks are remembered (a replay of one is never
+    # published): memory (one replica), database (PostgreSQL, shared by all
+    # replicas), off; auto = database when IMBOT_DATABASE_URL is PostgreSQL.
+    callback_replay_store: Literal["auto", "memory", "database", "off"] = "auto"
+    # How long an AI message waits for the shared store before it is answered by the
+    # fail policy. With publish_timeout_ms it must stay inside Easemob's 200 ms.
+    callback_replay_timeout_ms: int = 50
     callback_max_body_bytes: int = 64 * 1024
     # How long the gateway waits for Kafka to acknowledge a publish before it
     # answers by the fail policy. Keep it well under the rule's wait time (200 ms).
@@ -45,6 +56,14 @@ class Settings(BaseSettings):
     # Remember this many recently published msg_ids so an Easemob duplicate
     # (a second matching rule, an edit) is not published and billed twice.
     dedupe_window: int = 100_000
+    # Slow clients. An idle keep-alive connection, and one that has not delivered a
+    # complete request head, is closed after keepalive (aiohttp's keep-alive timer
+    # runs from the connection's start and from each answer until the next head is
+    # complete). Longer than the 60 s idle timeout of the usual proxy or load
+    # balancer in front, so the gateway is not the side that closes a pooled
+    # connection under a request. A body must arrive whole within body_timeout (408).
+    gateway_keepalive_timeout_s: float = 75.0
+    gateway_body_timeout_s: float = 5.0
 
     # -- kafka ----------------------------------------------------------------
     kafka_bootstrap: str = "127.0.0.1:9092"
@@ -59,12 +78,27 @@ class Settings(BaseSettings):
     topic_partitions: int = 6
     topic_replication: int = 1
     consumer_fetch_max_wait_ms: int = 10
+    # Consumer group timeouts of the stage workers (seconds). None: 6 / 3 / 1 with
+    # the embedded broker (its first join waits half the session), 10 / 10 / 1 with
+    # a real cluster. A SIGKILLed replica's partitions wait up to the session timeout
+    # before the group moves them; the heartbeat interval is how soon the others
+    # notice a rebalance; the rebalance timeout bounds how long the group waits for
+    # every member to rejoin (keep it above stage_revoke_grace_s). See "Restarts" in
+    # docs/benchmarks.md.
+    kafka_session_timeout_s: float | None = None
+    kafka_rebalance_timeout_s: float | None = None
+    kafka_heartbeat_interval_s: float | None = None
 
     # -- stages ---------------------------------------------------------------
     stage_max_in_flight: int = 64  # concurrent messages per stage worker (distinct conversations)
     stage_deadline_s: float = 60.0  # retries of one message stop here, then DLQ
     stage_retry_base_s: float = 0.2
     stage_retry_max_s: float = 5.0
+    # When a worker's partitions are taken away (a replica joins or leaves the group,
+    # or this one stops), messages in flight on them get this long to finish; the rest
+    # are cut short and redelivered (effects are idempotent). The whole group waits for
+    # the slowest member here, so it bounds what a restart adds to every replica.
+    stage_revoke_grace_s: float = 1.0
     worker_metrics_port: int = 0  # 0: no metrics server (imbot dev picks ports)
     worker_group: str = ""  # consumer group; default derived from the stages run
 
@@ -127,9 +161,18 @@ class _Frozen(BaseModel):
 
 
 class Bot(_Frozen):
-    id: str
+    # An Easemob user id: every id derived from it (conversation ids, ledger rows)
+    # is sized for this bound (core.limits).
+    id: str = Field(min_length=1, max_length=USER_ID_MAX)
     name: str = ""
     route: str = "default"
+
+    @field_validator("id")
+    @classmethod
+    def _printable_id(cls, value: str) -> str:
+        if not value.isprintable():
+            raise ValueError("a bot id must be printable text (no control characters)")
+        return value
 
 
 class AiRules(_Frozen):
@@ -138,7 +181,9 @@ class AiRules(_Frozen):
     direct_to_bot: bool = True  # 1:1 messages whose `to` is a bot account
     group_mention: bool = True  # group/chatroom messages that @-mention a bot (ext.em_at_list)
     mention_all: bool = False  # whether @all counts as mentioning the bot
-    ext_flag: str | None = "imbot_ai"  # ext key whose truthy value marks a message as AI
+    # Opt-in: an ext key whose value true marks any message as AI. Any client can set
+    # ext, so with it on any app user can make the bot answer any message.
+    ext_flag: str | None = None
     ext_bot_key: str = "imbot_bot"  # ext key naming the bot to answer (with ext_flag)
     chat_types: tuple[Literal["chat", "group", "chatroom"], ...] = ("chat", "group", "chatroom")
     # Body types that may start an AI conversation; others pass through untouched.

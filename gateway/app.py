@@ -27,8 +27,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 
 from core import topics
 from core.kafka import new_producer
+from core.limits import LOGGED_VALUE_MAX
 from core.settings import Settings
 from gateway.callback import CallbackRejected, decide, verify
+from gateway.replay import CallIds, ReplayStoreUnavailable, new_call_ids
 
 if TYPE_CHECKING:
     from moderation import Moderator
@@ -47,6 +49,11 @@ LATENCY = Histogram(
 PUBLISH_FAILURES = Counter(
     "imbot_gateway_publish_failures_total", "Publishes that missed the deadline or failed", ["why"]
 )
+REPLAY_STORE_FAILURES = Counter(
+    "imbot_gateway_replay_store_failures_total",
+    "AI messages answered by the fail policy because the callId store did not answer",
+    ["why"],
+)
 LATE_ACKS = Counter(
     "imbot_gateway_late_acks_total",
     "Records acked after their deadline: answered by the fail policy, yet on the topic",
@@ -54,6 +61,7 @@ LATE_ACKS = Counter(
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
 PUBLISHER: web.AppKey[Publisher] = web.AppKey("publisher")
+CALL_IDS: web.AppKey[CallIds | None] = web.AppKey("call_ids")
 
 _VALID = orjson.dumps({"valid": True})
 
@@ -64,6 +72,49 @@ def _json(body: Any, status: int = 200) -> web.Response:
 
 def _answer(body: bytes) -> web.Response:
     return web.Response(body=body, content_type="application/json")
+
+
+def _short(value: object) -> str:
+    """A value as it may appear in a log line: at most LOGGED_VALUE_MAX characters."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= LOGGED_VALUE_MAX:
+        return text
+    return f"{text[:LOGGED_VALUE_MAX]}…(+{len(text) - LOGGED_VALUE_MAX})"
+
+
+class _BodyTimeout(Exception):
+    pass
+
+
+class _ShortHttpErrors(logging.Filter):
+    """aiohttp's server log of a malformed or failed request, as one short line.
+
+    aiohttp logs a malformed request at ERROR with a traceback whose exception
+    quotes the raw request (the ``security`` field included). Keep the event, the
+    peer and the exception's type; drop the traceback and anything quoted.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        try:
+            message = record.getMessage()
+        except Exception:
+            message = str(record.msg)
+        record.msg = "%s (%s)"
+        record.args = (_short(message), type(exc).__name__ if exc is not None else "no exception")
+        record.exc_info = None
+        record.exc_text = None
+        record.stack_info = None
+        return True
+
+
+# The server logger the gateway's connections use (aiohttp's ``aiohttp.server`` is
+# left alone: other apps in the process keep their own behaviour).
+HTTP_LOG = logging.getLogger("imbot.gateway.http")
+HTTP_LOG.addFilter(_ShortHttpErrors())
+# After an early answer (413, 408) aiohttp reads and drops the rest of the body for
+# this long, so the client sees the answer; then the connection is closed.
+_LINGER_S = 1.0
 
 
 class _Publish:
@@ -239,13 +290,19 @@ class RecentIds:
 
 
 class CallbackHandler:
-    def __init__(self, settings: Settings, publisher: Publisher) -> None:
+    def __init__(
+        self, settings: Settings, publisher: Publisher, call_ids: CallIds | None = None
+    ) -> None:
         self.settings = settings
         self.policy = settings.policy
         self.publisher = publisher
+        self.call_ids = call_ids
         self.secrets = settings.secret_values()
         self.max_body = settings.callback_max_body_bytes
         self.window_s = settings.callback_timestamp_window_s
+        self.window_ms = int(settings.callback_timestamp_window_s * 1000)
+        self.replay_timeout = settings.callback_replay_timeout_ms / 1000.0
+        self.body_timeout = settings.gateway_body_timeout_s
         self.timeout = settings.publish_timeout_ms / 1000.0
         self.recent = RecentIds(settings.dedupe_window)
         publisher.on_late_ack = self.recent.add
@@ -277,7 +334,16 @@ class CallbackHandler:
 
     async def handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
-        outcome, response = await self._handle(request)
+        try:
+            outcome, response = await self._handle(request)
+        except Exception as exc:
+            # The last line of defence: never a 500. Answered like a publish failure;
+            # logged by type only (a traceback or message could quote the body).
+            log.error(
+                "callback failed unexpectedly, answering by the fail policy",
+                extra={"error": type(exc).__name__, "where": _where(exc)},
+            )
+            outcome, response = "internal_error", _answer(self.on_failure)
         metrics = self._metrics.get(outcome)
         if metrics is None:
             metrics = self._metrics[outcome] = (CALLBACKS.labels(outcome), LATENCY.labels(outcome))
@@ -286,28 +352,46 @@ class CallbackHandler:
         return response
 
     async def _read_body(self, request: web.Request) -> bytes | None:
-        """The whole body, or None when it exceeds the limit.
+        """The whole body, or None when it exceeds the limit; ``_BodyTimeout`` when it
+        does not arrive within ``gateway_body_timeout_s``.
 
         ``content.read(n)`` would return only what has arrived so far: a body split
         across TCP segments (ordinary over the Internet) would then fail to parse.
+        Usually the body came with the head: then no timer is armed at all.
         """
         length = request.content_length
         if length is not None and length > self.max_body:
             return None
         content = request.content
-        raw = await content.readany()
+        raw = content.read_nowait()
         if not content.at_eof():
             chunks, size = [raw], len(raw)
-            while chunk := await content.readany():
-                size += len(chunk)
-                if size > self.max_body:
-                    return None
-                chunks.append(chunk)
+            try:
+                async with asyncio.timeout(self.body_timeout):
+                    while chunk := await content.readany():
+                        size += len(chunk)
+                        if size > self.max_body:
+                            return None
+                        chunks.append(chunk)
+            except TimeoutError:
+                raise _BodyTimeout from None
             raw = b"".join(chunks)
         return raw if len(raw) <= self.max_body else None
 
     async def _handle(self, request: web.Request) -> tuple[str, web.Response]:
-        raw = await self._read_body(request)
+        try:
+            raw = await self._read_body(request)
+        except _BodyTimeout:
+            request.protocol.close()  # do not wait for the rest of a slow body
+            return "body_timeout", self._reject(
+                CallbackRejected(
+                    408, "body_timeout", f"body not received within {self.body_timeout:g}s"
+                )
+            )
+        except web.RequestPayloadError:
+            return "bad_body", self._reject(
+                CallbackRejected(400, "bad_body", "request body could not be read")
+            )
         if raw is None:
             return "too_large", self._reject(
                 CallbackRejected(413, "body_too_large", f"body exceeds {self.max_body} bytes")
@@ -322,7 +406,15 @@ class CallbackHandler:
         except CallbackRejected as exc:
             return exc.error, self._reject(exc, data)
         message = decision.message
+        call_ids = self.call_ids
         if message is None:
+            if call_ids is not None:
+                # Its signature must not carry another message later (see gateway.replay).
+                call_id = data["callId"]
+                call_ids.remember(
+                    call_id if isinstance(call_id, str) else str(call_id),
+                    data["timestamp"] + self.window_ms,
+                )
             return "not_ai", _answer(_VALID)
         if self.moderator is not None and message.body.type == "txt" and message.body.text:
             verdict = self.moderator.check_input(message.body.text)
@@ -340,6 +432,29 @@ class CallbackHandler:
         msg_id = message.msg_id
         if msg_id in self.recent:
             return "duplicate", _answer(self.accepted)
+        if call_ids is not None and message.call_id is not None:
+            assert message.easemob_timestamp is not None  # verify() required it
+            try:
+                async with asyncio.timeout(self.replay_timeout):
+                    new_call_id = await call_ids.first_use(
+                        message.call_id, message.easemob_timestamp + self.window_ms
+                    )
+            except (ReplayStoreUnavailable, TimeoutError) as exc:
+                why = exc.why if isinstance(exc, ReplayStoreUnavailable) else "timeout"
+                REPLAY_STORE_FAILURES.labels(why).inc()
+                log.error(
+                    "callId store did not answer, answering by the fail policy",
+                    extra={"msg_id": msg_id, "conversation": message.conversation_id, "why": why},
+                )
+                return "replay_store_failed", _answer(self.on_failure)
+            if not new_call_id:
+                # A replay: never published. Answered as a duplicate is (nothing here
+                # tells the sender whether it was); a genuine repeat gets the same answer.
+                log.warning(
+                    "replayed callId refused",
+                    extra={"msg_id": msg_id, "callId": _short(message.call_id)},
+                )
+                return "replayed", _answer(self.accepted)
         in_flight = self.in_flight
         if msg_id in in_flight:
             # The same callback is being published right now (Easemob sent it twice,
@@ -378,11 +493,16 @@ class CallbackHandler:
 
     @staticmethod
     def _reject(exc: CallbackRejected, data: Any = None) -> web.Response:
-        fields: dict[str, Any] = {"status": exc.status, "error": exc.error, "detail": exc.detail}
+        # Before authentication anything can be in these: each value is cut short.
+        fields: dict[str, Any] = {
+            "status": exc.status,
+            "error": exc.error,
+            "detail": _short(exc.detail),
+        }
         if isinstance(data, dict):
             for key in ("callId", "msg_id"):
                 if isinstance(data.get(key), str | int):
-                    fields[key] = data[key]
+                    fields[key] = _short(data[key])
         log.warning("callback rejected", extra=fields)
         return _json(exc.body(), exc.status)
 
@@ -401,6 +521,16 @@ async def metrics(_: web.Request) -> web.Response:
     return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+def _where(exc: BaseException) -> str:
+    """``module:line`` of the innermost frame of ``exc``: enough to find a bug, no data."""
+    tb = exc.__traceback__
+    if tb is None:
+        return "?"
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{tb.tb_frame.f_globals.get('__name__', '?')}:{tb.tb_lineno}"
+
+
 async def _kafka_ctx(app: web.Application) -> AsyncIterator[None]:
     publisher = app[PUBLISHER]
     await publisher.start()
@@ -408,14 +538,36 @@ async def _kafka_ctx(app: web.Application) -> AsyncIterator[None]:
     await publisher.stop()
 
 
-def create_app(settings: Settings) -> web.Application:
+async def _call_ids_ctx(app: web.Application) -> AsyncIterator[None]:
+    call_ids = app[CALL_IDS]
+    if call_ids is not None:
+        await call_ids.start()
+    yield
+    if call_ids is not None:
+        await call_ids.stop()
+
+
+def create_app(settings: Settings, *, publisher: Publisher | None = None) -> web.Application:
+    """The gateway app. ``publisher``: the seam for a different Kafka publisher."""
     # client_max_size bounds any other route; the callback reads its body itself.
-    app = web.Application(client_max_size=settings.callback_max_body_bytes + 1)
-    publisher = Publisher(settings)
+    app = web.Application(
+        client_max_size=settings.callback_max_body_bytes + 1,
+        handler_args={
+            "keepalive_timeout": settings.gateway_keepalive_timeout_s,
+            "lingering_time": _LINGER_S,
+            "logger": HTTP_LOG,
+        },
+    )
+    publisher = publisher if publisher is not None else Publisher(settings)
+    call_ids = new_call_ids(settings)
     app[SETTINGS] = settings
     app[PUBLISHER] = publisher
+    app[CALL_IDS] = call_ids
     app.cleanup_ctx.append(_kafka_ctx)
-    app.router.add_post(settings.callback_path, CallbackHandler(settings, publisher).handle)
+    app.cleanup_ctx.append(_call_ids_ctx)
+    app.router.add_post(
+        settings.callback_path, CallbackHandler(settings, publisher, call_ids).handle
+    )
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -13,6 +13,7 @@ wanted, and a unit test holds the two encodings equal.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ from core.envelope import (
     conversation_id,
     now_ms,
 )
+from core.limits import CALL_ID_MAX, GROUP_ID_MAX, MSG_ID_MAX, USER_ID_MAX
 from core.settings import Policy
 from core.signature import verify_signature
 
@@ -40,6 +42,11 @@ _CHAT_TYPES = {
 _BODY_TYPES: frozenset[str] = frozenset(
     ("txt", "img", "audio", "video", "file", "loc", "cmd", "custom", "combine", "unknown")
 )
+_C0 = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f]")
+# How deep ``ext`` and a body may nest objects and arrays. orjson reads 1,024 levels
+# but writes at most 254, and the envelope adds its own (envelope > content > body);
+# Easemob's own ext keys nest two or three levels.
+MAX_NESTING = 32
 
 
 class CallbackRejected(Exception):
@@ -140,8 +147,32 @@ def _require_str(data: dict[str, Any], field: str) -> str:
     return value
 
 
+def _id_field(data: dict[str, Any], field: str, limit: int) -> str:
+    """An id the pipeline stores and derives other ids from: present, short, printable.
+
+    Integers are kept as their decimal string (orjson reads at most 64-bit ones, so
+    at most 20 characters). ``str.isprintable`` refuses NUL and every other control
+    character, separators other than the space, and lone surrogates (which orjson
+    already refuses when it reads the body).
+    """
+    value = _require_str(data, field)
+    if len(value) > limit:
+        raise CallbackRejected(
+            400, "field_too_long", f"field {field!r} is longer than {limit} characters"
+        )
+    if not value.isprintable():
+        raise CallbackRejected(
+            400, "invalid_field", f"field {field!r} must be printable text (no control characters)"
+        )
+    return value
+
+
 def verify(data: Any, secrets: list[str], *, window_s: float, now: float | None = None) -> None:
-    """Check the signature (and the timestamp window when one is configured)."""
+    """Check the signature (and the timestamp window when one is configured).
+
+    Only the signature fields are required of every callback; the rest is checked
+    by ``decide`` once the message is known to be for the AI.
+    """
     if not isinstance(data, dict):
         raise CallbackRejected(400, "bad_json", "body must be a JSON object")
     call_id = _require_str(data, "callId")
@@ -167,8 +198,35 @@ def verify(data: Any, secrets: list[str], *, window_s: float, now: float | None 
             )
 
 
+def _body_kind(body: dict[str, Any], has_bodies: bool) -> BodyType | None:
+    """The body's message type; None when the payload names none (flat shape)."""
+    raw_type = body.get("type")
+    if body.get("subType") == "sub_combine" or (raw_type is None and "combineLevel" in body):
+        return "combine"
+    if isinstance(raw_type, str) and raw_type in _BODY_TYPES:
+        return raw_type  # type: ignore[return-value]
+    if raw_type is None and not has_bodies:
+        return None
+    return "unknown"
+
+
+def storable_text(text: str) -> str:
+    """``text`` without NUL and the other C0 control characters but tab, LF and CR.
+
+    PostgreSQL cannot store NUL in text, and the others are terminal escapes and
+    the like that mean nothing in a chat message; removing them (rather than
+    replacing them with U+FFFD) keeps what the model and the history see clean.
+    """
+    if _C0.search(text) is None:
+        return text
+    return _C0.sub("", text)
+
+
 def normalise_content(payload: Any) -> tuple[MessageBody | None, dict[str, Any]]:
-    """Accept both payload shapes; returns (body or None when empty, ext)."""
+    """Accept both payload shapes; returns (body or None when empty, ext).
+
+    Any JSON value in any field gives either a body or a ``CallbackRejected``.
+    """
     if not isinstance(payload, dict):
         raise CallbackRejected(400, "missing_field", "field 'payload' must be an object")
     ext = payload.get("ext")
@@ -182,15 +240,9 @@ def normalise_content(payload: Any) -> tuple[MessageBody | None, dict[str, Any]]
             raise CallbackRejected(400, "bad_payload", "payload.bodies[0] must be an object")
     else:
         body = payload
-    raw_type = body.get("type")
-    if body.get("subType") == "sub_combine" or (raw_type is None and "combineLevel" in body):
-        kind: BodyType = "combine"
-    elif raw_type in _BODY_TYPES:
-        kind = raw_type
-    elif raw_type is None and bodies is None:
+    kind = _body_kind(body, bodies is not None)
+    if kind is None:
         raise CallbackRejected(400, "bad_payload", "payload has neither 'bodies' nor a body 'type'")
-    else:
-        kind = "unknown"
     text: str | None = None
     if kind in ("txt", "combine"):
         msg = body.get("msg")
@@ -200,8 +252,23 @@ def normalise_content(payload: Any) -> tuple[MessageBody | None, dict[str, Any]]
     elif kind == "loc":
         addr = body.get("addr")
         text = addr if isinstance(addr, str) else None
+    if text is not None:
+        text = storable_text(text)
     raw_body = {} if kind == "txt" else {k: v for k, v in body.items() if k != "msg"}
     return MessageBody(kind, text, raw_body), ext
+
+
+def _within_depth(value: Any, levels: int) -> bool:
+    """True when ``value`` nests at most ``levels`` objects/arrays deep (stops early)."""
+    if isinstance(value, dict):
+        if levels == 0:
+            return False
+        return all(_within_depth(v, levels - 1) for v in value.values())
+    if isinstance(value, list):
+        if levels == 0:
+            return False
+        return all(_within_depth(v, levels - 1) for v in value)
+    return True
 
 
 def _mentions(ext: dict[str, Any]) -> tuple[set[str], bool]:
@@ -213,62 +280,96 @@ def _mentions(ext: dict[str, Any]) -> tuple[set[str], bool]:
     return set(), False
 
 
+def _as_text(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _addressed_bot(
+    chat_type: ChatType, to: Any, ext: dict[str, Any], policy: Policy
+) -> tuple[str | None, str]:
+    """Which bot the message asks (or None), and why: from lenient reads only."""
+    bots = policy.bot_ids
+    ai = policy.ai
+    if chat_type is ChatType.direct:
+        to_text = _as_text(to)
+        if ai.direct_to_bot and to_text is not None and to_text in bots:
+            return to_text, "direct"
+    elif ai.group_mention:
+        mentioned, at_all = _mentions(ext)
+        hit = sorted(mentioned & bots)
+        if hit:
+            return hit[0], "mention"
+        if at_all and ai.mention_all:
+            return policy.bots[0].id, "mention_all"
+    if ai.ext_flag and ext.get(ai.ext_flag) is True:
+        wanted = ext.get(ai.ext_bot_key)
+        bot = wanted if isinstance(wanted, str) and wanted in bots else policy.bots[0].id
+        return bot, "ext_flag"
+    return None, "not_ai"
+
+
 def decide(data: dict[str, Any], policy: Policy) -> Decision:
-    """Is this verified callback an AI conversation? Build the message to publish if so."""
+    """Is this verified callback an AI conversation? Build the message to publish if so.
+
+    Whether it is for the AI is read leniently (``chat_type``, ``to``, ``from``, the
+    payload's mentions and type): a missing or odd value there means "not for the
+    AI", answered ``{"valid": true}``, so an ordinary message between people never
+    gets a 400 that a "block" fail policy would turn into a blocked message. Only a
+    message for the AI must be complete and storable; otherwise it is a 400.
+    """
     raw_chat_type = data.get("chat_type")
     chat_type = _CHAT_TYPES.get(raw_chat_type) if isinstance(raw_chat_type, str) else None
     if chat_type is None:
         # recall, read_ack, edit, … and anything unknown: not ours, let it through.
         return Decision(None, "chat_type")
-    sender = _require_str(data, "from")
-    to = _require_str(data, "to")
-    msg_id = _require_str(data, "msg_id")
-    content, ext = normalise_content(data.get("payload"))
-    if chat_type is ChatType.group:
+    payload = data.get("payload")
+    if not isinstance(payload, dict):
+        payload = None
+    if chat_type is ChatType.group and payload is not None and payload.get("type") == "chatroom":
         # `groupchat` covers chatrooms in older documents; payload.type may tell.
-        payload = data.get("payload")
-        if isinstance(payload, dict) and payload.get("type") == "chatroom":
-            chat_type = ChatType.chatroom
+        chat_type = ChatType.chatroom
+    if chat_type.value not in policy.ai.chat_types:
+        return Decision(None, "chat_type_off")
+    bots = policy.bot_ids
+    if _as_text(data.get("from")) in bots:
+        return Decision(None, "from_bot")
+    ext = payload.get("ext") if payload is not None else None
+    bot, reason = _addressed_bot(
+        chat_type, data.get("to"), ext if isinstance(ext, dict) else {}, policy
+    )
+    if bot is None:
+        return Decision(None, reason)
+
+    # For the AI from here on: what is published must be complete and storable.
+    content, ext = normalise_content(payload if payload is not None else data.get("payload"))
     if content is None or content.type == "cmd":
         return Decision(None, "no_content")
     if content.type not in policy.ai.body_types:
         return Decision(None, "body_type")
-    if chat_type.value not in policy.ai.chat_types:
-        return Decision(None, "chat_type_off")
-    bots = policy.bot_ids
-    if sender in bots:
-        return Decision(None, "from_bot")
-
-    bot: str | None = None
-    reason = "not_ai"
-    if chat_type is ChatType.direct:
-        if policy.ai.direct_to_bot and to in bots:
-            bot, reason = to, "direct"
-    elif policy.ai.group_mention:
-        mentioned, at_all = _mentions(ext)
-        hit = sorted(mentioned & bots)
-        if hit:
-            bot, reason = hit[0], "mention"
-        elif at_all and policy.ai.mention_all:
-            bot, reason = policy.bots[0].id, "mention_all"
-    if bot is None and policy.ai.ext_flag and ext.get(policy.ai.ext_flag) is True:
-        wanted = ext.get(policy.ai.ext_bot_key)
-        bot = wanted if isinstance(wanted, str) and wanted in bots else policy.bots[0].id
-        reason = "ext_flag"
-    if bot is None:
-        return Decision(None, reason)
-
-    group_id = data.get("group_id")
-    group = group_id if isinstance(group_id, str) and group_id else to
+    msg_id = _id_field(data, "msg_id", MSG_ID_MAX)
+    sender = _id_field(data, "from", USER_ID_MAX)
+    call_id = _id_field(data, "callId", CALL_ID_MAX)
+    direct = chat_type is ChatType.direct
+    to = _id_field(data, "to", USER_ID_MAX if direct else GROUP_ID_MAX)
+    group = to
+    if not direct and data.get("group_id") not in (None, ""):
+        group = _id_field(data, "group_id", GROUP_ID_MAX)
+    if not (_within_depth(ext, MAX_NESTING) and _within_depth(content.fields, MAX_NESTING)):
+        raise CallbackRejected(
+            400, "too_deep", f"payload nests objects or arrays more than {MAX_NESTING} levels deep"
+        )
     timestamp = data.get("timestamp")
-    call_id = data.get("callId")
     message = AiMessage(
         msg_id=msg_id,
-        call_id=call_id if isinstance(call_id, str) else None,
+        call_id=call_id,
         conversation_id=conversation_id(chat_type, bot=bot, sender=sender, group_id=group),
         chat_type=chat_type,
         sender=sender,
-        to=to if chat_type is ChatType.direct else group,
+        to=to if direct else group,
         bot=bot,
         body=content,
         ext=ext,

@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -23,6 +24,7 @@ from core import topics
 from core.envelope import decode_envelope
 from core.kafka import EmbeddedBroker
 from core.settings import Settings
+from core.signature import expected_security
 from tests.conftest import consume_all
 from tests.integration.conftest import start_gateway
 from tests.payloads import callback
@@ -43,6 +45,13 @@ def paused_broker() -> Iterator[EmbeddedBroker]:
 async def _post(client: Any, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     resp = await client.post("/easemob/callback", data=orjson.dumps(body))
     return resp.status, await resp.json()
+
+
+def _second_rule(data: dict[str, Any]) -> dict[str, Any]:
+    """The same message as another callback rule sends it: a new callId, signed again."""
+    out = {**data, "callId": f"myorg#myapp_{uuid.uuid4()}"}
+    out["security"] = expected_security(out["callId"], "old-secret", out["timestamp"])
+    return out
 
 
 def _late_acks(metrics: str) -> float:
@@ -94,9 +103,11 @@ async def test_silent_broker_is_answered_by_fail_policy_and_a_late_ack_is_rememb
             await asyncio.sleep(0.05)
         else:
             pytest.fail("the queued records were never acked after the broker resumed")
-        # Easemob was told DOWN for all four. Say each arrives again (a second rule):
-        # the late-acked ones are duplicates, the others are published now.
-        assert [await _post(client, dict(d)) for d in stuck] == [(200, {"valid": True})] * 4
+        # Easemob was told DOWN for all four. Say each arrives again through a second
+        # rule (its own callId): the late-acked ones are duplicates, the others are
+        # published now.
+        again = [_second_rule(d) for d in stuck]
+        assert [await _post(client, d) for d in again] == [(200, {"valid": True})] * 4
         records = await consume_all(
             settings.kafka_bootstrap, settings.topic(topics.INBOUND), 6, timeout=1.5
         )

@@ -189,11 +189,21 @@ def test_groupchat_with_chatroom_payload_type_is_a_chatroom() -> None:
     assert env.chat_type is ChatType.chatroom
 
 
-def test_ext_flag_marks_any_message_as_ai() -> None:
+EXT_FLAG = POLICY.model_copy(update={"ai": AiRules(ext_flag="imbot_ai")})
+
+
+def test_ext_flag_marks_any_message_as_ai_when_configured() -> None:
     data = callback(to="bob", ext={"imbot_ai": True, "imbot_bot": "helper_bot"})
-    env = _envelope(data, POLICY)
+    env = _envelope(data, EXT_FLAG)
     assert env is not None
     assert env.bot == "helper_bot"
+
+
+def test_ext_flag_is_off_by_default() -> None:
+    # Any client can set ext: by default a key there must not make the bot answer.
+    data = callback(to="bob", ext={"imbot_ai": True, "imbot_bot": "helper_bot"})
+    assert _envelope(data, Policy()) is None
+    assert _envelope(data, POLICY) is None
 
 
 @pytest.mark.parametrize("chat_type", ["recall", "read_ack", "edit", "roster"])
@@ -219,7 +229,7 @@ def test_numeric_msg_id_is_kept_as_string() -> None:
     assert env.msg_id == "1290012345678901234"
 
 
-@pytest.mark.parametrize("field", ["from", "to", "msg_id"])
+@pytest.mark.parametrize("field", ["from", "msg_id"])
 def test_missing_message_fields_are_400(field: str) -> None:
     data = callback()
     del data[field]
@@ -262,7 +272,7 @@ _GROUP = {"chat_type": "group", "to": "g1", "group_id": "g1", "ext": {"em_at_lis
 def test_published_bytes_are_the_envelope_pydantic_would_write(data: dict[str, Any]) -> None:
     # The gateway writes the envelope's JSON with orjson (hot path); it must stay
     # exactly what the pydantic model encodes and what every stage decodes.
-    message = decide(data, POLICY).message
+    message = decide(data, EXT_FLAG).message
     assert message is not None
     fast = message.encode(received_at=1_700_000_000_123.5)
     model = message.envelope(received_at=1_700_000_000_123.5)
@@ -270,9 +280,15 @@ def test_published_bytes_are_the_envelope_pydantic_would_write(data: dict[str, A
     assert decode_envelope(fast) == model
 
 
-def test_numeric_call_id_is_dropped_not_published_as_a_number() -> None:
+def test_numeric_call_id_is_published_as_the_string_that_was_signed() -> None:
     data = callback()
     data["callId"] = 12345
     message = decide(data, POLICY).message
     assert message is not None
-    assert decode_envelope(message.encode()).call_id is None
+    assert decode_envelope(message.encode()).call_id == "12345"
+
+
+def test_direct_message_without_to_is_not_ai() -> None:
+    data = callback()
+    del data["to"]
+    assert decide(data, POLICY).message is None
