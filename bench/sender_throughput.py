@@ -9,7 +9,12 @@ one ``EasemobClient`` with 32 concurrent callers of ``send_text``.
 - Unpaced: the raw capacity of one sender process against the same server, the
   baseline the paced figure is compared with.
 
+- ``ReplySender.deliver`` with the ledger and history on PostgreSQL, unpaced, and the
+  crash window inside it: the time from Easemob's answer to the part's ledger row
+  committed (a crash in that window shows the part twice), p50 / p99.
+
     .venv/bin/python -m bench.sender_throughput [--paced-seconds 20] [--raw-seconds 10]
+    .venv/bin/python -m bench.sender_throughput --deliveries-only [--raw-seconds 10]
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
@@ -61,8 +67,10 @@ def _busiest(stamps: list[float], window: float) -> int:
     return best
 
 
-async def _measure(call: Callable[[int, int], Awaitable[object]], duration: float) -> Run:
-    """``CONCURRENCY`` callers repeating ``call(caller, i)`` for ``duration`` seconds."""
+async def _measure(
+    call: Callable[[int, int], Awaitable[object]], duration: float, concurrency: int = CONCURRENCY
+) -> Run:
+    """``concurrency`` callers repeating ``call(caller, i)`` for ``duration`` seconds."""
     loop = asyncio.get_running_loop()
     stamps: list[float] = []
     latencies: list[float] = []
@@ -80,7 +88,7 @@ async def _measure(call: Callable[[int, int], Awaitable[object]], duration: floa
                 latencies.append(done - began)
             i += 1
 
-    await asyncio.gather(*(worker(n) for n in range(CONCURRENCY)))
+    await asyncio.gather(*(worker(n) for n in range(concurrency)))
     stamps.sort()
     latencies.sort()
     windows = [
@@ -116,14 +124,48 @@ async def run(base_url: str, pacer: Pacer | None, duration: float) -> Run:
     return result
 
 
-async def run_deliveries(base_url: str, db_url: str, duration: float) -> Run:
-    """Unpaced ``ReplySender.deliver``: ledger read, send, one commit with the history."""
+@dataclass
+class Window:
+    """From Easemob's answer to the ledger row committed, per part (seconds)."""
+
+    samples: list[float]
+
+    def quantile(self, q: float) -> float:
+        ordered = sorted(self.samples)
+        return ordered[min(len(ordered) - 1, int(len(ordered) * q))] * 1000 if ordered else 0.0
+
+
+async def run_deliveries(
+    base_url: str, db_url: str, duration: float, concurrency: int = CONCURRENCY
+) -> tuple[Run, Window]:
+    """Unpaced ``ReplySender.deliver``, and the window between Easemob's answer and the
+    ledger commit (measured around the client's and the store's calls, per task)."""
     from core.envelope import ChatType, Content, Envelope, Reply
     from sender.service import ReplySender
     from sender.store import Store
 
-    store = await Store.open(db_url)
-    sender = ReplySender(_client(base_url), store)
+    answered: dict[asyncio.Task[object] | None, float] = {}
+    window = Window([])
+
+    class TimedClient(EasemobClient):
+        async def send_text(self, *args: Any, **kwargs: Any) -> str:
+            result = await super().send_text(*args, **kwargs)
+            answered[asyncio.current_task()] = time.perf_counter()
+            return result
+
+    class TimedStore(Store):
+        async def mark_sent(self, *args: Any, **kwargs: Any) -> None:
+            await super().mark_sent(*args, **kwargs)
+            began = answered.pop(asyncio.current_task(), None)
+            if began is not None:
+                window.samples.append(time.perf_counter() - began)
+
+    store = await TimedStore.open(db_url)
+    client = TimedClient(
+        base_url=base_url, org="demo-org", app="demo-app", client_id="dev-client",
+        client_secret="dev-client-secret",
+    )  # fmt: skip
+    sender = ReplySender(client, store)
     tag = uuid.uuid4().hex[:8]
 
     async def deliver(n: int, i: int) -> object:
@@ -139,10 +181,21 @@ async def run_deliveries(base_url: str, db_url: str, duration: float) -> Run:
         )
         return await sender.deliver(env, deadline=time.monotonic() + 30)
 
-    result = await _measure(deliver, duration)
+    await deliver(-1, 0)  # warm-up: token, connections, prepared statements
+    window.samples.clear()
+    result = await _measure(deliver, duration, concurrency)
     await sender.aclose()
     await store.close()
-    return result
+    return result, window
+
+
+def _deliveries_line(delivered: Run, window: Window) -> str:
+    return (
+        "| unpaced `ReplySender.deliver` with the ledger and history on PostgreSQL"
+        f" | **{delivered.rate:,.0f}** | | {delivered.busiest_second}"
+        f" | {delivered.p50_ms:.1f} / {delivered.p99_ms:.1f} ms; crash window (Easemob's answer"
+        f" to ledger commit) {window.quantile(0.5):.2f} / {window.quantile(0.99):.2f} ms |"
+    )
 
 
 def _wait_ready(base: str) -> None:
@@ -160,12 +213,31 @@ def main() -> None:
     parser.add_argument("--paced-seconds", type=float, default=20.0)
     parser.add_argument("--raw-seconds", type=float, default=10.0)
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument(
+        "--deliveries-only", action="store_true", help="only ReplySender.deliver (print only)"
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=CONCURRENCY, help="with --deliveries-only"
+    )
     args = parser.parse_args()
     port = free_port()
     sim = subprocess.Popen(
         [sys.executable, "-m", "simulator", "--port", str(port)], stderr=subprocess.DEVNULL
     )
     base = f"http://127.0.0.1:{port}"
+    if args.deliveries_only:
+        try:
+            _wait_ready(base)
+            db_url = _postgres_url()
+            upgrade(db_url)
+            delivered, window = asyncio.run(
+                run_deliveries(base, db_url, args.raw_seconds, args.concurrency)
+            )
+        finally:
+            sim.terminate()
+            sim.wait()
+        print(f"{args.concurrency} concurrent callers: {_deliveries_line(delivered, window)}")
+        return
     try:
         _wait_ready(base)
         paced = asyncio.run(run(base, Pacer(RATE, burst=1), args.paced_seconds))
@@ -180,7 +252,7 @@ def main() -> None:
         httpx.post(f"{base}/_sim/reset")
         db_url = _postgres_url()
         upgrade(db_url)
-        delivered = asyncio.run(run_deliveries(base, db_url, args.raw_seconds))
+        delivered, window = asyncio.run(run_deliveries(base, db_url, args.raw_seconds))
     finally:
         sim.terminate()
         sim.wait()
@@ -207,7 +279,7 @@ def main() -> None:
             f"| paced at {RATE:.0f}/s (token bucket, burst 1) | **{paced.rate:.1f}** | {windows} | {paced.busiest_second} | {paced.p50_ms:.1f} / {paced.p99_ms:.1f} ms |",
             f"| paced, as the simulator saw the requests arrive | {sum(arrival_windows) / len(arrival_windows):.1f} | {', '.join(f'{w:.1f}' for w in arrival_windows)} | {arrival_busiest} | |",
             f"| unpaced (raw capacity of one sender process) | **{raw.rate:,.0f}** | {', '.join(f'{w:,.0f}' for w in raw.windows)} | {raw.busiest_second} | {raw.p50_ms:.1f} / {raw.p99_ms:.1f} ms |",
-            f"| unpaced `ReplySender.deliver` with the ledger and history on PostgreSQL | **{delivered.rate:,.0f}** | | {delivered.busiest_second} | {delivered.p50_ms:.1f} / {delivered.p99_ms:.1f} ms |",
+            _deliveries_line(delivered, window),
             "",
             f"Paced: every {WINDOW:.0f} s window (completions at the client and arrivals at the "
             f"server) within {worst:.1%} of {RATE:.0f}/s and none above the bucket's bound of "
@@ -221,7 +293,9 @@ def main() -> None:
             "simulator in the same run), so pacing, not the client, sets the pace.",
             "",
             f"{CONCURRENCY} concurrent callers of `EasemobClient.send_text` (or of `ReplySender.deliver`, "
-            "one-part replies, each a new message: ledger read, send, one commit of the ledger row with the history) "
+            "one-part replies, each a new message: ledger read, the part's claim committed, send, "
+            "the ledger row committed alone, then the history; the crash window is the time "
+            "from Easemob's answer to that ledger commit) "
             "in one process, the simulator "
             f"in another; both share this 2-core machine with other sessions' work (1-min load "
             f"average {load:.1f} at the end), so the raw figure is a floor and will be re-run later; "

@@ -401,8 +401,13 @@ class Store:
             )
 
     async def record_exchange(self, env: Envelope, reply_text: str, *, reply_kind: str) -> None:
-        """Write the user's message and the reply (idempotent) and the conversation."""
-        async with self._writing() as session:
+        """Write the user's message and the reply (idempotent) and the conversation.
+
+        Two statements, each committed by itself (two round trips instead of four with
+        BEGIN and COMMIT): both are idempotent upserts, so a failure between them leaves
+        only a conversation row touched, and the retry writes both again.
+        """
+        async with self._writing_one() as session:
             await self._record_exchange(session, env, reply_text, reply_kind)
 
     async def _record_exchange(
