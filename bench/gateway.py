@@ -46,33 +46,89 @@ BARE = "bare aiohttp"
 GW_BATCHED = "imbot gateway (normal batching, as on a real cluster)"
 GW_FAST = "imbot gateway, normal batching + lexicon fast path"
 GW_SINGLE = "imbot gateway (one record per batch, embedded workaround)"
+GW_NO_REPLAY = "imbot gateway, normal batching, no callId replay memory"
+GW_PG = "imbot gateway, normal batching, callId memory in PostgreSQL"
+PG_ADMIN_DSN = os.environ.get("IMBOT_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+CALL_IDS = 400_000  # signed callIds for wrk, each used once per server
 TEXT = "你好，请介绍一下你自己"
 
 
 def body_template() -> str:
-    call_id = "benchorg#benchapp_0990a64f-6c50-8696-cf3b48b20e7e"
-    ts = int(time.time() * 1000)
+    """A callback with placeholders: MSGID (unique per request), and CALLID, TIMESTAMP,
+    SECURITY (a fresh signed callId per request: the gateway never publishes a replay)."""
     data = {
-        "callId": call_id,
-        "timestamp": ts,
+        "callId": "CALLID",
+        "timestamp": 0,
         "chat_type": "chat",
         "from": "MSGID",
         "to": "ai_bot",
         "msg_id": "MSGID",
         "payload": {"bodies": [{"type": "txt", "msg": TEXT}], "ext": {}},
-        "security": expected_security(call_id, SECRET, ts),
+        "security": "SECURITY",
     }
-    return json.dumps(data, ensure_ascii=False)
+    return json.dumps(data, ensure_ascii=False).replace('"timestamp": 0', '"timestamp": TIMESTAMP')
+
+
+def write_call_ids(path: Path, count: int) -> None:
+    """``callId timestamp security`` lines for wrk's script, signed now."""
+    ts = int(time.time() * 1000)
+    with path.open("w", encoding="utf-8") as fh:
+        for i in range(count):
+            call_id = f"benchorg#benchapp_{i:08d}-6c50-8696-cf3b48b20e7e"
+            fh.write(f"{call_id} {ts} {expected_security(call_id, SECRET, ts)}\n")
+
+
+def bench_database() -> tuple[str, str]:
+    """A fresh, migrated PostgreSQL database for the PostgreSQL callId store: (url, name)."""
+    import asyncpg
+
+    from core.db import upgrade
+
+    name = f"imbot_bench_{os.getpid()}"
+
+    async def create() -> None:
+        conn = await asyncpg.connect(PG_ADMIN_DSN)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
+    upgrade(url)
+    return url, name
+
+
+def drop_database(name: str) -> None:
+    import asyncpg
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(PG_ADMIN_DSN)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+    asyncio.run(drop())
 
 
 WRK_SCRIPT = """
 local counter = 0
 local template = [[%s]]
 local tid = 0
+local ids = {}
+local offset = 0
 setup = function(thread) tid = tid + 1; thread:set("tid", tid) end
+init = function(args)
+  offset = tonumber(args[1]) or 0
+  for line in io.lines("%s") do ids[#ids + 1] = line end
+end
 request = function()
   counter = counter + 1
-  local body = template:gsub("MSGID", tostring(tid or 0) .. "00000" .. tostring(counter))
+  local call_id, ts, security = ids[offset + counter]:match("(%%S+) (%%S+) (%%S+)")
+  local body = template:gsub("MSGID", tostring(tid or 0) .. "00000" .. tostring(offset + counter))
+  body = body:gsub("CALLID", call_id):gsub("TIMESTAMP", ts):gsub("SECURITY", security)
   return wrk.format("POST", "/easemob/callback", {["Content-Type"] = "application/json"}, body)
 end
 """
@@ -96,7 +152,8 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_wrk(port: int, script: Path, pid: int, seconds: int) -> dict[str, float]:
+def run_wrk(port: int, script: Path, pid: int, seconds: int, offset: int) -> dict[str, float]:
+    """One wrk round; ``offset``: the first signed callId of the list it uses."""
     cpu_before = cpu_seconds(pid)
     out = subprocess.run(
         [
@@ -108,6 +165,8 @@ def run_wrk(port: int, script: Path, pid: int, seconds: int) -> dict[str, float]
             "-s",
             str(script),
             f"http://127.0.0.1:{port}",
+            "--",
+            str(offset),
         ],
         capture_output=True,
         text=True,
@@ -130,6 +189,7 @@ def run_wrk(port: int, script: Path, pid: int, seconds: int) -> dict[str, float]
         "p99": pct("99"),
         "cpu_us": cpu / max(requests, 1) * 1e6,
         "non2xx": float(non2xx.group(1)) if non2xx else 0.0,
+        "requests": float(requests),
     }
 
 
@@ -140,7 +200,7 @@ def run_loadgen(port: int, body_file: Path, pid: int) -> dict[str, float]:
             sys.executable, "-m", "bench.loadgen",
             "--url", f"http://127.0.0.1:{port}/easemob/callback",
             "--body-file", str(body_file),
-            "--rate", str(RATE), "--duration", str(DURATION),
+            "--rate", str(RATE), "--duration", str(DURATION), "--secret", SECRET,
         ],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
@@ -158,6 +218,7 @@ def gateway_counts(port: int) -> dict[str, float]:
 
     return {
         "published": total(r'imbot_gateway_callbacks_total\{outcome="published"\}'),
+        "replayed": total(r'imbot_gateway_callbacks_total\{outcome="replayed"\}'),
         "failed": total(r"imbot_gateway_publish_failures_total\{[^}]*\}"),
     }
 
@@ -185,24 +246,39 @@ def main() -> None:
     template = body_template()
     body_file = tmp / "body.json"
     body_file.write_text(template, encoding="utf-8")
+    ids_file = tmp / "call_ids.txt"
+    write_call_ids(ids_file, CALL_IDS)
     script = tmp / "post.lua"
-    script.write_text(WRK_SCRIPT % template, encoding="utf-8")
+    script.write_text(WRK_SCRIPT % (template, ids_file), encoding="utf-8")
+    pg_url, pg_name = bench_database()
 
     with EmbeddedBroker() as broker:
         # As `imbot dev` and a deployment do: the topic exists, with the usual partitions.
         asyncio.run(
             ensure_topics(load_settings(kafka_bootstrap=broker.bootstrap), [topics.INBOUND])
         )
-        ports = {name: free_port() for name in (BARE, GW_BATCHED, GW_FAST, GW_SINGLE)}
+        names = (BARE, GW_NO_REPLAY, GW_BATCHED, GW_PG, GW_FAST, GW_SINGLE)
+        ports = {name: free_port() for name in names}
         env = {
             **os.environ,
             "IMBOT_KAFKA_BOOTSTRAP": broker.bootstrap,
             "IMBOT_KAFKA_EMBEDDED": "true",
             "IMBOT_CALLBACK_SECRETS": SECRET,
             "IMBOT_LOG_LEVEL": "WARNING",
+            # The signed callIds are made once at the start; the run is longer than
+            # the default 300 s window.
+            "IMBOT_CALLBACK_TIMESTAMP_WINDOW_S": "3600",
         }
         gateways = {
-            GW_BATCHED: {"IMBOT_KAFKA_SINGLE_RECORD_BATCHES": "false"},
+            GW_NO_REPLAY: {
+                "IMBOT_KAFKA_SINGLE_RECORD_BATCHES": "false",
+                "IMBOT_CALLBACK_REPLAY_STORE": "off",
+            },
+            GW_BATCHED: {"IMBOT_KAFKA_SINGLE_RECORD_BATCHES": "false"},  # memory (SQLite URL)
+            GW_PG: {
+                "IMBOT_KAFKA_SINGLE_RECORD_BATCHES": "false",
+                "IMBOT_DATABASE_URL": pg_url,
+            },
             GW_FAST: {
                 "IMBOT_KAFKA_SINGLE_RECORD_BATCHES": "false",
                 "IMBOT_POLICY_FILE": str(fast_path_policy(tmp)),
@@ -221,12 +297,20 @@ def main() -> None:
             for name in gateways:
                 wait_http(f"http://127.0.0.1:{ports[name]}/readyz")
             time.sleep(1.0)  # the bare server has no GET route; give it a moment to bind
-            for name, port in ports.items():  # warm up: connections, metadata, first batches
-                run_wrk(port, script, procs[name].pid, 2)
+            used = dict.fromkeys(ports, 0)  # signed callIds each server has seen
+
+            def wrk_round(name: str, seconds: int) -> dict[str, float]:
+                result = run_wrk(ports[name], script, procs[name].pid, seconds, used[name])
+                used[name] += int(result["requests"]) + 1000  # and those still in flight
+                assert used[name] < CALL_IDS, "more signed callIds needed"
+                return result
+
+            for name in ports:  # warm up: connections, metadata, first batches
+                wrk_round(name, 2)
             rounds: dict[str, list[dict[str, float]]] = {name: [] for name in ports}
             for _ in range(ROUNDS):
-                for name, port in ports.items():
-                    rounds[name].append(run_wrk(port, script, procs[name].pid, ROUND_S))
+                for name in ports:
+                    rounds[name].append(wrk_round(name, ROUND_S))
                     time.sleep(0.5)
             fixed = {}
             for name, port in ports.items():
@@ -238,6 +322,7 @@ def main() -> None:
             for p in procs.values():
                 p.terminate()
                 p.wait()
+            drop_database(pg_name)
 
     wrk = {name: merge_rounds(r, rounds[BARE]) for name, r in rounds.items()}
     gw, fast, single = wrk[GW_BATCHED], wrk[GW_FAST], wrk[GW_SINGLE]
@@ -264,6 +349,8 @@ def main() -> None:
             f"{f['cpu_us']:.0f} | {int(r['non2xx'] + f['errors'])} | {failed} |"
         )
     published = sum(c["published"] for c in counts.values())
+    replayed = sum(c["replayed"] for c in counts.values())
+    none, pg = wrk[GW_NO_REPLAY], wrk[GW_PG]
     lines += [
         "",
         f"Targets: throughput ≥ 50% of bare aiohttp — **{gw['ratio']:.0%}** with normal "
@@ -273,6 +360,18 @@ def main() -> None:
         f"published with acks=all ({published:,.0f} publishes counted by the gateways' own "
         "metric); *fail-policy answers* are publishes that missed the 120 ms deadline or failed "
         "and were answered by the fail policy instead (HTTP 200, so wrk does not count them).",
+        "",
+        "CallId replay memory (each request a fresh signed callId; an AI message waits for "
+        "the store before it is published): in memory (the default without PostgreSQL) "
+        f"{gw['cpu_us'] - none['cpu_us']:+.0f} µs CPU per request, "
+        f"{gw['ratio']:.0%} vs {none['ratio']:.0%} of bare without it; in PostgreSQL (one "
+        "`INSERT … ON CONFLICT` round trip, asyncpg) "
+        f"{pg['cpu_us'] - none['cpu_us']:+.0f} µs gateway CPU per request (the database's own "
+        f"CPU not counted), {pg['ratio']:.0%} of bare; at 2,000/s p50/p99 "
+        f"{fixed[GW_NO_REPLAY]['p50']:.2f}/{fixed[GW_NO_REPLAY]['p99']:.2f} ms without, "
+        f"{fixed[GW_BATCHED]['p50']:.2f}/{fixed[GW_BATCHED]['p99']:.2f} ms in memory, "
+        f"{fixed[GW_PG]['p50']:.2f}/{fixed[GW_PG]['p99']:.2f} ms in PostgreSQL. "
+        f"Replays counted: {replayed:,.0f} (each callId was used once).",
         "",
         f"Lexicon fast path (`callback.refuse_blocked_input`, the default policy's lexicons, on "
         f"this {len(TEXT)}-character clean message): "

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import time
+import uuid
 
 import aiohttp
 
@@ -22,8 +24,25 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def signed(template: str, secret: str | None) -> str:
+    """With a secret: a fresh callId and timestamp signed into the template (the
+    gateway refuses a replayed callId), replacing CALLID, TIMESTAMP and SECURITY."""
+    if secret is None:
+        return template
+    call_id, ts = f"bench#loadgen_{uuid.uuid4()}", str(int(time.time() * 1000))
+    security = hashlib.md5(f"{call_id}{secret}{ts}".encode()).hexdigest()
+    return (
+        template.replace("CALLID", call_id).replace("TIMESTAMP", ts).replace("SECURITY", security)
+    )
+
+
 async def run(
-    url: str, body_template: str, rate: float, duration: float, connections: int
+    url: str,
+    body_template: str,
+    rate: float,
+    duration: float,
+    connections: int,
+    secret: str | None = None,
 ) -> dict[str, float]:
     total = int(rate * duration)
     latencies: list[float] = []
@@ -33,14 +52,15 @@ async def run(
         # warm the connection pool
         for i in range(min(connections, 50)):
             async with session.post(
-                url, data=body_template.replace("MSGID", str(9 * 10**17 + i)).encode()
+                url,
+                data=signed(body_template, secret).replace("MSGID", str(9 * 10**17 + i)).encode(),
             ) as r:
                 await r.read()
         start = time.perf_counter() + 0.05
 
         async def one(i: int, scheduled: float) -> None:
             nonlocal errors
-            body = body_template.replace("MSGID", str(10**18 + i)).encode()
+            body = signed(body_template, secret).replace("MSGID", str(10**18 + i)).encode()
             try:
                 async with session.post(
                     url, data=body, headers={"Content-Type": "application/json"}
@@ -79,11 +99,18 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=2000)
     parser.add_argument("--duration", type=float, default=10)
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument(
+        "--secret", help="sign each request (template with CALLID, TIMESTAMP, SECURITY)"
+    )
     args = parser.parse_args()
     with open(args.body_file, encoding="utf-8") as fh:
         template = fh.read()
     print(
-        json.dumps(asyncio.run(run(args.url, template, args.rate, args.duration, args.connections)))
+        json.dumps(
+            asyncio.run(
+                run(args.url, template, args.rate, args.duration, args.connections, args.secret)
+            )
+        )
     )
 
 
