@@ -175,11 +175,33 @@ class DevStack:
         self._spawn("sender", ["-m", "core.cli", "sender"], env)
         self.write_state()
 
+    def add_service(self, name: str, args: list[str]) -> None:
+        """Start one more service (``["-m", "core.cli", "worker", "--stage", "model"]``)
+        with the stack's environment, e.g. a second replica of a stage."""
+        self._spawn(name, args, self.env)
+        self.write_state()
+
+    def terminate(self, name: str, timeout: float = 30.0) -> int:
+        """Stop a service gracefully (SIGTERM, as Kubernetes does); its exit code."""
+        proc = self.procs.pop(name)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            return proc.wait()
+
     def restart(self, name: str) -> None:
         """Kill a service hard (SIGKILL, like a crashed pod) and start it again."""
         args = self._args[name]
         self.kill(name)
         self._spawn(name, args, self.env)
+
+    def start_again(self, name: str) -> None:
+        """Start a service that was stopped (``terminate`` or ``kill``) with its arguments."""
+        self._spawn(name, self._args[name], self.env)
 
     def kill(self, name: str) -> None:
         proc = self.procs.pop(name)

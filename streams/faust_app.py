@@ -8,40 +8,131 @@ consumer's fetch long-poll is 10 ms instead of the 1,500 ms Faust hard-codes
 hundreds of milliseconds). ``tests/integration/test_lanes_commit.py`` checks the
 value on the consumer Faust actually fetches with, so it fails if a Faust
 upgrade stops this from taking effect.
+
+Rebalances and stops are bounded (``StageConsumer``): Faust's own revocation
+waits, with no limit, for every message that entered a stream to be
+acknowledged (``stream_wait_empty``), and the whole consumer group waits for its
+slowest member, so one slow model call held every replica of a stage. Here the
+stages' lanes get ``stage_revoke_grace_s`` to finish, the rest is cut short and
+redelivered (see ``streams.lanes``), and the acknowledged prefix is committed
+before Faust forgets the revoked partitions.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import tempfile
+import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import faust
+from aiokafka.errors import KafkaError
+from aiokafka.protocol.group import JoinGroupRequest, LeaveGroupRequest
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from core.settings import Settings
+from streams.lanes import KeyedLanes
+
+log = logging.getLogger("imbot.rebalance")
+
+
+class StageApp(faust.App):
+    """A Faust app that knows the lanes of its agents, to release them on revocation."""
+
+    revoke_grace_s: float = 1.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lanes: list[KeyedLanes] = []
+
+    async def release_lanes(self, partitions: Collection[Any] | None, *, cancel: bool) -> int:
+        cut_short = 0
+        for lanes in list(self.lanes):
+            cut_short += await lanes.release(partitions, self.revoke_grace_s, cancel=cancel)
+        return cut_short
 
 
 class ShortFetchConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
-    fetch_max_wait_ms = 10
+    fetch_max_wait_ms: int | None = None  # None: Faust's own (1,500 ms)
+    leave_at_generation_zero = False  # embedded broker: see _leave_group
 
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
-        # aiokafka keeps the value here and hands it to its fetcher on start().
-        consumer._fetch_max_wait_ms = self.fetch_max_wait_ms
+        if self.fetch_max_wait_ms is not None:
+            # aiokafka keeps the value here and hands it to its fetcher on start().
+            consumer._fetch_max_wait_ms = self.fetch_max_wait_ms
         return consumer
 
+    async def on_thread_stop(self) -> None:
+        coordinator = getattr(self._consumer, "_coordinator", None)
+        static = getattr(self._consumer, "_group_instance_id", None)  # never leaves on stop
+        if self.leave_at_generation_zero and coordinator is not None and static is None:
+            coordinator._maybe_leave_group = functools.partial(_leave_group, coordinator)
+        await super().on_thread_stop()
 
-class ShortFetchConsumer(faust_aiokafka.Consumer):
+
+async def _leave_group(coordinator: Any) -> None:
+    """aiokafka's ``_maybe_leave_group`` without its ``generation > 0`` test.
+
+    Tansu numbers generations from 0 (Kafka from 1), so aiokafka never sends
+    LeaveGroup for a member of a first generation: a stopped worker's partitions
+    then waited for its session to time out instead of moving at once.
+    """
+    joined = coordinator.generation >= 0
+    if joined and coordinator.member_id != JoinGroupRequest.UNKNOWN_MEMBER_ID:
+        try:
+            await coordinator._send_req(
+                LeaveGroupRequest(coordinator.group_id, coordinator.member_id)
+            )
+        except KafkaError as exc:
+            log.warning("LeaveGroup failed", extra={"error": type(exc).__name__})
+        else:
+            log.info("left the group", extra={"group": coordinator.group_id})
+    coordinator.reset_generation()
+
+
+class StageConsumer(faust_aiokafka.Consumer):
     def _new_consumer_thread(self) -> ShortFetchConsumerThread:
         return ShortFetchConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
+    async def on_partitions_revoked(self, revoked: set[Any]) -> None:
+        app = self.app
+        if isinstance(app, StageApp) and not app.should_stop and revoked:
+            started = time.monotonic()
+            cut_short = await app.release_lanes(revoked, cancel=False)
+            # Commit what finished while Faust still tracks these partitions (it
+            # forgets their acknowledgements next, and they would be redone).
+            committed = await self.commit()
+            log.info(
+                "partitions revoked",
+                extra={
+                    "partitions": len(revoked),
+                    "cut_short": cut_short,
+                    "committed": bool(committed),
+                    "took_s": round(time.monotonic() - started, 3),
+                },
+            )
+        await super().on_partitions_revoked(revoked)
 
-class ShortFetchTransport(faust_aiokafka.Transport):
-    Consumer = ShortFetchConsumer
+    async def on_partitions_assigned(self, assigned: set[Any], generation_id: int = 0) -> None:
+        await super().on_partitions_assigned(assigned, generation_id)
+        log.info(
+            "partitions assigned",
+            extra={
+                "generation": generation_id,
+                "partitions": sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),
+            },
+        )
 
 
-def create_app(settings: Settings, group: str, **extra: Any) -> faust.App:
+class StageTransport(faust_aiokafka.Transport):
+    Consumer = StageConsumer
+
+
+def create_app(settings: Settings, group: str, **extra: Any) -> StageApp:
     broker = ";".join(f"kafka://{host}" for host in settings.kafka_bootstrap.split(","))
     conf: dict[str, Any] = {
         "broker": broker,
@@ -57,21 +148,28 @@ def create_app(settings: Settings, group: str, **extra: Any) -> faust.App:
         "consumer_auto_offset_reset": "earliest",
         "broker_commit_interval": 0.5,
         "producer_acks": -1,
-        "stream_wait_empty": True,
+        # Never wait without a bound for streams to empty (rebalance, stop): the
+        # lanes do it, bounded (StageConsumer, KeyedLanes.release).
+        "stream_wait_empty": False,
         "processing_guarantee": "at_least_once",
     }
     if settings.single_record_batches:
         conf["producer_max_batch_size"] = 1
-    if settings.kafka_embedded:
-        conf.update(
-            broker_session_timeout=6.0,
-            broker_rebalance_timeout=3.0,
-            broker_heartbeat_interval=1.0,
-            broker_request_timeout=30.0,
-        )
+    session, rebalance, heartbeat = (
+        (6.0, 3.0, 1.0) if settings.kafka_embedded else (10.0, 10.0, 1.0)
+    )
+    conf.update(
+        broker_session_timeout=settings.kafka_session_timeout_s or session,
+        broker_rebalance_timeout=settings.kafka_rebalance_timeout_s or rebalance,
+        broker_heartbeat_interval=settings.kafka_heartbeat_interval_s or heartbeat,
+    )
+    conf["broker_request_timeout"] = max(30.0, conf["broker_session_timeout"] + 5.0)
     conf.update(extra)
-    app = faust.App(group, **conf)
-    if settings.kafka_embedded:
-        ShortFetchConsumerThread.fetch_max_wait_ms = settings.consumer_fetch_max_wait_ms
-        app.transport = ShortFetchTransport(app.conf.broker_consumer, app)
+    app = StageApp(group, **conf)
+    app.revoke_grace_s = settings.stage_revoke_grace_s
+    ShortFetchConsumerThread.fetch_max_wait_ms = (
+        settings.consumer_fetch_max_wait_ms if settings.kafka_embedded else None
+    )
+    ShortFetchConsumerThread.leave_at_generation_zero = settings.kafka_embedded
+    app.transport = StageTransport(app.conf.broker_consumer, app)
     return app

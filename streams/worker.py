@@ -20,7 +20,7 @@ from core.errors import ConfigurationError
 from core.kafka import ensure_topics, new_producer
 from core.settings import Settings
 from streams.boundary import Boundary, Outputs
-from streams.faust_app import create_app
+from streams.faust_app import StageApp, create_app
 from streams.lanes import KeyedLanes
 from streams.stages import STAGES, Context
 
@@ -91,7 +91,7 @@ class Runtime:
         self._closers.clear()
 
 
-def build(settings: Settings, stages: Sequence[str]) -> tuple[faust.App, Runtime]:
+def build(settings: Settings, stages: Sequence[str]) -> tuple[StageApp, Runtime]:
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ConfigurationError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
@@ -108,12 +108,27 @@ def build(settings: Settings, stages: Sequence[str]) -> tuple[faust.App, Runtime
         async def agent(stream: Any, stage_cls: Any = stage_cls) -> None:
             ctx, outputs = await runtime.ready()
             boundary = Boundary(stage_cls(ctx), outputs, settings)
-            await KeyedLanes(boundary, max_in_flight=settings.stage_max_in_flight).consume(stream)
+            lanes = KeyedLanes(
+                boundary,
+                max_in_flight=settings.stage_max_in_flight,
+                grace=settings.stage_revoke_grace_s,
+            )
+            app.lanes.append(lanes)
+            try:
+                await lanes.consume(stream)
+            finally:
+                app.lanes.remove(lanes)
 
         app.agent(topic, name=f"imbot.stage.{stage_name}")(agent)
 
     @app.on_before_shutdown.connect
-    async def _close(app: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+    async def _close(app_: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        # Faust has stopped fetching. Work in flight gets the grace period, the
+        # finished prefix is committed, then the outputs close and the consumer
+        # leaves the group (its partitions move at once, not after a session timeout).
+        cut_short = await app.release_lanes(None, cancel=True)
+        await app.consumer.commit()
+        log.info("worker stopping", extra={"cut_short": cut_short})
         await runtime.close()
 
     return app, runtime

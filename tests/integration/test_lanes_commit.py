@@ -42,7 +42,11 @@ async def _wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> None
 
 @contextlib.asynccontextmanager
 async def _lanes_on_faust(
-    settings: Settings, name: str, handler: Callable[[Any], Awaitable[bool]], max_in_flight: int
+    settings: Settings,
+    name: str,
+    handler: Callable[[Any], Awaitable[bool]],
+    max_in_flight: int,
+    grace: float = 30.0,
 ) -> AsyncIterator[tuple[faust.App, AIOKafkaProducer]]:
     """A real Faust agent reading topic ``name`` through ``KeyedLanes``, and a producer."""
     await ensure_topics(settings, [name])
@@ -50,7 +54,7 @@ async def _lanes_on_faust(
     topic = app.topic(settings.topic(name), key_type=bytes, value_type=bytes)
 
     async def agent(stream: Any) -> None:
-        await KeyedLanes(handler, max_in_flight=max_in_flight).consume(stream)
+        await KeyedLanes(handler, max_in_flight=max_in_flight, grace=grace).consume(stream)
 
     app.agent(topic, name=name)(agent)
     await app.start()
@@ -139,3 +143,39 @@ async def test_a_busy_conversation_does_not_hold_the_slots_of_others(
             assert handled[1:] == [f"busy{i}".encode() for i in range(5)]  # in order
         finally:
             release.set()  # never stop the app with the agent blocked (a failed assertion)
+
+
+async def test_stopping_cuts_a_stuck_message_short_and_never_commits_past_it(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """A worker stopping (a rolling deploy) waits for work in flight only for the grace
+    period: a message stuck in a model call is cancelled, not acknowledged, and the
+    committed offset stays at it, so the next owner of the partition redoes it."""
+    settings = make_settings(topic_partitions=1)
+    topic_name = settings.topic("lanes-stop")
+    group = f"{settings.topic_prefix}lanes-stop"
+    handled: list[bytes] = []
+    cancelled: list[bytes] = []
+
+    async def handler(event: Any) -> bool:
+        if event.value == b"2":
+            try:
+                await asyncio.Event().wait()  # never answers
+            except asyncio.CancelledError:
+                cancelled.append(event.value)
+                raise
+        handled.append(event.value)
+        return True
+
+    async with _lanes_on_faust(settings, "lanes-stop", handler, 16, grace=0.2) as (_, producer):
+        for i in range(5):
+            await producer.send_and_wait(topic_name, str(i).encode(), key=f"conv{i}".encode())
+
+        async def others_done() -> bool:
+            return sorted(handled) == [b"0", b"1", b"3", b"4"]
+
+        await _wait_for(others_done)
+    # Leaving the block stopped the app: before the grace period existed, stopping
+    # waited for the stuck message without end (and this test hung).
+    assert cancelled == [b"2"]
+    assert await _committed(settings.kafka_bootstrap, group, topic_name) == 2
