@@ -81,6 +81,9 @@ class DevStack:
     secret: str = "dev-callback-secret"
     state_file: Path = STATE_FILE
     usual_ports: bool = False  # gateway on 8080 and simulator on 8090 when they are free
+    # Where the services run (their ``import core`` comes from here first): a benchmark
+    # runs an older checkout side by side. None: this process's working directory.
+    cwd: Path | None = None
     broker: EmbeddedBroker | None = None
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _args: dict[str, list[str]] = field(default_factory=dict)
@@ -132,6 +135,7 @@ class DevStack:
             env={**env, "IMBOT_PARENT_PID": str(os.getpid())},
             stdout=out,
             stderr=subprocess.STDOUT,
+            cwd=self.cwd,
             start_new_session=True,  # Ctrl-C in the terminal reaches `imbot dev` only
             preexec_fn=ends_with_parent(),  # only prctl after fork: no locks, no imports
         )

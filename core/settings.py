@@ -96,9 +96,10 @@ class Settings(BaseSettings):
     stage_retry_max_s: float = 5.0
     # When a worker's partitions are taken away (a replica joins or leaves the group,
     # or this one stops), messages in flight on them get this long to finish; the rest
-    # are cut short and redelivered (effects are idempotent). The whole group waits for
-    # the slowest member here, so it bounds what a restart adds to every replica.
-    stage_revoke_grace_s: float = 1.0
+    # are cut short and redelivered (effects are idempotent; work left running on a
+    # partition that comes back is not done twice). The whole group waits for the
+    # slowest member here, so it bounds what a restart adds to every replica.
+    stage_revoke_grace_s: float = 0.25
     worker_metrics_port: int = 0  # 0: no metrics server (imbot dev picks ports)
     worker_group: str = ""  # consumer group; default derived from the stages run
 

@@ -42,7 +42,7 @@ log = logging.getLogger("imbot.rebalance")
 class StageApp(faust.App):
     """A Faust app that knows the lanes of its agents, to release them on revocation."""
 
-    revoke_grace_s: float = 1.0
+    revoke_grace_s: float = 0.25
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
