@@ -78,9 +78,9 @@ class Settings(BaseSettings):
     topic_partitions: int = 6
     topic_replication: int = 1
     consumer_fetch_max_wait_ms: int = 10
-    # Consumer group timeouts of the stage workers (seconds). None: 6 / 3 / 1 with
-    # the embedded broker (its first join waits half the session), 10 / 10 / 1 with
-    # a real cluster. A SIGKILLed replica's partitions wait up to the session timeout
+    # Consumer group timeouts of the stage workers (seconds). None: 3 / 3 / 0.5 with
+    # the embedded broker (it holds every join for about half the session), 10 / 10 / 1
+    # with a real cluster. A SIGKILLed replica's partitions wait up to the session timeout
     # before the group moves them; the heartbeat interval is how soon the others
     # notice a rebalance; the rebalance timeout bounds how long the group waits for
     # every member to rejoin (keep it above stage_revoke_grace_s). See "Restarts" in

@@ -155,8 +155,12 @@ def create_app(settings: Settings, group: str, **extra: Any) -> StageApp:
     }
     if settings.single_record_batches:
         conf["producer_max_batch_size"] = 1
+    # Measured in bench/restarts.py ("Restarts" in docs/benchmarks.md). Tansu holds each
+    # rebalance's join phase for longer the longer the session, so the embedded broker
+    # gets a short one; a real cluster gets Kafka's former client default (its brokers
+    # refuse less than 6 s by default) for margin against GC pauses and network blips.
     session, rebalance, heartbeat = (
-        (6.0, 3.0, 1.0) if settings.kafka_embedded else (10.0, 10.0, 1.0)
+        (3.0, 3.0, 0.5) if settings.kafka_embedded else (10.0, 10.0, 1.0)
     )
     conf.update(
         broker_session_timeout=settings.kafka_session_timeout_s or session,
