@@ -100,6 +100,13 @@ class Settings(BaseSettings):
     # partition that comes back is not done twice). The whole group waits for the
     # slowest member here, so it bounds what a restart adds to every replica.
     stage_revoke_grace_s: float = 0.25
+    # When this worker stops (SIGTERM: a rolling deploy, a scale-down), messages whose
+    # handler is running get this long to finish before it leaves the group. Its
+    # partitions stay its own meanwhile, so the other replicas are not held up, and a
+    # model call already paid for is not cut short and paid for again by the replica
+    # that takes the partition over. Messages not started yet are given up at once.
+    # Keep it below the pod's terminationGracePeriodSeconds.
+    stage_stop_grace_s: float = 20.0
     worker_metrics_port: int = 0  # 0: no metrics server (imbot dev picks ports)
     worker_group: str = ""  # consumer group; default derived from the stages run
 

@@ -20,6 +20,7 @@ before Faust forgets the revoked partitions.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import tempfile
@@ -48,11 +49,15 @@ class StageApp(faust.App):
         super().__init__(*args, **kwargs)
         self.lanes: list[KeyedLanes] = []
 
-    async def release_lanes(self, partitions: Collection[Any] | None, *, cancel: bool) -> int:
-        cut_short = 0
-        for lanes in list(self.lanes):
-            cut_short += await lanes.release(partitions, self.revoke_grace_s, cancel=cancel)
-        return cut_short
+    async def release_lanes(
+        self, partitions: Collection[Any] | None, *, cancel: bool, grace: float | None = None
+    ) -> int:
+        """Release every agent's lanes, concurrently: the grace is shared, not summed."""
+        wait = self.revoke_grace_s if grace is None else grace
+        counts = await asyncio.gather(
+            *(lanes.release(partitions, wait, cancel=cancel) for lanes in list(self.lanes))
+        )
+        return sum(counts)
 
 
 class ShortFetchConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):

@@ -123,10 +123,11 @@ def build(settings: Settings, stages: Sequence[str]) -> tuple[StageApp, Runtime]
 
     @app.on_before_shutdown.connect
     async def _close(app_: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
-        # Faust has stopped fetching. Work in flight gets the grace period, the
-        # finished prefix is committed, then the outputs close and the consumer
-        # leaves the group (its partitions move at once, not after a session timeout).
-        cut_short = await app.release_lanes(None, cancel=True)
+        # Faust has stopped fetching. Work in flight gets the stop grace (the
+        # partitions are still ours, so nobody else waits for it), the finished
+        # prefix is committed, then the outputs close and the consumer leaves the
+        # group (its partitions move at once, not after a session timeout).
+        cut_short = await app.release_lanes(None, cancel=True, grace=settings.stage_stop_grace_s)
         await app.consumer.commit()
         log.info("worker stopping", extra={"cut_short": cut_short})
         await runtime.close()

@@ -1,9 +1,11 @@
 """A replica stopped with SIGTERM (a rolling deploy) leaves its group; nothing in flight is lost.
 
 Two real model-stage worker processes share one consumer group on the embedded
-broker; the demo model takes longer than the stop's grace period, so the
-stopped replica has work in flight that it must cut short and leave to the
-other replica (redelivered, not lost).
+broker. With a stop grace shorter than the demo model's call, the stopped
+replica has work in flight that it must cut short and leave to the other
+replica (redelivered, not lost). With the default kind of grace (longer than a
+call) it finishes what it started before it leaves, so no model call is made
+twice.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from core import topics
 from core.envelope import ChatType, Content, Envelope, RouteDecision, encode_envelope
@@ -78,8 +81,9 @@ def _wait(predicate: object, timeout: float = 60.0) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.parametrize("stop_grace_s", [0.5, 10.0])
 async def test_a_sigtermed_replica_hands_its_partitions_over_and_loses_nothing(
-    broker: EmbeddedBroker, sqlite_url: str, tmp_path: Path
+    broker: EmbeddedBroker, sqlite_url: str, tmp_path: Path, stop_grace_s: float
 ) -> None:
     prefix = f"rb{uuid.uuid4().hex[:6]}."
     (tmp_path / "policy.yaml").write_text(POLICY, encoding="utf-8")
@@ -92,6 +96,7 @@ async def test_a_sigtermed_replica_hands_its_partitions_over_and_loses_nothing(
         "IMBOT_DATABASE_URL": sqlite_url,
         "IMBOT_POLICY_FILE": str(tmp_path / "policy.yaml"),
         "IMBOT_STAGE_REVOKE_GRACE_S": "0.5",
+        "IMBOT_STAGE_STOP_GRACE_S": str(stop_grace_s),
         "IMBOT_LOG_JSON": "true",
         "IMBOT_LOG_LEVEL": "INFO",
         "PYTHONUNBUFFERED": "1",
@@ -148,7 +153,17 @@ async def test_a_sigtermed_replica_hands_its_partitions_over_and_loses_nothing(
         assert wanted - done == set()
         stopped = [orjson.loads(line) for line in logs["a"].read_bytes().splitlines()]
         cut = next(e for e in stopped if e["event"] == "worker stopping")["cut_short"]
-        assert cut > 0  # A really had work in flight when it stopped
+        if stop_grace_s < 1.5:
+            assert cut > 0  # A really had work in flight when it stopped
+        else:
+            # A finished every call it had started: none is made (and paid) twice.
+            assert cut == 0
+            await asyncio.sleep(2)  # anything redone would be completed by now
+            completed = await consume_all(
+                broker.bootstrap, settings.topic(topics.COMPLETED), 2 * len(sent), timeout=2
+            )
+            ids = [orjson.loads(v)["msg_id"] for _, v in completed if v]
+            assert sorted(ids) == sorted(wanted)
         # A said goodbye (LeaveGroup) instead of letting its session time out.
         assert any(e["event"] == "left the group" for e in stopped)
         assert a_owned  # and really owned partitions before
