@@ -351,20 +351,31 @@ SHORT = {
     "IMBOT_KAFKA_REBALANCE_TIMEOUT_S": "3",
     "IMBOT_KAFKA_HEARTBEAT_INTERVAL_S": "0.5",
 }
+
+
 # name, IMBOT_ overrides, and "BEFORE" to run the services from the old checkout
+def _grace(revoke: str, stop: str) -> dict[str, str]:
+    return {"IMBOT_STAGE_REVOKE_GRACE_S": revoke, "IMBOT_STAGE_STOP_GRACE_S": stop}
+
+
 CONFIGS: list[tuple[str, dict[str, str]] | tuple[str, dict[str, str], str]] = [
     ("before; 1 s model; 6/3/1 s", {}, "BEFORE"),
-    ("grace 1 s; 1 s model; 6/3/1 s", {"IMBOT_STAGE_REVOKE_GRACE_S": "1"}),
-    ("grace 0.25 s; 1 s model; 6/3/1 s", {"IMBOT_STAGE_REVOKE_GRACE_S": "0.25"}),
-    ("grace 0.25 s; 1 s model; 3/3/0.5 s", {"IMBOT_STAGE_REVOKE_GRACE_S": "0.25", **SHORT}),
+    ("grace 1 s, stop 1 s; 1 s model; 6/3/1 s", _grace("1", "1")),
+    ("grace 0.25 s, stop 0.25 s; 1 s model; 6/3/1 s", _grace("0.25", "0.25")),
+    ("grace 0.25 s, stop 0.25 s; 1 s model; 3/3/0.5 s", {**_grace("0.25", "0.25"), **SHORT}),
+    ("grace 0.25 s, stop 20 s; 1 s model; 3/3/0.5 s (defaults)", {**_grace("0.25", "20"), **SHORT}),
     (
-        "grace 0.25 s; 1 s model; 10/10/1 s",
-        {"IMBOT_STAGE_REVOKE_GRACE_S": "0.25", **CLUSTER},
+        "grace 0.25 s, stop 0.25 s; 1 s model; 10/10/1 s",
+        {**_grace("0.25", "0.25"), **CLUSTER},
     ),
     ("before; 5 s model; 6/3/1 s", {"MODEL_MS": "5000"}, "BEFORE"),
     (
-        "grace 0.25 s; 5 s model; 6/3/1 s",
-        {"MODEL_MS": "5000", "IMBOT_STAGE_REVOKE_GRACE_S": "0.25"},
+        "grace 0.25 s, stop 0.25 s; 5 s model; 6/3/1 s",
+        {"MODEL_MS": "5000", **_grace("0.25", "0.25")},
+    ),
+    (
+        "grace 0.25 s, stop 20 s; 5 s model; 3/3/0.5 s (defaults)",
+        {"MODEL_MS": "5000", **_grace("0.25", "20"), **SHORT},
     ),
 ]
 
@@ -456,7 +467,7 @@ def main() -> None:
         f" {T_KILL:.0f} s (started again at {T_KILL_BACK:.1f} s). 'before' = the stage runtime"
         f" of commit {BEFORE} (Faust's unbounded wait for every message in a stream on"
         " revocation and stop, a 30 s drain, no LeaveGroup at Tansu's generation 0)."
-        " 'grace' = IMBOT_STAGE_REVOKE_GRACE_S; a/b/c s = session / rebalance / heartbeat"
+        " 'grace' = IMBOT_STAGE_REVOKE_GRACE_S, 'stop' = IMBOT_STAGE_STOP_GRACE_S; a/b/c s = session / rebalance / heartbeat"
         " timeouts. '+max' = the largest latency of the messages sent from 3 s before the"
         f" event to {WINDOW:.0f} s after it (both rebalances, the departure's and the"
         " restarted replica's join), minus the quiet p50; 'survivor' = messages on the"
