@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 from adapters.base import ChatRequest, CompletionResult, Delta, Done, StreamEvent, Usage, UsageEvent
 from adapters.config import DemoConfig
+from core.tokens import estimate_tokens
 
 LABEL = "【演示模型 demo】"
 SUMMARY_CHARS = 40
@@ -28,12 +29,6 @@ def demo_reply(request: ChatRequest) -> str:
         f"{LABEL}这是演示模型的自动回复，不是真正的大模型。"
         f"你问的是：「{summarize(question)}」。配置真实模型后即可获得真实回答。"
     )
-
-
-def estimate_tokens(text: str) -> int:
-    # Rough: one token per CJK character or per four other characters.
-    cjk = sum(1 for ch in text if ord(ch) > 0x2E80)
-    return cjk + (len(text) - cjk + 3) // 4
 
 
 class DemoChatModel:

@@ -102,3 +102,35 @@ class ConfigurationError(ImbotError):
 
 class UndecodableError(ImbotError):
     """A record that is not a valid envelope (poison message)."""
+
+
+class StorageUnavailable(RetryableError):
+    """The database cannot answer now: a connection lost or refused, the pool exhausted,
+    SQLite busy. Raised by ``storage`` in place of the driver's error.
+
+    ``message`` is the parameter-free description of the error (never a bound
+    parameter: those are user questions and bot answers); ``kind`` names the
+    driver-level error class (``OperationalError``), as logs and DLQ records did.
+    """
+
+    def __init__(self, message: str, *, error_class: str) -> None:
+        super().__init__(message)
+        self.error_class = error_class
+
+    @property
+    def kind(self) -> str:
+        return self.error_class
+
+
+class StorageError(FatalError):
+    """A database error no retry cures (a constraint violated, an SQL error): a bug,
+    so the record goes to the DLQ. Raised by ``storage`` in place of the driver's error;
+    ``message`` and ``kind`` as for ``StorageUnavailable``."""
+
+    def __init__(self, message: str, *, error_class: str) -> None:
+        super().__init__(message)
+        self.error_class = error_class
+
+    @property
+    def kind(self) -> str:
+        return self.error_class

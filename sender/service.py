@@ -57,7 +57,7 @@ from core.settings import Settings
 from sender.easemob import AnswerLost, EasemobClient, MessageTooLarge
 from sender.pacing import Pacer
 from sender.split import part_end, split_reply
-from sender.store import UNCERTAIN_ANSWER, Store, unstorable
+from storage import UNCERTAIN_ANSWER, DeliveryLedger, unstorable
 
 log = logging.getLogger("imbot.sender")
 
@@ -90,7 +90,7 @@ class ReplySender:
     def __init__(
         self,
         client: EasemobClient,
-        store: Store,
+        store: DeliveryLedger,
         *,
         max_part_bytes: int = 3000,
         mention_asker: bool = True,
@@ -107,7 +107,7 @@ class ReplySender:
         self._calls = itertools.count()
 
     @classmethod
-    def from_settings(cls, settings: Settings, store: Store) -> ReplySender:
+    def from_settings(cls, settings: Settings, store: DeliveryLedger) -> ReplySender:
         client = EasemobClient(
             base_url=settings.easemob_base_url,
             org=settings.easemob_org,

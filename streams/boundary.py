@@ -27,21 +27,27 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
 from prometheus_client import Counter, Histogram
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
-from sqlalchemy.exc import TimeoutError as SATimeoutError
 
 from core import topics
-from core.db import describe_db_error
 from core.envelope import DlqRecord, Envelope, decode_envelope, encode_envelope
-from core.errors import FatalError, ImbotError, RetryableError, UndecodableError
+from core.errors import (
+    FatalError,
+    ImbotError,
+    RetryableError,
+    StorageError,
+    StorageUnavailable,
+    UndecodableError,
+)
 from core.settings import Settings
+from storage import translated
 
 log = logging.getLogger("imbot.boundary")
+_T = TypeVar("_T")
 
 PROCESSED = Counter(
     "imbot_stage_messages_total", "Records handled by a stage, by outcome", ["stage", "outcome"]
@@ -131,27 +137,14 @@ class Boundary:
         while True:
             attempt += 1
             try:
-                emits = await self.stage.handle(env, deadline=deadline)
-            except (
-                RetryableError,
-                TimeoutError,
-                ConnectionError,
-                DBAPIError,
-                SATimeoutError,
-            ) as exc:
-                if isinstance(exc, DBAPIError) and not _transient_db(exc):
-                    log.error(
-                        "database error, to DLQ",
-                        extra={**where, **ids, "error": type(exc).__name__},
-                    )
-                    await self._fail(key, value, where, exc, attempt, env)
-                    return "fatal"
+                emits = await _database_errors_ours(self.stage.handle(env, deadline=deadline))
+            except (RetryableError, TimeoutError, ConnectionError) as exc:
                 retry_after = exc.retry_after if isinstance(exc, RetryableError) else None
                 delay = retry_after or _backoff(
                     attempt, self.settings.stage_retry_base_s, self.settings.stage_retry_max_s
                 )
                 if time.monotonic() + delay < deadline:
-                    RETRIES.labels(self.stage.name, type(exc).__name__).inc()
+                    RETRIES.labels(self.stage.name, _kind(exc)).inc()
                     log.info(
                         "retrying",
                         extra={
@@ -170,6 +163,10 @@ class Boundary:
                 )
                 await self._fail(key, value, where, exc, attempt, env)
                 return "exhausted"
+            except StorageError as exc:
+                log.error("database error, to DLQ", extra={**where, **ids, "error": exc.kind})
+                await self._fail(key, value, where, exc, attempt, env)
+                return "fatal"
             except ImbotError as exc:
                 log.error(
                     "fatal, to DLQ", extra={**where, **ids, "error": str(exc), "kind": exc.kind}
@@ -177,13 +174,7 @@ class Boundary:
                 await self._fail(key, value, where, exc, attempt, env)
                 return "fatal"
             except Exception as exc:  # a bug: never let it kill the agent
-                if isinstance(exc, SQLAlchemyError):  # its message and traceback carry data
-                    log.error(
-                        "unexpected database error, to DLQ",
-                        extra={**where, **ids, "error": type(exc).__name__},
-                    )
-                else:
-                    log.exception("unexpected error, to DLQ", extra={**where, **ids})
+                log.exception("unexpected error, to DLQ", extra={**where, **ids})
                 await self._fail(key, value, where, exc, attempt, env)
                 return "error"
             # Publishing is retried on its own, never by re-running the stage: a
@@ -245,7 +236,7 @@ class Boundary:
             value=text,
             value_b64=b64,
             error_kind=exc.kind if isinstance(exc, ImbotError) else type(exc).__name__,
-            error=describe_db_error(exc) if isinstance(exc, SQLAlchemyError) else str(exc)[:2000],
+            error=str(exc)[:2000],  # a database error's is free of user data (storage.errors)
             reason=exc.reason if isinstance(exc, FatalError) else None,
             status=exc.status if isinstance(exc, ImbotError) else None,
             attempts=attempts,
@@ -282,17 +273,26 @@ class Boundary:
 
 
 def _loggable(exc: BaseException) -> str:
-    """What a log line may say about an error: a database error only by its type (its
-    message can quote the statement's parameters: user questions, bot answers)."""
-    return type(exc).__name__ if isinstance(exc, SQLAlchemyError) else str(exc)
+    """What a log line may say about an error: a database error only by its type."""
+    return exc.kind if isinstance(exc, StorageUnavailable) else str(exc)
 
 
-def _transient_db(exc: DBAPIError) -> bool:
-    """Database trouble a retry can cure: a connection lost or refused, SQLite busy.
+def _kind(exc: BaseException) -> str:
+    """An error's metric label: a database error by its driver-level class, as before."""
+    return exc.kind if isinstance(exc, StorageUnavailable) else type(exc).__name__
 
-    Constraint violations and SQL errors are bugs: they go to the DLQ.
-    """
-    return exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
+
+async def _database_errors_ours(handled: Awaitable[_T]) -> _T:
+    """A stage's result, with a database error that escaped ``storage`` untranslated
+    (a stage's own query, a connection pool) made ours: ``StorageUnavailable`` is
+    retried, ``StorageError`` goes to the DLQ (storage.errors.transient decides)."""
+    try:
+        return await handled
+    except Exception as exc:
+        ours = translated(exc)
+        if ours is exc:
+            raise
+        raise ours from None
 
 
 # Errors no retry of the same publish can cure (the record itself is the problem).

@@ -19,14 +19,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import Counter
-from sqlalchemy.exc import SQLAlchemyError
 
 from adapters import ChatMessage, ChatRequest, ModelCatalog
 from core import topics
 from core.envelope import Completion, Envelope, Reply, ReplyKind, RouteDecision, Verdict
-from core.errors import ContentRejected, RetryableError
+from core.errors import ContentRejected, RetryableError, StorageError, StorageUnavailable
 from core.settings import Policy, Settings
-from sender.store import AuditEntry, Store
+from storage import AuditEntry, StageStorage
 from streams.boundary import AfterPublish, Emit
 
 if TYPE_CHECKING:  # loaded only by the workers that run these stages
@@ -52,7 +51,7 @@ class Context:
 
     settings: Settings
     policy: Policy
-    store: Store
+    store: StageStorage  # the repositories the stages use (storage.Storage in production)
     moderator: Moderator | None = None
     catalog: ModelCatalog | None = None
     sender: ReplySender | None = None
@@ -74,7 +73,7 @@ async def _audit(ctx: Context, env: Envelope, stage: str, result: ModerationResu
     entries = [AuditEntry(f.detector, f.rule, f.category, f.action) for f in result.findings]
     for f in result.findings:
         MODERATION_DECISIONS.labels(stage, f.category, f.action).inc()
-    await ctx.store.record_audit(env.msg_id, stage, entries)
+    await ctx.store.audit.record_audit(env.msg_id, stage, entries)
 
 
 class _UserFacingStage:
@@ -135,7 +134,7 @@ class Route(_UserFacingStage):
         bot = policy.bot(env.bot)
         route_name = bot.route if bot is not None and bot.route in policy.routes else "default"
         route = policy.routes[route_name]
-        history = await self.ctx.store.history_window(
+        history = await self.ctx.store.history.history_window(
             env.conversation_id,
             turns=route.history_turns,
             token_budget=route.history_token_budget,
@@ -189,7 +188,7 @@ class CallModel(_UserFacingStage):
             # The provider's safety system refused: audited like our own moderation.
             category = f"provider_{exc.stage}"
             MODERATION_DECISIONS.labels("model", category, "block").inc()
-            await self.ctx.store.record_audit(
+            await self.ctx.store.audit.record_audit(
                 env.msg_id,
                 "model",
                 [AuditEntry("provider", (exc.provider or "unknown")[:120], category, "block")],
@@ -197,7 +196,7 @@ class CallModel(_UserFacingStage):
             if exc.clear_history:
                 # e.g. ERNIE's need_clear_history: later turns would be refused again
                 # (and the provider asks for it) unless the risky context is dropped.
-                await self.ctx.store.clear_history(env.conversation_id)
+                await self.ctx.store.history.clear_history(env.conversation_id)
             return [_answer(env, self.name, self.ctx.policy.replies.rejected, "rejected")]
         completion = Completion(
             text=result.text,
@@ -229,9 +228,9 @@ class CallModel(_UserFacingStage):
         """
         for attempt in range(3):
             try:
-                await self.ctx.store.record_usage(env, completion)
+                await self.ctx.store.usage.record_usage(env, completion)
                 return
-            except SQLAlchemyError as exc:
+            except (StorageUnavailable, StorageError) as exc:
                 if attempt == 2:
                     USAGE_LOST.inc()
                     log.error(

@@ -51,12 +51,12 @@ class Runtime:
         return self.ctx, self.outputs
 
     async def _open(self) -> None:
-        from sender.store import Store
+        from storage import open_storage
 
         settings = self.settings
         policy = settings.policy
         await ensure_topics(settings)
-        store = await Store.open(settings.database_url)
+        store = await open_storage(settings.database_url)
         self._closers.append(store.close)
         ctx = Context(settings=settings, policy=policy, store=store)
         if {"moderate-in", "moderate-out"} & set(self.stages):
@@ -73,7 +73,7 @@ class Runtime:
         if "send" in self.stages:
             from sender.service import ReplySender
 
-            ctx.sender = ReplySender.from_settings(settings, store)
+            ctx.sender = ReplySender.from_settings(settings, store.deliveries)
             self._closers.append(ctx.sender.aclose)
         producer = new_producer(settings)
         await producer.start()
@@ -136,9 +136,9 @@ def build(settings: Settings, stages: Sequence[str]) -> tuple[StageApp, Runtime]
 
 
 async def _check_database(url: str) -> None:
-    from sender.store import Store
+    from storage import open_database
 
-    store = await Store.open(url)  # raises ConfigurationError when migrations are behind
+    store = await open_database(url)  # raises ConfigurationError when migrations are behind
     await store.close()
 
 

@@ -8,22 +8,23 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from core.db import ModerationAudit, Usage
 from core.envelope import ChatType, Content, Envelope, RouteDecision
 from core.settings import Settings
-from sender.store import Store
+from storage import Storage, open_storage
+from storage.schema import ModerationAuditRow, UsageRow
 from streams.boundary import AfterPublish, Emit
 from streams.stages import CallModel, Context
 from tests.fakes.providers import FakeErnie
 from tests.integration.adapters.conftest import CatalogFactory, ernie_fake, make_catalog
 from tests.integration.adapters.helpers import entry_for
+from tests.rows import count_rows
 
 __all__ = ["ernie_fake", "make_catalog"]  # fixtures used below
 
 
 @pytest.fixture
-async def store(db_url: str) -> AsyncIterator[Store]:
-    s = await Store.open(db_url)
+async def store(db_url: str) -> AsyncIterator[Storage]:
+    s = await open_storage(db_url)
     yield s
     await s.close()
 
@@ -45,13 +46,13 @@ async def test_a_provider_asking_to_clear_history_gets_it_cleared_and_audited(
     ernie_fake: FakeErnie,
     make_catalog: CatalogFactory,
     make_settings: Callable[..., Settings],
-    store: Store,
+    store: Storage,
 ) -> None:
     user = f"u{uuid.uuid4().hex[:8]}"
     conv = f"chat:ai_bot:{user}"
     earlier = _env(conv, user)
-    await store.record_exchange(earlier, "之前的回答", reply_kind="answer")
-    assert await store.history_window(conv, turns=10, token_budget=1000) != ()
+    await store.deliveries.record_exchange(earlier, "之前的回答", reply_kind="answer")
+    assert await store.history.history_window(conv, turns=10, token_budget=1000) != ()
 
     ernie_fake.extra = {"need_clear_history": True, "ban_round": -1, "result": "抱歉，我无法回答。"}
     settings = make_settings()
@@ -68,16 +69,18 @@ async def test_a_provider_asking_to_clear_history_gets_it_cleared_and_audited(
         "rejected",
         settings.policy.replies.rejected,
     )
-    assert await store.history_window(conv, turns=10, token_budget=1000) == ()
-    assert await store.count(ModerationAudit, msg_id=env.msg_id, stage="model") == 1
-    assert await store.count(Usage, msg_id=env.msg_id) == 0
+    assert await store.history.history_window(conv, turns=10, token_budget=1000) == ()
+    assert (
+        await count_rows(store.database, ModerationAuditRow, msg_id=env.msg_id, stage="model") == 1
+    )
+    assert await count_rows(store.database, UsageRow, msg_id=env.msg_id) == 0
 
 
 async def test_a_completed_call_is_accounted_for_once_it_is_published(
     ernie_fake: FakeErnie,
     make_catalog: CatalogFactory,
     make_settings: Callable[..., Settings],
-    store: Store,
+    store: Storage,
 ) -> None:
     user = f"u{uuid.uuid4().hex[:8]}"
     settings = make_settings()
@@ -93,6 +96,6 @@ async def test_a_completed_call_is_accounted_for_once_it_is_published(
     assert completion is not None
     assert completion.provider == "ernie"
     # Written after the completion is published, before the record is acknowledged.
-    assert await store.count(Usage, msg_id=env.msg_id) == 0
+    assert await count_rows(store.database, UsageRow, msg_id=env.msg_id) == 0
     await after.run()
-    assert await store.count(Usage, msg_id=env.msg_id) == 1
+    assert await count_rows(store.database, UsageRow, msg_id=env.msg_id) == 1

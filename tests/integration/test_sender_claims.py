@@ -20,15 +20,15 @@ from core.errors import RetryableError
 from sender.easemob import EasemobClient
 from sender.service import ReplySender
 from sender.split import part_end, split_reply
-from sender.store import UNCERTAIN_CLAIM, Store
+from storage import UNCERTAIN_CLAIM, Storage, open_storage
 from tests.integration.conftest import new_easemob_client
 
 TEXT = "".join(f"第{i}句话，内容比较长一些。" for i in range(250))  # 4 parts of 3,000 bytes
 
 
 @pytest.fixture
-async def store(db_url: str) -> AsyncIterator[Store]:
-    s = await Store.open(db_url)
+async def store(db_url: str) -> AsyncIterator[Storage]:
+    s = await open_storage(db_url)
     yield s
     await s.close()
 
@@ -80,10 +80,10 @@ async def test_two_senders_on_the_same_record_send_each_part_once(
     parts = split_reply(TEXT)
     assert len(parts) == 4
     await _inject(simulator, delay_ms=30)  # each send takes a while: the senders overlap
-    senders = []
+    senders, storages = [], []
     for _ in range(2):
-        store = await Store.open(db_url)
-        senders.append(ReplySender(new_easemob_client(simulator), store))
+        storages.append(store := await open_storage(db_url))
+        senders.append(ReplySender(new_easemob_client(simulator), store.deliveries))
     user = f"u{uuid.uuid4().hex[:8]}"
     env = _env(user)
     try:
@@ -92,7 +92,8 @@ async def test_two_senders_on_the_same_record_send_each_part_once(
     finally:
         for s in senders:
             await s.aclose()
-            await s.store.close()
+        for storage in storages:
+            await storage.close()
     delivered = await _delivered(simulator, user)
     assert [m["body"]["msg"] for m in delivered] == parts  # each part once, in order
     assert sum(retries) >= 1  # the second sender did meet the first one's claims
@@ -100,21 +101,21 @@ async def test_two_senders_on_the_same_record_send_each_part_once(
 
 
 async def test_a_part_another_live_sender_holds_is_left_to_it(
-    client: EasemobClient, simulator: str, store: Store
+    client: EasemobClient, simulator: str, store: Storage
 ) -> None:
     user = f"u{uuid.uuid4().hex[:8]}"
     env = _env(user, "短回答")
-    held = await store.claim_part(
+    held = await store.deliveries.claim_part(
         env.msg_id, 0, "other-sender:0", lease_s=60, parts=1, target_kind="users", target=user
     )
     assert held is not None
     with pytest.raises(RetryableError):
-        await ReplySender(client, store).deliver(env, deadline=time.monotonic() + 10)
+        await ReplySender(client, store.deliveries).deliver(env, deadline=time.monotonic() + 10)
     assert await _delivered(simulator, user) == []
 
 
 async def test_a_part_whose_sender_died_after_easemob_accepted_it_is_resent_visibly(
-    client: EasemobClient, simulator: str, store: Store, caplog: pytest.LogCaptureFixture
+    client: EasemobClient, simulator: str, store: Storage, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The state a crash leaves: part 0 recorded, part 1 claimed and accepted, not recorded.
 
@@ -127,35 +128,39 @@ async def test_a_part_whose_sender_died_after_easemob_accepted_it_is_resent_visi
     first = part_end(TEXT, 0)
     where = {"parts": len(parts), "target_kind": "users", "target": user}
     # The sender that died: its claims had a lease that has run out by now.
-    assert await store.claim_part(env.msg_id, 0, "dead:0", lease_s=0.01, **where)
+    assert await store.deliveries.claim_part(env.msg_id, 0, "dead:0", lease_s=0.01, **where)
     id0 = await client.send_text("users", sender="ai_bot", to=user, text=parts[0])
-    await store.mark_sent(env.msg_id, 0, id0, end_offset=first, reply_digest=_digest(), **where)
-    assert await store.claim_part(env.msg_id, 1, "dead:0", lease_s=0.01, **where)
+    await store.deliveries.mark_sent(
+        env.msg_id, 0, id0, end_offset=first, reply_digest=_digest(), **where
+    )
+    assert await store.deliveries.claim_part(env.msg_id, 1, "dead:0", lease_s=0.01, **where)
     await client.send_text("users", sender="ai_bot", to=user, text=parts[1])
     # ...killed here. The redelivered record, once the lease has passed:
     await asyncio.sleep(0.05)
     before = _uncertain("unresolved_claim")
     with caplog.at_level(logging.INFO, logger="imbot.sender"):
-        result = await ReplySender(client, store).deliver(env, deadline=time.monotonic() + 10)
+        result = await ReplySender(client, store.deliveries).deliver(
+            env, deadline=time.monotonic() + 10
+        )
     bodies = [m["body"]["msg"] for m in await _delivered(simulator, user)]
     assert bodies == [parts[0], parts[1], parts[1], *parts[2:]]  # one part twice, no more
     assert result.parts == len(parts)
     assert _uncertain("unresolved_claim") == before + 1
     [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert (warning.msg_id, warning.part) == (env.msg_id, 1)  # type: ignore[attr-defined]
-    ledger = await store.ledger(env.msg_id)
+    ledger = await store.deliveries.ledger(env.msg_id)
     assert [row.status for row in ledger.values()] == ["sent"] * len(parts)
     assert ledger[1].error == UNCERTAIN_CLAIM
     assert ledger[2].error is None
 
 
 async def test_easemobs_lost_answer_is_counted_and_the_part_resent(
-    simulator: str, store: Store
+    simulator: str, store: Storage
 ) -> None:
     """A read timeout: Easemob may have shown the part. The retry sends it, counted."""
     user = f"u{uuid.uuid4().hex[:8]}"
     env = _env(user, "短回答")
-    sender = ReplySender(new_easemob_client(simulator, timeout=0.2), store)
+    sender = ReplySender(new_easemob_client(simulator, timeout=0.2), store.deliveries)
     await sender.client.token()
     await _inject(simulator, delay_ms=400)
     before = _uncertain("answer_lost")
@@ -163,14 +168,14 @@ async def test_easemobs_lost_answer_is_counted_and_the_part_resent(
         with pytest.raises(RetryableError):
             await sender.deliver(env, deadline=time.monotonic() + 10)
         assert _uncertain("answer_lost") == before + 1
-        ledger = await store.ledger(env.msg_id)
+        ledger = await store.deliveries.ledger(env.msg_id)
         assert ledger[0].status == "retrying"
         assert (ledger[0].error or "").startswith("uncertain: ")
         await _inject(simulator, delay_ms=0)
         await sender.deliver(env, deadline=time.monotonic() + 10)
     finally:
         await sender.aclose()
-    assert (await store.ledger(env.msg_id))[0].status == "sent"
+    assert (await store.deliveries.ledger(env.msg_id))[0].status == "sent"
     assert "短回答" in [m["body"]["msg"] for m in await _delivered(simulator, user)]
 
 

@@ -15,13 +15,14 @@ from core.errors import ConfigurationError, FatalError, RetryableError
 from sender.easemob import EasemobClient, MessageTooLarge
 from sender.service import ReplySender, reply_digest
 from sender.split import split_reply
-from sender.store import Store
+from storage import Storage, open_storage
 from tests.integration.conftest import new_easemob_client
+from tests.rows import count_rows
 
 
 @pytest.fixture
-async def store(db_url: str) -> AsyncIterator[Store]:
-    s = await Store.open(db_url)
+async def store(db_url: str) -> AsyncIterator[Storage]:
+    s = await open_storage(db_url)
     yield s
     await s.close()
 
@@ -123,9 +124,9 @@ async def test_bad_credentials_are_a_configuration_error(simulator: str) -> None
 
 
 async def test_reply_is_delivered_once_even_when_the_record_repeats(
-    client: EasemobClient, simulator: str, store: Store
+    client: EasemobClient, simulator: str, store: Storage
 ) -> None:
-    sender = ReplySender(client, store)
+    sender = ReplySender(client, store.deliveries)
     env = _env("这是回答")
     first = await sender.deliver(env, deadline=time.monotonic() + 10)
     again = await sender.deliver(env, deadline=time.monotonic() + 10)
@@ -135,9 +136,9 @@ async def test_reply_is_delivered_once_even_when_the_record_repeats(
 
 
 async def test_group_reply_mentions_the_asker(
-    client: EasemobClient, simulator: str, store: Store
+    client: EasemobClient, simulator: str, store: Storage
 ) -> None:
-    await ReplySender(client, store).deliver(
+    await ReplySender(client, store.deliveries).deliver(
         _env("总结", chat_type=ChatType.group), deadline=time.monotonic() + 10
     )
     [message] = await _delivered(simulator, "g1")
@@ -146,9 +147,9 @@ async def test_group_reply_mentions_the_asker(
 
 
 async def test_long_reply_is_split_sent_in_order_and_resumed_after_a_failure(
-    client: EasemobClient, simulator: str, store: Store
+    client: EasemobClient, simulator: str, store: Storage
 ) -> None:
-    sender = ReplySender(client, store)
+    sender = ReplySender(client, store.deliveries)
     text = "".join(f"第{i}句话，内容比较长一些。" for i in range(700))  # ~10,000 characters
     env = _env(text)
     parts = split_reply(text, 3000)
@@ -167,10 +168,10 @@ async def test_long_reply_is_split_sent_in_order_and_resumed_after_a_failure(
 
 
 async def test_a_part_refused_as_too_large_is_split_further(
-    client: EasemobClient, simulator: str, store: Store
+    client: EasemobClient, simulator: str, store: Storage
 ) -> None:
     """Easemob's limit is lower than ours: the refused part goes out as smaller pieces."""
-    sender = ReplySender(client, store, max_part_bytes=3000)
+    sender = ReplySender(client, store.deliveries, max_part_bytes=3000)
     text = "".join(f"第{i}句话，内容比较长一些。" for i in range(300))
     env = _env(text)
     await _inject(simulator, max_message_bytes=1800, oversize_status=413)
@@ -187,10 +188,10 @@ async def test_a_part_refused_as_too_large_is_split_further(
 
 
 async def test_a_different_reply_to_an_answered_message_is_not_sent(
-    client: EasemobClient, simulator: str, store: Store
+    client: EasemobClient, simulator: str, store: Storage
 ) -> None:
     """A replay through the model stage answers again: the user already has an answer."""
-    sender = ReplySender(client, store)
+    sender = ReplySender(client, store.deliveries)
     msg_id = uuid.uuid4().hex
     await sender.deliver(_env("第一次的回答", msg_id=msg_id), deadline=time.monotonic() + 10)
     second = await sender.deliver(_env("另一个回答", msg_id=msg_id), deadline=time.monotonic() + 10)
@@ -199,15 +200,15 @@ async def test_a_different_reply_to_an_answered_message_is_not_sent(
 
 
 async def test_history_is_written_even_when_only_the_retry_gets_there(
-    client: EasemobClient, simulator: str, store: Store
+    client: EasemobClient, simulator: str, store: Storage
 ) -> None:
     """Every part was sent before (the history write failed then): the retry completes it."""
-    from core.db import Message
+    from storage.schema import MessageRow
 
-    sender = ReplySender(client, store)
+    sender = ReplySender(client, store.deliveries)
     env = _env("回答")
     easemob_id = await client.send_text("users", sender="ai_bot", to="alice", text="回答")
-    await store.mark_sent(
+    await store.deliveries.mark_sent(
         env.msg_id,
         0,
         easemob_id,
@@ -220,30 +221,30 @@ async def test_history_is_written_even_when_only_the_retry_gets_there(
     result = await sender.deliver(env, deadline=time.monotonic() + 10)
     assert result.duplicate
     assert len(await _delivered(simulator, "alice")) == 1
-    assert await store.count(Message, msg_id=env.msg_id) == 1
-    assert await store.count(Message, msg_id=f"{env.msg_id}:reply") == 1
+    assert await count_rows(store.database, MessageRow, msg_id=env.msg_id) == 1
+    assert await count_rows(store.database, MessageRow, msg_id=f"{env.msg_id}:reply") == 1
 
 
 async def test_a_bad_request_is_fatal_and_recorded_in_the_ledger(
-    client: EasemobClient, simulator: str, store: Store
+    client: EasemobClient, simulator: str, store: Storage
 ) -> None:
-    sender = ReplySender(client, store)
+    sender = ReplySender(client, store.deliveries)
     env = _env("回答")
     await _inject(simulator, status=400, description="param to can't be empty")
     with pytest.raises(FatalError):
         await sender.deliver(env, deadline=time.monotonic() + 10)
-    ledger = await store.ledger(env.msg_id)
+    ledger = await store.deliveries.ledger(env.msg_id)
     assert ledger[0].status == "failed"
     assert await _delivered(simulator, "alice") == []
 
 
 async def test_the_real_answer_after_a_fallback_apology_is_still_delivered(
-    client: EasemobClient, simulator: str, store: Store
+    client: EasemobClient, simulator: str, store: Storage
 ) -> None:
     """An outage made a stage answer with the fallback; the DLQ replay brings the answer."""
-    from core.db import Message
+    from storage.schema import MessageRow
 
-    sender = ReplySender(client, store)
+    sender = ReplySender(client, store.deliveries)
     msg_id = uuid.uuid4().hex
 
     def env(text: str, kind: str) -> Envelope:
@@ -261,19 +262,21 @@ async def test_the_real_answer_after_a_fallback_apology_is_still_delivered(
     assert bodies[-2:] == ["抱歉，请稍后再试。", "真正的回答"]
     assert bodies.count("抱歉，请稍后再试。") == 1
     # The history the router reads keeps the answer, not the apology.
-    async with store.engine.connect() as conn:
+    async with store.database.engine.connect() as conn:
         from sqlalchemy import select
 
         row = (
             await conn.execute(
-                select(Message.text, Message.kind).where(Message.msg_id == f"{msg_id}:reply")
+                select(MessageRow.text, MessageRow.kind).where(
+                    MessageRow.msg_id == f"{msg_id}:reply"
+                )
             )
         ).one()
     assert tuple(row) == ("真正的回答", "answer")
 
 
 async def test_each_part_sent_is_logged_with_its_ids_and_never_its_text(
-    client: EasemobClient, simulator: str, store: Store, caplog: pytest.LogCaptureFixture
+    client: EasemobClient, simulator: str, store: Storage, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A duplicate can be traced from the logs alone: one line per part Easemob accepted."""
     import logging
@@ -283,7 +286,7 @@ async def test_each_part_sent_is_logged_with_its_ids_and_never_its_text(
     assert len(parts) >= 2
     env = _env(text)
     with caplog.at_level(logging.INFO, logger="imbot.sender"):
-        await ReplySender(client, store).deliver(env, deadline=time.monotonic() + 10)
+        await ReplySender(client, store.deliveries).deliver(env, deadline=time.monotonic() + 10)
     delivered = await _delivered(simulator, "alice")
     lines = [r for r in caplog.records if r.getMessage() == "reply part sent"]
     assert [

@@ -7,12 +7,12 @@ import uuid
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.exc import IntegrityError
 
-from core.db import Delivery, Message, ModerationAudit, Usage, utcnow
 from core.envelope import ChatType, Completion, Content, Envelope, Verdict, conversation_id
-from core.errors import ConfigurationError
-from sender.store import AuditEntry, Store
+from core.errors import ConfigurationError, StorageError
+from storage import AuditEntry, HistoryWindow, Storage, open_storage
+from storage.schema import DeliveryRow, MessageRow, ModerationAuditRow, UsageRow, utcnow
+from tests.rows import count_rows
 
 
 def _env(conv: str, n: int, text_: str = "问题") -> Envelope:
@@ -36,24 +36,24 @@ def _env(conv: str, n: int, text_: str = "问题") -> Envelope:
 
 
 @pytest.fixture
-async def store(db_url: str) -> Store:
-    s = await Store.open(db_url)
+async def store(db_url: str) -> Storage:
+    s = await open_storage(db_url)
     yield s  # type: ignore[misc]
     await s.close()
 
 
-async def test_exchange_is_recorded_once_and_read_back_as_history(store: Store) -> None:
+async def test_exchange_is_recorded_once_and_read_back_as_history(store: Storage) -> None:
     conv = conversation_id(
         ChatType.direct, bot="ai_bot", sender=f"u{uuid.uuid4().hex[:8]}", group_id=None
     )
     for n in range(3):
         env = _env(conv, n)
-        await store.record_exchange(env, f"回答{n}", reply_kind="answer")
-        await store.record_exchange(
+        await store.deliveries.record_exchange(env, f"回答{n}", reply_kind="answer")
+        await store.deliveries.record_exchange(
             env, f"回答{n}", reply_kind="answer"
         )  # redelivered: no new rows
-    assert await store.count(Message, conversation_id=conv) == 6
-    window = await store.history_window(conv, turns=4, token_budget=1000)
+    assert await count_rows(store.database, MessageRow, conversation_id=conv) == 6
+    window = await store.history.history_window(conv, turns=4, token_budget=1000)
     assert [(t.role, t.content) for t in window] == [
         ("user", "问题1"),
         ("assistant", "回答1"),
@@ -62,76 +62,80 @@ async def test_exchange_is_recorded_once_and_read_back_as_history(store: Store) 
     ]
 
 
-async def test_usage_is_recorded_once_per_answered_message(store: Store) -> None:
+async def test_usage_is_recorded_once_per_answered_message(store: Storage) -> None:
     conv = f"chat:ai_bot:{uuid.uuid4().hex[:8]}"
     env = _env(conv, 1)
     assert env.completion is not None
-    await store.record_usage(env, env.completion)
-    await store.record_usage(env, env.completion)  # the model stage saw the record twice
-    assert await store.count(Usage, conversation_id=conv) == 1
+    await store.usage.record_usage(env, env.completion)
+    await store.usage.record_usage(env, env.completion)  # the model stage saw the record twice
+    assert await count_rows(store.database, UsageRow, conversation_id=conv) == 1
 
 
-async def test_only_exchanges_the_model_answered_are_history(store: Store) -> None:
+async def test_only_exchanges_the_model_answered_are_history(store: Storage) -> None:
     """A blocked or rejected question must never reach a model later as context."""
     conv = f"chat:ai_bot:{uuid.uuid4().hex[:8]}"
-    await store.record_exchange(_env(conv, 0), "回答0", reply_kind="answer")
-    await store.record_exchange(
+    await store.deliveries.record_exchange(_env(conv, 0), "回答0", reply_kind="answer")
+    await store.deliveries.record_exchange(
         _env(conv, 1, "违禁"), "抱歉，这个问题我无法回答。", reply_kind="blocked_input"
     )
-    await store.record_exchange(_env(conv, 2, "危险"), "抱歉。", reply_kind="rejected")
-    await store.record_exchange(_env(conv, 3), "请稍后再试", reply_kind="fallback")
-    await store.record_exchange(_env(conv, 4), "回答4", reply_kind="answer")
-    window = await store.history_window(conv, turns=10, token_budget=1000)
+    await store.deliveries.record_exchange(_env(conv, 2, "危险"), "抱歉。", reply_kind="rejected")
+    await store.deliveries.record_exchange(_env(conv, 3), "请稍后再试", reply_kind="fallback")
+    await store.deliveries.record_exchange(_env(conv, 4), "回答4", reply_kind="answer")
+    window = await store.history.history_window(conv, turns=10, token_budget=1000)
     assert [t.content for t in window] == ["问题0", "回答0", "问题4", "回答4"]
 
 
-async def test_cleared_history_is_left_out_of_later_windows(store: Store) -> None:
+async def test_cleared_history_is_left_out_of_later_windows(store: Storage) -> None:
     conv = f"chat:ai_bot:{uuid.uuid4().hex[:8]}"
     for n in range(2):
-        await store.record_exchange(_env(conv, n), f"回答{n}", reply_kind="answer")
-    await store.clear_history(conv)  # a provider judged the conversation risky
-    await store.record_exchange(_env(conv, 2), "回答2", reply_kind="answer")
-    window = await store.history_window(conv, turns=10, token_budget=1000)
+        await store.deliveries.record_exchange(_env(conv, n), f"回答{n}", reply_kind="answer")
+    await store.history.clear_history(conv)  # a provider judged the conversation risky
+    await store.deliveries.record_exchange(_env(conv, 2), "回答2", reply_kind="answer")
+    window = await store.history.history_window(conv, turns=10, token_budget=1000)
     assert [t.content for t in window] == ["问题2", "回答2"]
-    assert await store.count(Message, conversation_id=conv) == 6  # rows stay, for audit
+    assert (
+        await count_rows(store.database, MessageRow, conversation_id=conv) == 6
+    )  # rows stay, for audit
 
 
-async def test_concurrent_usage_rows_are_all_written_once(store: Store) -> None:
+async def test_concurrent_usage_rows_are_all_written_once(store: Storage) -> None:
     """Many model calls finishing together: group-committed, none lost or doubled."""
     conv = f"chat:ai_bot:{uuid.uuid4().hex[:8]}"
     envs = [_env(conv, n) for n in range(50)]
     await asyncio.gather(
-        *(store.record_usage(e, e.completion) for e in envs for _ in range(2))  # type: ignore[arg-type]
+        *(store.usage.record_usage(e, e.completion) for e in envs for _ in range(2))  # type: ignore[arg-type]
     )
-    assert await store.count(Usage, conversation_id=conv) == 50
+    assert await count_rows(store.database, UsageRow, conversation_id=conv) == 50
 
 
-async def test_a_failed_usage_commit_fails_its_callers_who_can_retry(store: Store) -> None:
+async def test_a_failed_usage_commit_fails_its_callers_who_can_retry(store: Storage) -> None:
     conv = f"chat:ai_bot:{uuid.uuid4().hex[:8]}"
     good = _env(conv, 1)
     assert good.completion is not None
     bad = good.completion.model_copy(update={"model": None})  # NOT NULL column
     results = await asyncio.gather(
-        store.record_usage(_env(conv, 2), bad),
-        store.record_usage(good, good.completion),
+        store.usage.record_usage(_env(conv, 2), bad),
+        store.usage.record_usage(good, good.completion),
         return_exceptions=True,
     )
-    assert isinstance(results[0], IntegrityError)
+    # Our error, not SQLAlchemy's: fatal (no retry cures it), named by the driver's class.
+    assert isinstance(results[0], StorageError)
+    assert results[0].kind == "IntegrityError"
     if isinstance(results[1], Exception):  # it shared the failed commit: retry it
-        await store.record_usage(good, good.completion)
-    assert await store.count(Usage, conversation_id=conv) == 1
+        await store.usage.record_usage(good, good.completion)
+    assert await count_rows(store.database, UsageRow, conversation_id=conv) == 1
 
 
-async def test_history_respects_the_token_budget(store: Store) -> None:
+async def test_history_respects_the_token_budget(store: Storage) -> None:
     conv = f"chat:ai_bot:{uuid.uuid4().hex[:8]}"
     for n in range(3):
-        await store.record_exchange(_env(conv, n, "长" * 50), "短", reply_kind="answer")
-    window = await store.history_window(conv, turns=10, token_budget=60)
+        await store.deliveries.record_exchange(_env(conv, n, "长" * 50), "短", reply_kind="answer")
+    window = await store.history.history_window(conv, turns=10, token_budget=60)
     # newest first until the budget is spent: the last answer (4 tokens) and question (51)
     assert [t.content for t in window] == ["长" * 50 + "2", "短"]
 
 
-async def test_masked_text_is_what_history_keeps(store: Store) -> None:
+async def test_masked_text_is_what_history_keeps(store: Storage) -> None:
     conv = f"chat:ai_bot:{uuid.uuid4().hex[:8]}"
     env = _env(conv, 1).model_copy(
         update={
@@ -140,22 +144,22 @@ async def test_masked_text_is_what_history_keeps(store: Store) -> None:
             )
         }
     )
-    await store.record_exchange(env, "好的", reply_kind="answer")
-    window = await store.history_window(conv, turns=2, token_budget=100)
+    await store.deliveries.record_exchange(env, "好的", reply_kind="answer")
+    window = await store.history.history_window(conv, turns=2, token_budget=100)
     assert window[0].content == "我的电话是[手机号]"
 
 
-async def test_ledger_records_attempts_and_sent_parts(store: Store) -> None:
+async def test_ledger_records_attempts_and_sent_parts(store: Storage) -> None:
     msg_id = uuid.uuid4().hex
     where = {"parts": 2, "target_kind": "users", "target": "alice"}
-    await store.mark_failed(msg_id, 0, "429 reach_limit", final=False, **where)  # type: ignore[arg-type]
-    await store.mark_sent(
+    await store.deliveries.mark_failed(msg_id, 0, "429 reach_limit", final=False, **where)  # type: ignore[arg-type]
+    await store.deliveries.mark_sent(
         msg_id, 0, "1029457500870543736", end_offset=1000, reply_digest="d1", **where
     )  # type: ignore[arg-type]
     # a late duplicate of the failure cannot undo a sent part
-    await store.mark_failed(msg_id, 0, "timeout", final=False, **where)  # type: ignore[arg-type]
-    await store.mark_failed(msg_id, 1, "400 bad request", final=True, **where)  # type: ignore[arg-type]
-    ledger = await store.ledger(msg_id)
+    await store.deliveries.mark_failed(msg_id, 0, "timeout", final=False, **where)  # type: ignore[arg-type]
+    await store.deliveries.mark_failed(msg_id, 1, "400 bad request", final=True, **where)  # type: ignore[arg-type]
+    ledger = await store.deliveries.ledger(msg_id)
     assert (ledger[0].status, ledger[0].easemob_msg_id, ledger[0].attempts) == (
         "sent",
         "1029457500870543736",
@@ -163,27 +167,27 @@ async def test_ledger_records_attempts_and_sent_parts(store: Store) -> None:
     )
     assert (ledger[0].end_offset, ledger[0].reply_digest) == (1000, "d1")
     assert (ledger[1].status, ledger[1].attempts) == ("failed", 1)
-    assert await store.count(Delivery, msg_id=msg_id) == 2
+    assert await count_rows(store.database, DeliveryRow, msg_id=msg_id) == 2
 
 
-async def test_audit_entries_are_idempotent(store: Store) -> None:
+async def test_audit_entries_are_idempotent(store: Storage) -> None:
     msg_id = uuid.uuid4().hex
     entries = [
         AuditEntry("pii", "mobile", "pii.mobile", "mask"),
         AuditEntry("lexicon", "w1", "violence", "block"),
     ]
-    await store.record_audit(msg_id, "input", entries)
-    await store.record_audit(msg_id, "input", entries)
-    assert await store.count(ModerationAudit, msg_id=msg_id) == 2
+    await store.audit.record_audit(msg_id, "input", entries)
+    await store.audit.record_audit(msg_id, "input", entries)
+    assert await count_rows(store.database, ModerationAuditRow, msg_id=msg_id) == 2
 
 
 async def test_history_query_uses_the_conversation_index_on_postgres(pg_url: str) -> None:
     """The router's query on a populated table: an index range scan, not a table scan."""
-    store = await Store.open(pg_url)
+    store = await open_storage(pg_url)
     tag = uuid.uuid4().hex[:8]
     conversations = [f"chat:ai_bot:{tag}-{c}" for c in range(400)]
     try:
-        async with store.engine.begin() as conn:
+        async with store.database.engine.begin() as conn:
             for c in conversations:
                 await conn.execute(
                     text(
@@ -193,7 +197,7 @@ async def test_history_query_uses_the_conversation_index_on_postgres(pg_url: str
                     {"id": c},
                 )
             await conn.execute(
-                Message.__table__.insert(),  # type: ignore[arg-type]
+                MessageRow.__table__.insert(),  # type: ignore[arg-type]
                 [
                     {
                         "msg_id": f"{tag}-{n}",
@@ -208,16 +212,16 @@ async def test_history_query_uses_the_conversation_index_on_postgres(pg_url: str
                 ],
             )
             await conn.execute(text("ANALYZE messages"))
-        query = Store.history_query(conversations[7], 11).compile(
-            dialect=store.engine.dialect, compile_kwargs={"literal_binds": True}
+        query = HistoryWindow.history_query(conversations[7], 11).compile(
+            dialect=store.database.engine.dialect, compile_kwargs={"literal_binds": True}
         )
-        async with store.engine.connect() as conn:
+        async with store.database.engine.connect() as conn:
             plan = (await conn.execute(text(f"EXPLAIN {query}"))).scalars().all()
         assert any(
             "Index Scan Backward using ix_messages_conversation_id_id" in line for line in plan
         ), plan
         assert not any("Seq Scan" in line for line in plan), plan
-        window = await store.history_window(conversations[7], turns=4, token_budget=10_000)
+        window = await store.history.history_window(conversations[7], turns=4, token_budget=10_000)
         assert [t.content for t in window] == [f"消息{n}" for n in (18407, 18807, 19207, 19607)]
     finally:
         await store.close()
@@ -225,4 +229,4 @@ async def test_history_query_uses_the_conversation_index_on_postgres(pg_url: str
 
 async def test_unmigrated_database_is_refused_with_a_clear_message(tmp_path: object) -> None:
     with pytest.raises(ConfigurationError, match="imbot migrate"):
-        await Store.open(f"sqlite+aiosqlite:///{tmp_path}/empty.db")
+        await open_storage(f"sqlite+aiosqlite:///{tmp_path}/empty.db")

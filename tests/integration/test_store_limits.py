@@ -16,18 +16,19 @@ import httpx
 import pytest
 from sqlalchemy import inspect, select
 
-from core.db import Conversation, Delivery, Message, Usage
 from core.envelope import ChatType, Completion, Content, Envelope, Reply, conversation_id
 from core.errors import FatalError
 from core.limits import GROUP_ID_MAX, MSG_ID_MAX, USER_ID_MAX
 from sender.easemob import EasemobClient
 from sender.service import ReplySender, fallback_ledger_id
-from sender.store import Store
+from storage import Storage, open_storage
+from storage.schema import ConversationRow, DeliveryRow, MessageRow, UsageRow
+from tests.rows import count_rows
 
 
 @pytest.fixture
-async def store(db_url: str) -> AsyncIterator[Store]:
-    s = await Store.open(db_url)
+async def store(db_url: str) -> AsyncIterator[Storage]:
+    s = await open_storage(db_url)
     yield s
     await s.close()
 
@@ -67,7 +68,7 @@ def _env(
     )
 
 
-async def _column_lengths(store: Store) -> dict[tuple[str, str], int | None]:
+async def _column_lengths(store: Storage) -> dict[tuple[str, str], int | None]:
     """String column lengths as the migrated database has them (not the models)."""
 
     def read(sync_conn: Any) -> dict[tuple[str, str], int | None]:
@@ -78,12 +79,12 @@ async def _column_lengths(store: Store) -> dict[tuple[str, str], int | None]:
             for column in inspector.get_columns(table)
         }
 
-    async with store.engine.connect() as conn:
+    async with store.database.engine.connect() as conn:
         return await conn.run_sync(read)
 
 
 async def test_the_migrated_columns_hold_the_longest_admitted_and_derived_ids(
-    store: Store,
+    store: Storage,
 ) -> None:
     lengths = await _column_lengths(store)
     longest_account = max(USER_ID_MAX, GROUP_ID_MAX)
@@ -122,9 +123,9 @@ async def test_the_migrated_columns_hold_the_longest_admitted_and_derived_ids(
 
 
 async def test_the_longest_admitted_ids_are_delivered_once_with_ledger_history_and_usage(
-    client: EasemobClient, simulator: str, store: Store
+    client: EasemobClient, simulator: str, store: Storage
 ) -> None:
-    sender = ReplySender(client, store)
+    sender = ReplySender(client, store.deliveries)
     user, bot = _longest(USER_ID_MAX, "u"), _longest(USER_ID_MAX, "b")
     group = _longest(GROUP_ID_MAX, "9")
     for env in (
@@ -136,39 +137,39 @@ async def test_the_longest_admitted_ids_are_delivered_once_with_ledger_history_a
             text="回答", finish_reason="stop", model="m" * 128, provider="p" * 64,
             input_tokens=3, output_tokens=4, cost=0.1, currency="CNY",
         )  # fmt: skip
-        await store.record_usage(env, completion)
+        await store.usage.record_usage(env, completion)
         first = await sender.deliver(env, deadline=time.monotonic() + 10)
         again = await sender.deliver(env, deadline=time.monotonic() + 10)
         assert (first.duplicate, again.duplicate) == (False, True)
         ledger_id = env.msg_id if env.reply and env.reply.kind != "fallback" else None
-        ledger = await store.ledger(ledger_id or fallback_ledger_id(env.msg_id))
+        ledger = await store.deliveries.ledger(ledger_id or fallback_ledger_id(env.msg_id))
         assert [row.status for row in ledger.values()] == ["sent"]
-        assert await store.count(Message, msg_id=env.msg_id) == 1
-        assert await store.count(Message, msg_id=f"{env.msg_id}:reply") == 1
-        assert await store.count(Conversation, id=env.conversation_id) == 1
-        assert await store.count(Usage, msg_id=env.msg_id) == 1
+        assert await count_rows(store.database, MessageRow, msg_id=env.msg_id) == 1
+        assert await count_rows(store.database, MessageRow, msg_id=f"{env.msg_id}:reply") == 1
+        assert await count_rows(store.database, ConversationRow, id=env.conversation_id) == 1
+        assert await count_rows(store.database, UsageRow, msg_id=env.msg_id) == 1
     assert len(await _delivered(simulator, user)) == 2
     assert len(await _delivered(simulator, group)) == 1
 
 
 async def test_a_record_from_before_the_gateway_limits_is_delivered_once(
-    client: EasemobClient, simulator: str, store: Store
+    client: EasemobClient, simulator: str, store: Storage
 ) -> None:
     """An id longer than the old columns (80) but under the new ones: one reply, not two."""
-    sender = ReplySender(client, store)
+    sender = ReplySender(client, store.deliveries)
     env = _env(msg_id=_longest(100, "old"), user=_longest(70, "u"), bot="ai_bot")
     await sender.deliver(env, deadline=time.monotonic() + 10)
     # The record is seen again (a replay): nothing more is sent.
     assert (await sender.deliver(env, deadline=time.monotonic() + 10)).duplicate
     assert len(await _delivered(simulator, env.sender)) == 1
-    assert await store.count(Delivery, msg_id=env.msg_id) == 1
-    assert await store.count(Message, msg_id=f"{env.msg_id}:reply") == 1
+    assert await count_rows(store.database, DeliveryRow, msg_id=env.msg_id) == 1
+    assert await count_rows(store.database, MessageRow, msg_id=f"{env.msg_id}:reply") == 1
 
 
 async def test_ids_the_database_cannot_hold_are_refused_before_anything_is_sent(
-    client: EasemobClient, simulator: str, store: Store
+    client: EasemobClient, simulator: str, store: Storage
 ) -> None:
-    sender = ReplySender(client, store)
+    sender = ReplySender(client, store.deliveries)
     user = _longest(20, "u")
     for env in (
         _env(msg_id=_longest(300, "m"), user=user, bot="ai_bot"),
@@ -182,10 +183,10 @@ async def test_ids_the_database_cannot_hold_are_refused_before_anything_is_sent(
 
 
 async def test_nul_characters_in_the_texts_do_not_fail_the_history(
-    client: EasemobClient, simulator: str, store: Store
+    client: EasemobClient, simulator: str, store: Storage
 ) -> None:
     """PostgreSQL refuses NUL in text columns; the question and the reply still go in."""
-    sender = ReplySender(client, store)
+    sender = ReplySender(client, store.deliveries)
     env = _env(
         msg_id=uuid.uuid4().hex, user=_longest(20, "u"), bot="ai_bot",
         question="问\x00题", reply="回\x00答",
@@ -193,29 +194,29 @@ async def test_nul_characters_in_the_texts_do_not_fail_the_history(
     await sender.deliver(env, deadline=time.monotonic() + 10)
     assert (await sender.deliver(env, deadline=time.monotonic() + 10)).duplicate
     assert len(await _delivered(simulator, env.sender)) == 1
-    async with store.engine.connect() as conn:
+    async with store.database.engine.connect() as conn:
         texts = (
             await conn.execute(
-                select(Message.text)
-                .where(Message.conversation_id == env.conversation_id)
-                .order_by(Message.id)
+                select(MessageRow.text)
+                .where(MessageRow.conversation_id == env.conversation_id)
+                .order_by(MessageRow.id)
             )
         ).scalars()
         assert list(texts) == ["问\ufffd题", "回\ufffd答"]
 
 
-async def test_long_model_names_from_a_provider_are_accounted(store: Store) -> None:
+async def test_long_model_names_from_a_provider_are_accounted(store: Storage) -> None:
     """The model name is what the provider answered: free text, clipped, never lost."""
     env = _env(msg_id=uuid.uuid4().hex, user="alice", bot="ai_bot")
     completion = Completion(
         text="回答", finish_reason="stop", model="vendor/" + "m" * 300, provider="p" * 100,
         input_tokens=3, output_tokens=4, cost=0.1, currency="CNY-LONGER",
     )  # fmt: skip
-    await store.record_usage(env, completion)
-    async with store.engine.connect() as conn:
+    await store.usage.record_usage(env, completion)
+    async with store.database.engine.connect() as conn:
         model, provider = (
             await conn.execute(
-                select(Usage.model, Usage.provider).where(Usage.msg_id == env.msg_id)
+                select(UsageRow.model, UsageRow.provider).where(UsageRow.msg_id == env.msg_id)
             )
         ).one()
     assert (model, provider) == (completion.model[:128], "p" * 64)

@@ -7,7 +7,8 @@ import asyncio
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from core.db import Base, create_engine
+from storage.database import create_engine
+from storage.schema import Base
 
 target_metadata = Base.metadata
 

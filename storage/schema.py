@@ -1,18 +1,15 @@
-"""The SQL schema (one for SQLite and PostgreSQL), engines and migration checks.
+"""The SQL schema: one for SQLite and PostgreSQL, as ORM rows.
 
 Tables: conversations, messages (the user's message and each reply, unique by
-msg_id), deliveries (the ledger, unique by msg_id + part, each part's end offset), usage (tokens and
-cost per reply) and moderation_audit. Alembic migrations live in
-``core/migrations``; ``imbot migrate`` applies them and services refuse to start
-on a database that is behind.
+msg_id), deliveries (the ledger, unique by msg_id + part, each part's end offset),
+usage (tokens and cost per reply), moderation_audit and callback_ids. Each class is
+named for its row (``DeliveryRow``), not the concept the envelope carries
+(``core.envelope.Delivery``). Alembic migrations live in ``storage/migrations``.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -24,14 +21,8 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
-    event,
 )
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-
-from core.errors import ConfigurationError
-
-MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 
 
 def utcnow() -> datetime:
@@ -58,7 +49,7 @@ PROVIDER_LEN = 64
 CLAIM_ID_LEN = 64
 
 
-class Conversation(Base):
+class ConversationRow(Base):
     __tablename__ = "conversations"
     id: Mapped[str] = mapped_column(String(CONVERSATION_ID_LEN), primary_key=True)
     chat_type: Mapped[str] = mapped_column(String(16))
@@ -70,7 +61,7 @@ class Conversation(Base):
     history_from_id: Mapped[int | None] = mapped_column(_ID, nullable=True)
 
 
-class Message(Base):
+class MessageRow(Base):
     __tablename__ = "messages"
     id: Mapped[int] = mapped_column(_ID, primary_key=True, autoincrement=True)
     msg_id: Mapped[str] = mapped_column(String(MSG_ID_LEN), unique=True)  # or f"{msg_id}:reply"
@@ -87,7 +78,7 @@ class Message(Base):
     __table_args__ = (Index("ix_messages_conversation_id_id", "conversation_id", "id"),)
 
 
-class Delivery(Base):
+class DeliveryRow(Base):
     __tablename__ = "deliveries"
     id: Mapped[int] = mapped_column(_ID, primary_key=True, autoincrement=True)
     # The user's message being answered, or f"{msg_id}#fallback" (the apology's ledger).
@@ -113,7 +104,7 @@ class Delivery(Base):
     __table_args__ = (UniqueConstraint("msg_id", "part", name="uq_deliveries_msg_id_part"),)
 
 
-class Usage(Base):
+class UsageRow(Base):
     __tablename__ = "usage"
     id: Mapped[int] = mapped_column(_ID, primary_key=True, autoincrement=True)
     msg_id: Mapped[str] = mapped_column(String(MSG_ID_LEN), unique=True)
@@ -128,7 +119,7 @@ class Usage(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
-class ModerationAudit(Base):
+class ModerationAuditRow(Base):
     __tablename__ = "moderation_audit"
     id: Mapped[int] = mapped_column(_ID, primary_key=True, autoincrement=True)
     msg_id: Mapped[str] = mapped_column(String(MSG_ID_LEN), index=True)
@@ -144,108 +135,7 @@ class ModerationAudit(Base):
     )
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    # WAL: readers never block the writer, and a commit appends to the log instead
-    # of rewriting pages; synchronous=NORMAL fsyncs at checkpoints, not every commit
-    # (a power cut can lose the last commits, never corrupt the database — fine for
-    # the embedded default; production runs PostgreSQL).
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.close()
-
-
-def create_engine(url: str) -> AsyncEngine:
-    """An engine whose errors never carry bound parameters (``hide_parameters``): the
-    parameters are user questions and bot answers, and error messages end up in logs
-    and DLQ records."""
-    if url.startswith("sqlite"):
-        # One writer at a time; wait rather than fail when another process writes.
-        engine = create_async_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
-        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-        return engine
-    # No pool_pre_ping: it costs a round trip on every checkout. A connection that
-    # went stale fails its statement instead, the pool drops it (SQLAlchemy
-    # invalidates on disconnect errors) and the stage boundary retries the record.
-    return create_async_engine(
-        url, pool_size=10, max_overflow=10, pool_recycle=1800, hide_parameters=True
-    )
-
-
-def describe_db_error(exc: BaseException) -> str:
-    """A description of a database error for logs and DLQ records, free of user data.
-
-    ``hide_parameters`` keeps the bound parameters out of SQLAlchemy's message, but
-    the server's own message can still quote them (PostgreSQL: "Failing row
-    contains (…)", "invalid input for query argument $1: '…'"). So this keeps
-    only names: the error classes, the SQLSTATE / SQLite error name, the table,
-    column and constraint the server names, and the start of our SQL statement.
-    """
-    parts = [type(exc).__name__]
-    orig = getattr(exc, "orig", None)
-    driver = orig.__cause__ if orig is not None and orig.__cause__ is not None else orig
-    if driver is not None:
-        parts.append(f"({type(driver).__module__.split('.')[0]}.{type(driver).__name__})")
-        for label, attr in (
-            ("sqlstate", "sqlstate"),
-            ("sqlite", "sqlite_errorname"),
-            ("table", "table_name"),
-            ("column", "column_name"),
-            ("constraint", "constraint_name"),
-        ):
-            value = getattr(driver, attr, None)
-            if isinstance(value, str) and value:
-                parts.append(f"{label}={value}")
-    statement = getattr(exc, "statement", None)
-    if isinstance(statement, str) and statement:
-        parts.append(f"in: {' '.join(statement.split())[:200]}")
-    return " ".join(parts)
-
-
-def alembic_config(url: str) -> object:
-    from alembic.config import Config
-
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    return cfg
-
-
-def upgrade(url: str) -> None:
-    """Apply every migration (``imbot migrate``)."""
-    from alembic import command
-    from alembic.config import Config
-
-    cfg = alembic_config(url)
-    assert isinstance(cfg, Config)
-    # Alembic's env runs its own event loop; a thread keeps that working when the
-    # caller is itself inside one (tests, tools).
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        pool.submit(command.upgrade, cfg, "head").result()
-
-
-async def check_migrated(engine: AsyncEngine) -> None:
-    """Refuse to run against a database whose schema is behind the code."""
-    from alembic.config import Config
-    from alembic.runtime.migration import MigrationContext
-    from alembic.script import ScriptDirectory
-
-    cfg = alembic_config(str(engine.url))
-    assert isinstance(cfg, Config)
-    head = ScriptDirectory.from_config(cfg).get_current_head()
-    async with engine.connect() as conn:
-        current = await conn.run_sync(
-            lambda sync_conn: MigrationContext.configure(sync_conn).get_current_revision()
-        )
-    if current != head:
-        raise ConfigurationError(
-            f"database {engine.url.render_as_string(hide_password=True)} is at migration"
-            f" {current or 'none'}, the code needs {head}: run `imbot migrate` first"
-        )
-
-
-class CallbackId(Base):
+class CallbackIdRow(Base):
     """A signed callback's callId, remembered by the gateways until ``expires_at``
     (ms epoch: its timestamp plus the window) so a replay of it is never published."""
 
