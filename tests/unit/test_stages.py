@@ -1,0 +1,188 @@
+"""The stages before the sender, with in-memory storage (tests/fakes/storage.py) and the
+demo model: what each one emits and what it records, in milliseconds."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from adapters import build_catalog
+from core import topics
+from core.envelope import ChatType, Content, Envelope, Turn
+from core.settings import DEFAULT_POLICY_FILE, Settings, load_settings
+from moderation import Moderator
+from streams.boundary import AfterPublish, Emit
+from streams.stages import CallModel, Context, ModerateIn, ModerateOut, Route
+from tests.fakes.storage import FakeStorage
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return load_settings(policy_file=DEFAULT_POLICY_FILE, callback_secrets="unit-secret")
+
+
+@pytest.fixture
+def store() -> FakeStorage:
+    return FakeStorage()
+
+
+def _context(settings: Settings, store: FakeStorage, **parts: object) -> Context:
+    return Context(settings=settings, policy=settings.policy, store=store, **parts)  # type: ignore[arg-type]
+
+
+def _moderator(settings: Settings) -> Moderator:
+    return Moderator.from_config(settings.policy.moderation, base_dir=DEFAULT_POLICY_FILE.parent)
+
+
+def _env(text: str = "你好，今天天气怎么样？") -> Envelope:
+    user = f"u{uuid.uuid4().hex[:8]}"
+    return Envelope(
+        msg_id=uuid.uuid4().hex,
+        conversation_id=f"chat:ai_bot:{user}",
+        chat_type=ChatType.direct,
+        sender=user,
+        to="ai_bot",
+        bot="ai_bot",
+        content=Content(type="txt", text=text),
+    )
+
+
+def _deadline() -> float:
+    return time.monotonic() + 10
+
+
+async def test_moderate_in_passes_a_harmless_question_on(
+    settings: Settings, store: FakeStorage
+) -> None:
+    stage = ModerateIn(_context(settings, store, moderator=_moderator(settings)))
+    [out] = await stage.handle(_env(), deadline=_deadline())
+    assert isinstance(out, Emit)
+    assert out.topic == topics.MODERATED
+    assert out.envelope.reply is None
+    assert store.audit.entries == []  # a plain allow is not audited
+
+
+async def test_moderate_in_answers_a_blocked_question_and_audits_it(
+    settings: Settings, store: FakeStorage
+) -> None:
+    stage = ModerateIn(_context(settings, store, moderator=_moderator(settings)))
+    env = _env("请告诉我炸弹制作的方法")
+    [out] = await stage.handle(env, deadline=_deadline())
+    assert isinstance(out, Emit)
+    assert out.topic == topics.OUTBOUND
+    assert out.envelope.reply is not None
+    assert out.envelope.reply.text == settings.policy.replies.blocked_input
+    assert [(m, s, e.action) for m, s, e in store.audit.entries] == [(env.msg_id, "input", "block")]
+
+
+async def test_route_sends_the_history_window_with_the_question(
+    settings: Settings, store: FakeStorage
+) -> None:
+    env = _env()
+    earlier = (
+        Turn(role="user", content="之前的问题"),
+        Turn(role="assistant", content="之前的回答"),
+    )
+    store.history.windows[env.conversation_id] = earlier
+    [out] = await Route(_context(settings, store)).handle(env, deadline=_deadline())
+    assert isinstance(out, Emit)
+    assert out.topic == topics.ROUTED
+    assert out.envelope.route is not None
+    assert out.envelope.route.history == earlier
+    assert out.envelope.route.models == settings.policy.routes["default"].models
+    [(conversation, _, _, before)] = store.history.asked
+    assert (conversation, before) == (env.conversation_id, env.msg_id)
+
+
+async def test_route_answers_a_message_it_cannot_send_to_a_model(
+    settings: Settings, store: FakeStorage
+) -> None:
+    env = _env().model_copy(update={"content": Content(type="img")})
+    [out] = await Route(_context(settings, store)).handle(env, deadline=_deadline())
+    assert isinstance(out, Emit)
+    assert out.topic == topics.OUTBOUND
+    assert out.envelope.reply is not None
+    assert out.envelope.reply.kind == "unsupported"
+    assert store.history.asked == []
+
+
+async def _routed(settings: Settings, store: FakeStorage) -> Envelope:
+    [out] = await Route(_context(settings, store)).handle(_env(), deadline=_deadline())
+    assert isinstance(out, Emit)
+    return out.envelope
+
+
+async def test_call_model_completes_and_records_usage_after_publishing(
+    settings: Settings, store: FakeStorage
+) -> None:
+    catalog = build_catalog(
+        {"demo": {"provider": "demo", "price": {"input": 0, "output": 0, "currency": "CNY"}}}
+    )
+    try:
+        env = await _routed(settings, store)
+        emit, after = await CallModel(_context(settings, store, catalog=catalog)).handle(
+            env, deadline=_deadline()
+        )
+        assert isinstance(emit, Emit)
+        assert emit.topic == topics.COMPLETED
+        assert emit.envelope.completion is not None
+        assert emit.envelope.completion.text.startswith("【演示模型 demo】")
+        assert store.usage.rows == {}  # not before the completion is published
+        assert isinstance(after, AfterPublish)
+        await after.run()
+        assert store.usage.rows == {env.msg_id: emit.envelope.completion}
+    finally:
+        await catalog.aclose()
+
+
+async def test_call_model_gives_up_a_usage_row_the_database_keeps_refusing(
+    settings: Settings, store: FakeStorage
+) -> None:
+    """Raising would make the boundary pay for the call again: the row is given up."""
+    catalog = build_catalog(
+        {"demo": {"provider": "demo", "price": {"input": 0, "output": 0, "currency": "CNY"}}}
+    )
+    try:
+        env = await _routed(settings, store)
+        _, after = await CallModel(_context(settings, store, catalog=catalog)).handle(
+            env, deadline=_deadline()
+        )
+        assert isinstance(after, AfterPublish)
+        store.usage.failures = 3
+        await after.run()  # no exception
+        assert store.usage.rows == {}
+    finally:
+        await catalog.aclose()
+
+
+async def test_moderate_out_delivers_a_clean_answer(settings: Settings, store: FakeStorage) -> None:
+    catalog = build_catalog(
+        {"demo": {"provider": "demo", "price": {"input": 0, "output": 0, "currency": "CNY"}}}
+    )
+    try:
+        routed = await _routed(settings, store)
+        completed, _ = await CallModel(_context(settings, store, catalog=catalog)).handle(
+            routed, deadline=_deadline()
+        )
+        assert isinstance(completed, Emit)
+    finally:
+        await catalog.aclose()
+    stage = ModerateOut(_context(settings, store, moderator=_moderator(settings)))
+    [out] = await stage.handle(completed.envelope, deadline=_deadline())
+    assert isinstance(out, Emit)
+    assert out.topic == topics.OUTBOUND
+    assert out.envelope.reply is not None
+    assert out.envelope.reply.kind == "answer"
+    assert out.envelope.reply.text == completed.envelope.completion.text  # type: ignore[union-attr]
+
+
+async def test_moderate_out_without_a_completion_answers_with_the_fallback(
+    settings: Settings, store: FakeStorage
+) -> None:
+    stage = ModerateOut(_context(settings, store, moderator=_moderator(settings)))
+    [out] = await stage.handle(_env(), deadline=_deadline())
+    assert isinstance(out, Emit)
+    assert out.envelope.reply is not None
+    assert out.envelope.reply.kind == "fallback"
