@@ -32,9 +32,11 @@ import yaml
 
 from bench.report import write_section
 from core import topics
-from core.kafka import EmbeddedBroker, ensure_topics, free_port
+from core.kafka import ensure_topics
 from core.settings import DEFAULT_POLICY_FILE, load_settings
 from core.signature import expected_security
+from devtools.broker import EmbeddedBroker
+from devtools.processes import free_port
 
 SECRET = "bench-secret"
 CONNECTIONS = 32
@@ -82,7 +84,7 @@ def bench_database() -> tuple[str, str]:
     """A fresh, migrated PostgreSQL database for the PostgreSQL callId store: (url, name)."""
     import asyncpg
 
-    from storage import upgrade
+    from core.db import upgrade
 
     name = f"imbot_bench_{os.getpid()}"
 
@@ -290,7 +292,7 @@ def main() -> None:
         }
         for name, extra in gateways.items():
             procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "core.cli", "gateway"],
+                [sys.executable, "-m", "cli", "gateway"],
                 env={**env, **extra, "IMBOT_GATEWAY_PORT": str(ports[name])},
             )
         try:

@@ -26,11 +26,11 @@ import orjson
 
 from bench.loadgen import percentile
 from bench.report import write_section
+from cli.devstack import DevStack, simulate
 from core import topics
-from core.devstack import DevStack, simulate
 from core.envelope import decode_envelope
-from core.kafka import EmbeddedBroker
 from core.signature import expected_security
+from devtools.broker import EmbeddedBroker
 
 PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -102,7 +102,7 @@ async def _drive(stack: DevStack) -> dict[str, float]:
 
 async def _hops(stack: DevStack) -> dict[str, float]:
     """Median time per hop, from the per-stage stamps the envelopes carry."""
-    from tests.conftest import consume_all
+    from devtools.broker import consume_all
 
     records = await consume_all(
         stack.env["IMBOT_KAFKA_BOOTSTRAP"],

@@ -43,11 +43,11 @@ from aiokafka import AIOKafkaConsumer
 
 from bench.loadgen import percentile
 from bench.report import write_section
+from cli.devstack import DevStack
 from core import topics
-from core.devstack import DevStack
 from core.envelope import decode_envelope
-from core.kafka import EmbeddedBroker
 from core.signature import expected_security
+from devtools.broker import EmbeddedBroker
 
 RATE = 20.0  # messages per second (10 with the 5 s model: the same calls in flight x 2.5)
 PARTITIONS = 6
@@ -68,7 +68,7 @@ models:
 routes:
   default: {{models: [demo], history_turns: 0}}
 """
-MODEL = ["-m", "core.cli", "worker", "--stage", "model"]
+MODEL = ["-m", "cli", "worker", "--stage", "model"]
 
 
 def _callback(secret: str, user: str, msg_id: str) -> bytes:
@@ -230,7 +230,17 @@ def _before_checkout() -> Path:
 
 
 BEFORE = "8dce82b"
-SERVICE_PACKAGES = ("core", "streams", "sender", "adapters", "moderation", "simulator", "gateway")
+SERVICE_PACKAGES = (
+    "cli",
+    "devtools",
+    "core",
+    "streams",
+    "sender",
+    "adapters",
+    "moderation",
+    "simulator",
+    "gateway",
+)
 ASSIGNED_LOG = """
     async def on_partitions_assigned(self, assigned, generation_id=0):  # bench only
         await super().on_partitions_assigned(assigned, generation_id)

@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 from bench.report import write_section
-from core.kafka import EmbeddedBroker, ensure_topics
+from core.kafka import ensure_topics
 from core.settings import load_settings
+from devtools.broker import EmbeddedBroker
 from streams.faust_app import create_app
 
 RUNS = 3
@@ -30,7 +31,7 @@ def measure_dev() -> float:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMBOT_")}
     started = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "core.cli", "dev"],
+        [sys.executable, "-m", "cli", "dev"],
         cwd=workdir,
         env={**env, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
         stdout=subprocess.PIPE,

@@ -11,9 +11,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from core.kafka import EmbeddedBroker
+from core.db import upgrade
 from core.settings import Settings, load_settings
-from storage import upgrade
+from devtools.broker import EmbeddedBroker
 
 PG_ADMIN_DSN = os.environ.get("IMBOT_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -100,31 +100,3 @@ def db_url(request: pytest.FixtureRequest) -> str:
     if request.param == "sqlite":
         return str(request.getfixturevalue("sqlite_url"))
     return str(request.getfixturevalue("pg_url"))
-
-
-async def consume_all(
-    bootstrap: str, topic: str, count: int, timeout: float = 10.0
-) -> list[tuple[bytes | None, bytes | None]]:
-    """Read ``count`` records from the start of ``topic`` (all partitions)."""
-    from aiokafka import AIOKafkaConsumer
-
-    consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        fetch_max_wait_ms=10,
-        group_id=None,
-    )
-    await consumer.start()
-    out: list[tuple[bytes | None, bytes | None]] = []
-    try:
-        async with asyncio.timeout(timeout):
-            while len(out) < count:
-                batch = await consumer.getmany(timeout_ms=100)
-                for records in batch.values():
-                    out.extend((r.key, r.value) for r in records)
-    except TimeoutError:
-        pass
-    finally:
-        await consumer.stop()
-    return out

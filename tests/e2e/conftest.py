@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from core.devstack import DevStack
-from core.kafka import EmbeddedBroker
+from cli.devstack import DevStack
+from devtools.broker import EmbeddedBroker
 
 
 @pytest.fixture(scope="package", params=["sqlite", "postgresql"])

@@ -21,8 +21,8 @@ from core.envelope import (
 from core.errors import FatalError, RetryableError
 from core.kafka import ensure_topics, new_producer
 from core.settings import Settings
+from devtools.broker import consume_all
 from streams.boundary import AfterPublish, Boundary, Emit, Outputs
-from tests.conftest import consume_all
 
 
 def _env() -> Envelope:

@@ -14,10 +14,10 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from core import topics
 from core.envelope import decode_envelope
-from core.kafka import free_port
 from core.settings import Settings
+from devtools.broker import consume_all
+from devtools.processes import free_port
 from gateway.app import create_app
-from tests.conftest import consume_all
 from tests.integration.conftest import start_gateway
 from tests.payloads import callback
 

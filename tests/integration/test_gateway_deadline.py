@@ -22,10 +22,9 @@ import pytest
 
 from core import topics
 from core.envelope import decode_envelope
-from core.kafka import EmbeddedBroker
 from core.settings import Settings
 from core.signature import expected_security
-from tests.conftest import consume_all
+from devtools.broker import EmbeddedBroker, consume_all
 from tests.integration.conftest import start_gateway
 from tests.payloads import callback
 

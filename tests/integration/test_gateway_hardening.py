@@ -20,11 +20,11 @@ from aiohttp.test_utils import TestClient
 
 from core import topics
 from core.envelope import decode_envelope
-from core.kafka import free_port
 from core.settings import Settings
 from core.signature import expected_security
+from devtools.broker import consume_all
+from devtools.processes import free_port
 from gateway.app import Publisher
-from tests.conftest import consume_all
 from tests.integration.conftest import start_gateway
 from tests.payloads import callback
 from tests.unit.test_gateway_input import ODD_VALUES, PATHS, nested, random_json, with_value

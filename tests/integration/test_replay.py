@@ -32,8 +32,8 @@ from core.envelope import (
 from core.errors import ConfigurationError
 from core.kafka import ensure_topics, new_producer
 from core.settings import Settings
+from devtools.broker import consume_all
 from streams.replay import Bounds, parse_time, replay, trace
-from tests.conftest import consume_all
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -310,7 +310,7 @@ def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
         "IMBOT_LOG_JSON": "false",
     }
     return subprocess.run(
-        [sys.executable, "-m", "core.cli", *args],
+        [sys.executable, "-m", "cli", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,

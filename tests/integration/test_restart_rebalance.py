@@ -27,10 +27,10 @@ import pytest
 
 from core import topics
 from core.envelope import ChatType, Content, Envelope, RouteDecision, encode_envelope
-from core.kafka import EmbeddedBroker, ensure_topics, new_producer
+from core.kafka import ensure_topics, new_producer
 from core.settings import load_settings
+from devtools.broker import EmbeddedBroker, consume_all
 from streams.lanes import KeyedLanes
-from tests.conftest import consume_all
 
 POLICY = """
 models:
@@ -67,7 +67,7 @@ def _assigned(log: Path) -> list[set[int]]:
 def _start_model_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "core.cli", "worker", "--stage", "model"],
+            [sys.executable, "-m", "cli", "worker", "--stage", "model"],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,

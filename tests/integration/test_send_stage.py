@@ -18,12 +18,12 @@ from core import topics
 from core.envelope import ChatType, Content, DlqRecord, Envelope, Reply, encode_envelope
 from core.kafka import ensure_topics, new_producer
 from core.settings import Settings
+from devtools.broker import consume_all
 from sender.service import ReplySender, reply_digest
 from sender.split import part_end, split_reply
-from storage import open_storage
+from sender.store import Store
 from streams.boundary import Boundary, Outputs
 from streams.stages import Context, Send
-from tests.conftest import consume_all
 from tests.integration.conftest import new_easemob_client
 
 
@@ -59,9 +59,9 @@ async def harness(
 ) -> AsyncIterator[Harness]:
     settings = make_settings(stage_retry_base_s=0.01, stage_retry_max_s=0.05, sender_deadline_s=2.0)
     await ensure_topics(settings)
-    store = await open_storage(db_url)
+    store = await Store.open(db_url)
     client = new_easemob_client(simulator)
-    sender = ReplySender(client, store.deliveries)
+    sender = ReplySender(client, store)
     ctx = Context(settings=settings, policy=settings.policy, store=store, sender=sender)
     producer = new_producer(settings)
     await producer.start()

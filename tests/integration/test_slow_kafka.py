@@ -16,8 +16,9 @@ from typing import Any
 import orjson
 import pytest
 
-from core.kafka import EmbeddedBroker, free_port
 from core.settings import Settings
+from devtools.broker import EmbeddedBroker
+from devtools.processes import free_port
 from tests.integration.conftest import start_gateway
 from tests.payloads import callback
 

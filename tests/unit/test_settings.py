@@ -49,7 +49,7 @@ def test_bad_yaml_is_a_configuration_error(tmp_path: Path) -> None:
 
 
 def test_the_cli_offers_exactly_the_pipeline_stages() -> None:
-    from core.cli import STAGE_NAMES
+    from cli.main import STAGE_NAMES
     from streams.stages import STAGES
 
     assert set(STAGE_NAMES) == set(STAGES)

@@ -435,7 +435,7 @@ async def test_reset_forgets_messages_failures_and_counters(sim: httpx.AsyncClie
 
 
 async def test_python_dash_m_simulator_serves() -> None:
-    from core.kafka import free_port
+    from devtools.processes import free_port
 
     port = free_port()
     process = subprocess.Popen(  # noqa: ASYNC220 - a child that runs beside the test

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from bench.pii_accuracy import measure
+from devtools.pii_corpus import measure
 
 
 def test_pii_recall_and_precision_on_a_generated_corpus() -> None:

