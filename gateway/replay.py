@@ -28,7 +28,6 @@ import time
 from typing import Any, Protocol
 
 import asyncpg  # type: ignore[import-untyped]
-from sqlalchemy.engine import make_url
 
 from core.errors import ConfigurationError
 from core.settings import Settings
@@ -223,8 +222,10 @@ def replay_store_kind(settings: Settings) -> str:
 
 
 def asyncpg_dsn(database_url: str) -> str:
-    """The SQLAlchemy URL (``postgresql+asyncpg://…``) as a DSN asyncpg takes."""
-    return make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    """The SQLAlchemy URL (``postgresql+asyncpg://…``) as a DSN asyncpg takes: the same
+    URL with the driver left out of its scheme (no SQLAlchemy on the gateway's path)."""
+    scheme, sep, rest = database_url.partition("://")
+    return f"{scheme.split('+', 1)[0]}{sep}{rest}" if sep else database_url
 
 
 def new_call_ids(settings: Settings) -> CallIds | None:
