@@ -84,7 +84,7 @@ def bench_database() -> tuple[str, str]:
     """A fresh, migrated PostgreSQL database for the PostgreSQL callId store: (url, name)."""
     import asyncpg
 
-    from core.db import upgrade
+    from storage import upgrade
 
     name = f"imbot_bench_{os.getpid()}"
 

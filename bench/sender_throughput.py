@@ -34,10 +34,10 @@ import httpx
 
 from bench.pipeline import _postgres_url
 from bench.report import write_section
-from core.db import upgrade
 from devtools.processes import free_port
 from sender.easemob import EasemobClient
 from sender.pacing import Pacer
+from storage import upgrade
 
 CONCURRENCY = 32
 RATE = 100.0
@@ -142,7 +142,7 @@ async def run_deliveries(
     ledger commit (measured around the client's and the store's calls, per task)."""
     from core.envelope import ChatType, Content, Envelope, Reply
     from sender.service import ReplySender
-    from sender.store import Store
+    from storage import DeliveryLedger, open_database
 
     answered: dict[asyncio.Task[object] | None, float] = {}
     window = Window([])
@@ -153,19 +153,20 @@ async def run_deliveries(
             answered[asyncio.current_task()] = time.perf_counter()
             return result
 
-    class TimedStore(Store):
+    class TimedLedger(DeliveryLedger):
         async def mark_sent(self, *args: Any, **kwargs: Any) -> None:
             await super().mark_sent(*args, **kwargs)
             began = answered.pop(asyncio.current_task(), None)
             if began is not None:
                 window.samples.append(time.perf_counter() - began)
 
-    store = await TimedStore.open(db_url)
+    database = await open_database(db_url)
+    ledger = TimedLedger(database)
     client = TimedClient(
         base_url=base_url, org="demo-org", app="demo-app", client_id="dev-client",
         client_secret="dev-client-secret",
     )  # fmt: skip
-    sender = ReplySender(client, store)
+    sender = ReplySender(client, ledger)
     tag = uuid.uuid4().hex[:8]
 
     async def deliver(n: int, i: int) -> object:
@@ -185,7 +186,7 @@ async def run_deliveries(
     window.samples.clear()
     result = await _measure(deliver, duration, concurrency)
     await sender.aclose()
-    await store.close()
+    await database.close()
     return result, window
 
 

@@ -2,7 +2,7 @@
 
 Used by ``imbot dev``, by the end-to-end tests and by the start-up benchmark, so
 all three run the same processes the same way. Each service is a real child
-process (``python -m core.cli …``) configured only through ``IMBOT_`` variables,
+process (``python -m cli …``) configured only through ``IMBOT_`` variables,
 exactly as on Kubernetes.
 
 The children end with the process that started them, even when it is killed with
@@ -10,7 +10,7 @@ SIGKILL (``imbot dev`` killed by an IDE or an OOM killer used to leave the broke
 gateway, workers, sender and simulator running as orphans, holding ports). Two
 mechanisms, because neither covers every case:
 
-* ``prctl(PR_SET_PDEATHSIG, SIGTERM)`` (``core.kafka.ends_with_parent``): the kernel
+* ``prctl(PR_SET_PDEATHSIG, SIGTERM)`` (``devtools.processes.ends_with_parent``): the kernel
   signals the child the moment its parent dies. Linux only, and tied to the thread
   that spawned the child, so it is used only when spawning from the main thread. It
   is the only mechanism for the broker (a Rust binary we cannot change).
@@ -36,8 +36,9 @@ from typing import IO
 
 import httpx
 
-from core.db import upgrade
-from core.kafka import EmbeddedBroker, ends_with_parent, free_port
+from devtools.broker import EmbeddedBroker
+from devtools.processes import ends_with_parent, free_port
+from storage import upgrade
 
 STATE_FILE = Path(".imbot/dev.json")
 
@@ -81,7 +82,7 @@ class DevStack:
     secret: str = "dev-callback-secret"
     state_file: Path = STATE_FILE
     usual_ports: bool = False  # gateway on 8080 and simulator on 8090 when they are free
-    # Where the services run (their ``import core`` comes from here first): a benchmark
+    # Where the services run (their `import cli` comes from here first): a benchmark
     # runs an older checkout side by side. None: this process's working directory.
     cwd: Path | None = None
     broker: EmbeddedBroker | None = None
@@ -171,16 +172,16 @@ class DevStack:
             ],
             env,
         )  # fmt: skip
-        self._spawn("gateway", ["-m", "core.cli", "gateway"], env)
+        self._spawn("gateway", ["-m", "cli", "gateway"], env)
         stage_args: list[str] = []
         for stage in worker_stages or ():
             stage_args += ["--stage", stage]
-        self._spawn("worker", ["-m", "core.cli", "worker", *stage_args], env)
-        self._spawn("sender", ["-m", "core.cli", "sender"], env)
+        self._spawn("worker", ["-m", "cli", "worker", *stage_args], env)
+        self._spawn("sender", ["-m", "cli", "sender"], env)
         self.write_state()
 
     def add_service(self, name: str, args: list[str]) -> None:
-        """Start one more service (``["-m", "core.cli", "worker", "--stage", "model"]``)
+        """Start one more service (``["-m", "cli", "worker", "--stage", "model"]``)
         with the stack's environment, e.g. a second replica of a stage."""
         self._spawn(name, args, self.env)
         self.write_state()

@@ -47,7 +47,7 @@ def cmd_sender(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from core.db import upgrade
+    from storage import upgrade
 
     settings = load_settings()
     upgrade(settings.database_url)
@@ -56,7 +56,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from core.devstack import DevStack, simulate
+    from cli.devstack import DevStack, simulate
 
     started = time.monotonic()
     stack = DevStack(usual_ports=True)
@@ -107,7 +107,7 @@ def _demo_only() -> bool:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from core.devstack import STATE_FILE, simulate
+    from cli.devstack import STATE_FILE, simulate
 
     url = args.simulator_url
     if not url:

@@ -18,13 +18,14 @@ import orjson
 
 from cli.devstack import DevStack
 from core import topics
-from core.db import Delivery, Message, Usage
 from core.envelope import DlqRecord
 from core.limits import GROUP_ID_MAX, MSG_ID_MAX, USER_ID_MAX
 from core.settings import load_settings
 from devtools.broker import consume_all
-from sender.store import Store
+from storage import open_storage
+from storage.schema import DeliveryRow, MessageRow, UsageRow
 from tests.payloads import callback
+from tests.rows import count_rows
 
 SECRET = "e2e-secret"
 
@@ -54,9 +55,9 @@ def _wait_messages(stack: DevStack, to: str, count: int, timeout: float = 60.0) 
 
 
 async def _rows(stack: DevStack, table: type[object], **where: object) -> int:
-    store = await Store.open(stack.env["IMBOT_DATABASE_URL"])
+    store = await open_storage(stack.env["IMBOT_DATABASE_URL"])
     try:
-        return await store.count(table, **where)
+        return await count_rows(store.database, table, **where)
     finally:
         await store.close()
 
@@ -103,10 +104,10 @@ async def test_longest_accepted_ids_and_control_characters_travel_the_whole_path
     assert resp.status_code == 200, resp.text
     assert resp.json() == {"valid": True}
     _wait_messages(stack, group, 1)
-    await _eventually(stack, Usage, 1, msg_id=msg_id)
-    await _eventually(stack, Message, 1, reply_to=msg_id)
-    assert await _rows(stack, Message, msg_id=msg_id) == 1
-    assert await _rows(stack, Delivery, msg_id=msg_id, status="sent") == 1
+    await _eventually(stack, UsageRow, 1, msg_id=msg_id)
+    await _eventually(stack, MessageRow, 1, reply_to=msg_id)
+    assert await _rows(stack, MessageRow, msg_id=msg_id) == 1
+    assert await _rows(stack, DeliveryRow, msg_id=msg_id, status="sent") == 1
     await asyncio.sleep(1)  # a duplicate would arrive by now
     replies = _messages(stack, group)
     assert len(replies) == 1
@@ -120,8 +121,8 @@ async def test_longest_direct_sender_gets_one_reply(stack: DevStack) -> None:
     data = callback("讲个笑话\x00", sender=sender, msg_id=msg_id, secret=SECRET)
     assert _post(stack, data).json() == {"valid": True}
     _wait_messages(stack, sender, 1)
-    await _eventually(stack, Message, 1, reply_to=msg_id)
-    await _eventually(stack, Usage, 1, msg_id=msg_id)
+    await _eventually(stack, MessageRow, 1, reply_to=msg_id)
+    await _eventually(stack, UsageRow, 1, msg_id=msg_id)
     assert len(_messages(stack, sender)) == 1
 
 

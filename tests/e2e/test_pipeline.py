@@ -13,13 +13,14 @@ import orjson
 
 from cli.devstack import DevStack, simulate
 from core import topics
-from core.db import Delivery, Message, Usage
 from core.envelope import DlqRecord, decode_envelope
 from core.kafka import new_producer
 from core.settings import load_settings
 from devtools.broker import consume_all
-from sender.store import Store
+from storage import open_storage
+from storage.schema import DeliveryRow, MessageRow, UsageRow
 from tests.payloads import callback
+from tests.rows import count_rows
 
 
 def _user() -> str:
@@ -53,9 +54,9 @@ def _post_callback(stack: DevStack, data: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _count(stack: DevStack, table: type[object], **where: object) -> int:
-    store = await Store.open(stack.env["IMBOT_DATABASE_URL"])
+    store = await open_storage(stack.env["IMBOT_DATABASE_URL"])
     try:
-        return await store.count(table, **where)
+        return await count_rows(store.database, table, **where)
     finally:
         await store.close()
 
@@ -90,11 +91,11 @@ async def test_signed_callback_gets_a_reply_and_history(stack: DevStack) -> None
     assert reply["ext"]["imbot_reply_to"] == msg_id
     # History: the question and the answer, the delivery, the usage (written just
     # after the send, so give the sender a moment).
-    await _eventually(lambda: _count(stack, Usage, msg_id=msg_id), 1)
-    assert await _count(stack, Message, msg_id=msg_id) == 1
-    assert await _count(stack, Message, reply_to=msg_id) == 1
-    assert await _count(stack, Delivery, msg_id=msg_id, status="sent") == 1
-    assert await _count(stack, Usage, msg_id=msg_id) == 1
+    await _eventually(lambda: _count(stack, UsageRow, msg_id=msg_id), 1)
+    assert await _count(stack, MessageRow, msg_id=msg_id) == 1
+    assert await _count(stack, MessageRow, reply_to=msg_id) == 1
+    assert await _count(stack, DeliveryRow, msg_id=msg_id, status="sent") == 1
+    assert await _count(stack, UsageRow, msg_id=msg_id) == 1
 
 
 async def test_group_mention_is_answered_in_the_group(stack: DevStack) -> None:
@@ -120,8 +121,8 @@ async def test_blocked_input_gets_the_polite_reply_without_a_model_call(stack: D
     assert _post_callback(stack, data) == {"valid": True}
     replies = _wait_messages(stack, user, 1)
     assert replies[0]["body"]["msg"] == "抱歉，这个问题我无法回答。"
-    await _eventually(lambda: _count(stack, Message, reply_to=data["msg_id"]), 1)
-    assert await _count(stack, Usage, msg_id=data["msg_id"]) == 0
+    await _eventually(lambda: _count(stack, MessageRow, reply_to=data["msg_id"]), 1)
+    assert await _count(stack, UsageRow, msg_id=data["msg_id"]) == 0
 
 
 async def test_same_callback_twice_yields_one_reply(stack: DevStack) -> None:
@@ -148,7 +149,7 @@ async def test_same_callback_twice_yields_one_reply(stack: DevStack) -> None:
         await producer.stop()
     await asyncio.sleep(3)  # give the duplicate time to travel the whole pipeline
     assert len(_messages(stack, user)) == 1
-    assert await _count(stack, Delivery, msg_id=data["msg_id"]) == 1
+    assert await _count(stack, DeliveryRow, msg_id=data["msg_id"]) == 1
 
 
 async def test_poison_record_on_each_stage_goes_to_dlq_and_the_next_message_flows(

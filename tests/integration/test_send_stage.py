@@ -21,7 +21,7 @@ from core.settings import Settings
 from devtools.broker import consume_all
 from sender.service import ReplySender, reply_digest
 from sender.split import part_end, split_reply
-from sender.store import Store
+from storage import open_storage
 from streams.boundary import Boundary, Outputs
 from streams.stages import Context, Send
 from tests.integration.conftest import new_easemob_client
@@ -59,9 +59,9 @@ async def harness(
 ) -> AsyncIterator[Harness]:
     settings = make_settings(stage_retry_base_s=0.01, stage_retry_max_s=0.05, sender_deadline_s=2.0)
     await ensure_topics(settings)
-    store = await Store.open(db_url)
+    store = await open_storage(db_url)
     client = new_easemob_client(simulator)
-    sender = ReplySender(client, store)
+    sender = ReplySender(client, store.deliveries)
     ctx = Context(settings=settings, policy=settings.policy, store=store, sender=sender)
     producer = new_producer(settings)
     await producer.start()

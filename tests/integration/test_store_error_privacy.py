@@ -15,13 +15,12 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
 from core import topics
-from core.db import describe_db_error
 from core.envelope import ChatType, Content, DlqRecord, Envelope, Reply, encode_envelope
 from core.kafka import ensure_topics, new_producer
 from core.settings import Settings
 from devtools.broker import consume_all
 from sender.service import ReplySender
-from sender.store import Store
+from storage import Storage, describe_db_error, open_storage
 from streams.boundary import Boundary, Outputs
 from streams.stages import Context, Send
 from tests.integration.conftest import new_easemob_client
@@ -40,9 +39,9 @@ def _everything_logged(caplog: pytest.LogCaptureFixture) -> str:
 
 async def test_engine_errors_carry_no_bound_parameters(db_url: str) -> None:
     marker = f"MARKER{uuid.uuid4().hex}"
-    store = await Store.open(db_url)
+    store = await open_storage(db_url)
     try:
-        async with store.engine.connect() as conn:
+        async with store.database.engine.connect() as conn:
             await conn.execute(text("CREATE TEMP TABLE privacy_probe (k INTEGER UNIQUE, v TEXT)"))
             insert = text("INSERT INTO privacy_probe (k, v) VALUES (1, :v)")
             await conn.execute(insert, {"v": "first"})
@@ -57,8 +56,8 @@ async def test_engine_errors_carry_no_bound_parameters(db_url: str) -> None:
 
 
 @pytest.fixture
-async def pg_store(pg_url: str) -> AsyncIterator[Store]:
-    s = await Store.open(pg_url)
+async def pg_store(pg_url: str) -> AsyncIterator[Storage]:
+    s = await open_storage(pg_url)
     yield s
     await s.close()
 
@@ -66,13 +65,13 @@ async def pg_store(pg_url: str) -> AsyncIterator[Store]:
 async def test_a_database_error_in_a_stage_leaves_no_user_text_in_logs_or_the_dlq(
     make_settings: Callable[..., Settings],
     simulator: str,
-    pg_store: Store,
+    pg_store: Storage,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """PostgreSQL refuses the history row (a constraint quoting the failing row)."""
     marker = f"MARKER{uuid.uuid4().hex}"
     constraint = f"ck_probe_{uuid.uuid4().hex[:8]}"
-    async with pg_store.engine.begin() as conn:
+    async with pg_store.database.engine.begin() as conn:
         await conn.execute(
             text(
                 f"ALTER TABLE messages ADD CONSTRAINT {constraint}"
@@ -81,7 +80,7 @@ async def test_a_database_error_in_a_stage_leaves_no_user_text_in_logs_or_the_dl
         )
     settings = make_settings(stage_retry_base_s=0.01, stage_retry_max_s=0.05)
     await ensure_topics(settings)
-    sender = ReplySender(new_easemob_client(simulator), pg_store)
+    sender = ReplySender(new_easemob_client(simulator), pg_store.deliveries)
     ctx = Context(settings=settings, policy=settings.policy, store=pg_store, sender=sender)
     producer = new_producer(settings)
     await producer.start()
@@ -108,7 +107,7 @@ async def test_a_database_error_in_a_stage_leaves_no_user_text_in_logs_or_the_dl
     finally:
         await producer.stop()
         await sender.aclose()
-        async with pg_store.engine.begin() as conn:
+        async with pg_store.database.engine.begin() as conn:
             await conn.execute(text(f"ALTER TABLE messages DROP CONSTRAINT {constraint}"))
     assert outcome == "fatal"
     [record] = [DlqRecord.model_validate_json(v) for _, v in records if v]
@@ -120,4 +119,6 @@ async def test_a_database_error_in_a_stage_leaves_no_user_text_in_logs_or_the_dl
     assert marker not in logged
     # The reply reached the user once; its ledger row was committed before the history.
     assert len(await _delivered(simulator, user)) == 1
-    assert [row.status for row in (await pg_store.ledger(env.msg_id)).values()] == ["sent"]
+    assert [row.status for row in (await pg_store.deliveries.ledger(env.msg_id)).values()] == [
+        "sent"
+    ]
