@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test lint typecheck unit bench clean
+.PHONY: dev test lint typecheck imports unit integration e2e bench clean
 
 # (Re)install when pyproject.toml changes; works from a fresh clone with only python3.
 $(STAMP): pyproject.toml
@@ -23,8 +23,26 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint typecheck
-	$(BIN)/pytest -q -p no:cacheprovider
+# pytest's own exit status fails the target, 5 (no tests collected) included: a path that
+# matches nothing is an error, not a pass. PYTEST_ARGS narrows a run (make unit PYTEST_ARGS=-x).
+PYTEST := $(BIN)/pytest -q -p no:cacheprovider
+PYTEST_ARGS ?=
+
+# The import rules of ../shared/design.md (dependencies point inward), first and on their own.
+imports: $(STAMP)
+	$(PYTEST) tests/unit/test_import_rules.py
+
+test: lint typecheck imports
+	$(PYTEST) $(PYTEST_ARGS)
+
+unit: $(STAMP)
+	$(PYTEST) tests/unit $(PYTEST_ARGS)
+
+integration: $(STAMP)
+	$(PYTEST) tests/integration $(PYTEST_ARGS)
+
+e2e: $(STAMP)
+	$(PYTEST) tests/e2e $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.gateway
