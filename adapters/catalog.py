@@ -3,8 +3,8 @@
 ``build_catalog`` turns the ``models:`` mapping of the policy file into one
 wrapped ``ChatModel`` per model id (provider → metrics → circuit breaker →
 concurrency limit). ``ModelCatalog.complete`` walks a route's chain: it skips
-open circuits, retries retryable errors with jittered backoff inside the
-caller's deadline, falls back to the next model when one is exhausted or fails
+open circuits, retries retryable errors with jittered backoff (core.retry) inside
+the caller's deadline, falls back to the next model when one is exhausted or fails
 for good, and raises ContentRejected at once.
 """
 
@@ -44,9 +44,9 @@ from adapters.resilience import (
     CircuitOpenError,
     ConcurrencyLimitedModel,
     InstrumentedModel,
-    backoff_delay,
 )
 from core.errors import ConfigurationError, ContentRejected, ImbotError, RetryableError
+from core.retry import Backoff, Deadline
 
 log = logging.getLogger("imbot.adapters")
 
@@ -206,16 +206,15 @@ class ModelCatalog:
         retry = entry.config.retry
         if attempt + 1 >= retry.max_attempts or isinstance(error, CircuitOpenError):
             return None
-        if error.retry_after is not None:
-            if error.retry_after > retry.max_retry_after_s:
-                return None
-            return error.retry_after * (1 + 0.1 * self._rng.random())
-        return backoff_delay(attempt, retry.base_delay_s, retry.max_delay_s, self._rng)
+        if error.retry_after is not None and error.retry_after > retry.max_retry_after_s:
+            return None
+        backoff = Backoff(retry.base_delay_s, retry.max_delay_s, rng=self._rng)
+        return backoff.delay(attempt + 1, error.retry_after)
 
     async def complete(
         self, chain: Sequence[str], request: ChatRequest, *, deadline_s: float
     ) -> CompletionResult:
-        deadline = time.monotonic() + deadline_s
+        deadline = Deadline.after(deadline_s)
         last: ImbotError | None = None
         attempts = 0
         for position, model_id in enumerate(chain):
@@ -225,7 +224,7 @@ class ModelCatalog:
                 metrics.FALLBACKS.labels(model_id).inc()
                 continue
             for attempt in range(entry.config.retry.max_attempts):
-                remaining = deadline - time.monotonic()
+                remaining = deadline.remaining()
                 if remaining <= 0:
                     raise _deadline_error(last, model_id)
                 attempts += 1
@@ -249,7 +248,7 @@ class ModelCatalog:
                 if not isinstance(error, RetryableError):
                     break  # fatal or configuration for this model: fall back
                 delay = self._delay(entry, attempt, error)
-                if delay is None or time.monotonic() + delay >= deadline:
+                if delay is None or not deadline.allows(delay):
                     break
                 metrics.RETRIES.labels(model_id).inc()
                 await asyncio.sleep(delay)
@@ -262,7 +261,7 @@ class ModelCatalog:
     ) -> AsyncIterator[StreamEvent]:
         """Stream one reply. Retry and fallback happen only before the first event;
         after it, an error is raised to the caller (who holds partial text)."""
-        deadline = time.monotonic() + deadline_s
+        deadline = Deadline.after(deadline_s)
         last: ImbotError | None = None
         attempts = 0
         for position, model_id in enumerate(chain):
@@ -272,7 +271,7 @@ class ModelCatalog:
                 metrics.FALLBACKS.labels(model_id).inc()
                 continue
             for attempt in range(entry.config.retry.max_attempts):
-                remaining = deadline - time.monotonic()
+                remaining = deadline.remaining()
                 if remaining <= 0:
                     raise _deadline_error(last, model_id)
                 attempts += 1
@@ -294,7 +293,7 @@ class ModelCatalog:
                         yield _with_attempts(first, attempts)
                         while True:
                             try:
-                                async with asyncio.timeout_at(_loop_time(deadline)):
+                                async with asyncio.timeout_at(_loop_time(deadline.at)):
                                     event = await anext(events)
                             except StopAsyncIteration:
                                 return
@@ -309,7 +308,7 @@ class ModelCatalog:
                 if not isinstance(error, RetryableError):
                     break
                 delay = self._delay(entry, attempt, error)
-                if delay is None or time.monotonic() + delay >= deadline:
+                if delay is None or not deadline.allows(delay):
                     break
                 metrics.RETRIES.labels(model_id).inc()
                 await asyncio.sleep(delay)

@@ -2,13 +2,13 @@
 
 ``InstrumentedModel`` records metrics, ``CircuitBreakerModel`` stops calling a
 failing model for a cool-down, ``ConcurrencyLimitedModel`` bounds calls in
-flight. The catalog stacks them per model and adds retry and fallback on top.
+flight. The catalog stacks them per model and adds retry (with core.retry's
+backoff) and fallback on top.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
@@ -250,9 +250,3 @@ class InstrumentedModel(WrapperModel):
         except (ImbotError, TimeoutError, asyncio.CancelledError) as exc:
             self._failure(exc)
             raise
-
-
-def backoff_delay(attempt: int, base_s: float, max_s: float, rng: random.Random) -> float:
-    """Exponential backoff with equal jitter: half fixed, half random."""
-    ceiling: float = min(max_s, base_s * (2.0**attempt))
-    return ceiling / 2 + rng.uniform(0, ceiling / 2)

@@ -28,6 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 from core import topics
 from core.kafka import new_producer
 from core.limits import LOGGED_VALUE_MAX
+from core.retry import Backoff
 from core.settings import Settings
 from gateway.callback import CallbackRejected, decide, verify
 from gateway.replay import CallIds, ReplayStoreUnavailable, new_call_ids
@@ -165,6 +166,7 @@ class _Publish:
 
 _DEADLINE = "imbot publish deadline"
 _SWEEP_S = 0.005  # deadlines are enforced to within this
+_CONNECT_BACKOFF = Backoff(base=0.2, cap=5.0)  # the broker down at start-up: keep trying
 
 
 class Publisher:
@@ -193,7 +195,7 @@ class Publisher:
         self._task = asyncio.create_task(self._connect())
 
     async def _connect(self) -> None:
-        delay = 0.2
+        attempt = 0
         while True:
             producer = new_producer(self.settings)
             try:
@@ -202,8 +204,8 @@ class Publisher:
                 log.warning("kafka not reachable, retrying", extra={"error": str(exc)})
                 with contextlib.suppress(Exception):
                     await producer.stop()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                attempt += 1
+                await asyncio.sleep(_CONNECT_BACKOFF.delay(attempt))
                 continue
             self.producer = producer
             log.info("kafka producer ready", extra={"bootstrap": self.settings.kafka_bootstrap})

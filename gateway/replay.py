@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import asyncpg  # type: ignore[import-untyped]
 
 from core.errors import ConfigurationError
+from core.retry import Backoff
 from core.settings import Settings
 
 log = logging.getLogger("imbot.gateway")
@@ -115,6 +116,7 @@ _REMEMBER = (
     " SELECT * FROM unnest($1::text[], $2::bigint[]) ON CONFLICT (call_id) DO NOTHING"
 )
 _PURGE = "DELETE FROM callback_ids WHERE expires_at <= $1"
+_CONNECT_BACKOFF = Backoff(base=0.2, cap=5.0)  # the database down at start-up: keep trying
 
 
 class DatabaseCallIds:
@@ -139,7 +141,7 @@ class DatabaseCallIds:
         ]
 
     async def _connect(self) -> None:
-        delay = 0.2
+        attempt = 0
         while True:
             try:
                 self._pool = await asyncpg.create_pool(self.dsn, min_size=2, max_size=10)
@@ -147,8 +149,8 @@ class DatabaseCallIds:
                 log.warning(
                     "replay store not reachable, retrying", extra={"error": type(exc).__name__}
                 )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                attempt += 1
+                await asyncio.sleep(_CONNECT_BACKOFF.delay(attempt))
                 continue
             log.info("replay store ready")
             break

@@ -7,9 +7,9 @@ each record ends in exactly one of these ways —
   acknowledged;
 * undecodable (not an envelope): a DLQ record with the raw bytes;
 * retryable failure (``RetryableError``, timeouts, a database connection lost,
-  refused or busy): retried with jittered exponential backoff until the stage's
-  deadline (``stage.deadline_s`` if it has one, else ``IMBOT_STAGE_DEADLINE_S``),
-  then DLQ;
+  refused or busy): retried with jittered exponential backoff (core.retry) until
+  the stage's deadline (``stage.deadline_s`` if it has one, else
+  ``IMBOT_STAGE_DEADLINE_S``), then DLQ;
 * fatal (``FatalError``, ``ConfigurationError``, any unexpected exception): DLQ.
 
 After DLQ, when a user is waiting for an answer, the stage's polite fallback
@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from core.errors import (
     StorageUnavailable,
     UndecodableError,
 )
+from core.retry import Backoff, Deadline
 from core.settings import Settings
 from storage import translated
 
@@ -97,8 +97,8 @@ class Outputs:
         await self.producer.send_and_wait(self.settings.topic(base_topic), value, key=key)
 
 
-def _backoff(attempt: int, base: float, cap: float) -> float:
-    return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
+# Publishing to Kafka: 0.1 s doubling to 10 s, full jitter, for as long as it takes.
+_PUBLISH_BACKOFF = Backoff(base=0.1, cap=10.0)
 
 
 class Boundary:
@@ -106,6 +106,7 @@ class Boundary:
         self.stage = stage
         self.outputs = outputs
         self.settings = settings
+        self.backoff = Backoff(settings.stage_retry_base_s, settings.stage_retry_max_s)
 
     async def __call__(self, event: Any) -> bool:
         """Handle one Faust event; returns whether it may be acknowledged."""
@@ -130,20 +131,18 @@ class Boundary:
             return "undecodable"
 
         ids = {"msg_id": env.msg_id, "conversation": env.conversation_id}
-        deadline = time.monotonic() + (
+        deadline = Deadline.after(
             getattr(self.stage, "deadline_s", None) or self.settings.stage_deadline_s
         )
         attempt = 0
         while True:
             attempt += 1
             try:
-                emits = await _database_errors_ours(self.stage.handle(env, deadline=deadline))
+                emits = await _database_errors_ours(self.stage.handle(env, deadline=deadline.at))
             except (RetryableError, TimeoutError, ConnectionError) as exc:
                 retry_after = exc.retry_after if isinstance(exc, RetryableError) else None
-                delay = retry_after or _backoff(
-                    attempt, self.settings.stage_retry_base_s, self.settings.stage_retry_max_s
-                )
-                if time.monotonic() + delay < deadline:
+                delay = self.backoff.delay(attempt, retry_after)
+                if deadline.allows(delay):
                     RETRIES.labels(self.stage.name, _kind(exc)).inc()
                     log.info(
                         "retrying",
@@ -257,7 +256,7 @@ class Boundary:
         The record stays unacknowledged meanwhile, so a crash loses nothing. An error
         that no retry can cure (a record too large for the topic) is raised.
         """
-        delay = 0.1
+        attempt = 0
         while True:
             try:
                 await self.outputs.publish(base_topic, key, value)
@@ -265,11 +264,11 @@ class Boundary:
             except KafkaError as exc:
                 if isinstance(exc, _UNPUBLISHABLE):
                     raise
+                attempt += 1
                 log.error(
                     "cannot publish, retrying", extra={"topic": base_topic, "error": str(exc)}
                 )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                await asyncio.sleep(_PUBLISH_BACKOFF.delay(attempt))
 
 
 def _loggable(exc: BaseException) -> str:

@@ -224,21 +224,25 @@ class CallModel(_UserFacingStage):
 
         Raising here would make the boundary call the model again, so the write is
         retried a few times on its own and then given up with an error line (the
-        token and cost metrics were already counted by the adapter).
+        token and cost metrics were already counted by the adapter). Three tries,
+        waiting up to 0.1 s and 0.2 s between them (core.retry's full jitter).
         """
-        for attempt in range(3):
+        from core.retry import Backoff  # local: this method's edit stays in this method
+
+        tries, backoff = 3, Backoff(base=0.1, cap=0.2)
+        for attempt in range(1, tries + 1):
             try:
                 await self.ctx.store.usage.record_usage(env, completion)
                 return
             except (StorageUnavailable, StorageError) as exc:
-                if attempt == 2:
+                if attempt == tries:
                     USAGE_LOST.inc()
                     log.error(
                         "usage row not written",
                         extra={"msg_id": env.msg_id, "error": type(exc).__name__},
                     )
                     return
-                await asyncio.sleep(0.1 * (attempt + 1))
+                await asyncio.sleep(backoff.delay(attempt))
 
 
 class ModerateOut(_UserFacingStage):

@@ -1,14 +1,12 @@
-"""Circuit breaker state machine, backoff, price arithmetic, the demo reply."""
+"""Circuit breaker state machine, price arithmetic, the demo reply (backoff: test_retry)."""
 
 from __future__ import annotations
-
-import random
 
 import pytest
 
 from adapters import ChatMessage, ChatRequest, CircuitOpenError, Price
 from adapters.demo import LABEL, demo_reply, summarize
-from adapters.resilience import CircuitBreaker, backoff_delay, counts_as_failure
+from adapters.resilience import CircuitBreaker, counts_as_failure
 from core.errors import ConfigurationError, ContentRejected, FatalError, RetryableError
 
 
@@ -69,15 +67,6 @@ def test_breaker_success_resets_the_failure_count() -> None:
 )
 def test_what_counts_against_the_circuit(error: BaseException, counts: bool) -> None:
     assert counts_as_failure(error) is counts
-
-
-def test_backoff_grows_with_jitter_and_is_capped() -> None:
-    rng = random.Random(1)
-    delays = [backoff_delay(n, 0.5, 8.0, rng) for n in range(8)]
-    assert 0.25 <= delays[0] <= 0.5
-    assert 2.0 <= delays[3] <= 4.0
-    assert all(d <= 8.0 for d in delays)
-    assert delays[-1] >= 4.0
 
 
 def test_price_per_million_tokens() -> None:
