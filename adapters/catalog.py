@@ -5,7 +5,9 @@ wrapped ``ChatModel`` per model id (provider → metrics → circuit breaker →
 concurrency limit). ``ModelCatalog.complete`` walks a route's chain: it skips
 open circuits, retries retryable errors with jittered backoff (core.retry) inside
 the caller's deadline, falls back to the next model when one is exhausted or fails
-for good, and raises ContentRejected at once.
+for good, and raises ContentRejected at once. The catalog owns the repeats of a
+model call: the error it raises after calling a provider is marked
+``retries_spent``, so the stage boundary does not walk the chain again.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from adapters.resilience import (
     InstrumentedModel,
 )
 from core.errors import ConfigurationError, ContentRejected, ImbotError, RetryableError
-from core.retry import Backoff, Deadline
+from core.retry import Backoff, Deadline, retries_spent
 
 log = logging.getLogger("imbot.adapters")
 
@@ -226,7 +228,7 @@ class ModelCatalog:
             for attempt in range(entry.config.retry.max_attempts):
                 remaining = deadline.remaining()
                 if remaining <= 0:
-                    raise _deadline_error(last, model_id)
+                    raise _deadline_error(last, model_id, attempts)
                 attempts += 1
                 try:
                     async with asyncio.timeout(min(remaining, entry.config.timeout_s)):
@@ -254,7 +256,7 @@ class ModelCatalog:
                 await asyncio.sleep(delay)
             if position + 1 < len(chain):
                 metrics.FALLBACKS.labels(model_id).inc()
-        raise last if last is not None else ConfigurationError("empty model chain")
+        raise _exhausted(last, attempts)
 
     async def stream(
         self, chain: Sequence[str], request: ChatRequest, *, deadline_s: float
@@ -273,7 +275,7 @@ class ModelCatalog:
             for attempt in range(entry.config.retry.max_attempts):
                 remaining = deadline.remaining()
                 if remaining <= 0:
-                    raise _deadline_error(last, model_id)
+                    raise _deadline_error(last, model_id, attempts)
                 attempts += 1
                 async with aclosing(_closable(entry.model.stream(request))) as events:
                     try:
@@ -314,7 +316,7 @@ class ModelCatalog:
                 await asyncio.sleep(delay)
             if position + 1 < len(chain):
                 metrics.FALLBACKS.labels(model_id).inc()
-        raise last if last is not None else ConfigurationError("empty model chain")
+        raise _exhausted(last, attempts)
 
     async def aclose(self) -> None:
         for client in self._clients:
@@ -358,10 +360,21 @@ def _circuit_open(entry: CatalogEntry) -> RetryableError:
     )
 
 
-def _deadline_error(last: ImbotError | None, model_id: str) -> ImbotError:
+def _deadline_error(last: ImbotError | None, model_id: str, attempts: int) -> ImbotError:
     if last is not None:
-        return last
+        return _exhausted(last, attempts)
     return RetryableError(f"deadline passed before calling {model_id}", code="deadline")
+
+
+def _exhausted(last: ImbotError | None, attempts: int) -> ImbotError:
+    """The error that ends a chain walk. After at least one attempt it is marked
+    ``retries_spent``: the catalog made this call's repeats, nobody repeats them.
+    With none (every circuit open, an empty chain) it is left for the caller."""
+    if last is None:
+        return ConfigurationError("empty model chain")
+    if attempts > 0:
+        retries_spent(last, attempts)
+    return last
 
 
 def _log_failure(model_id: str, attempt: int, error: ImbotError) -> None:

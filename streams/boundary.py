@@ -9,7 +9,10 @@ each record ends in exactly one of these ways —
 * retryable failure (``RetryableError``, timeouts, a database connection lost,
   refused or busy): retried with jittered exponential backoff (core.retry) until
   the stage's deadline (``stage.deadline_s`` if it has one, else
-  ``IMBOT_STAGE_DEADLINE_S``), then DLQ;
+  ``IMBOT_STAGE_DEADLINE_S``), then DLQ — unless the error says its repeats were
+  already made below (``core.retry.spent_attempts``: the model catalog's retries
+  and fallbacks): then it goes to the DLQ at once, so a failing provider is paid
+  for at most the catalog's attempts per message, never that many per re-run;
 * fatal (``FatalError``, ``ConfigurationError``, any unexpected exception): DLQ.
 
 After DLQ, when a user is waiting for an answer, the stage's polite fallback
@@ -42,7 +45,7 @@ from core.errors import (
     StorageUnavailable,
     UndecodableError,
 )
-from core.retry import Backoff, Deadline
+from core.retry import Backoff, Deadline, spent_attempts
 from core.settings import Settings
 from storage import translated
 
@@ -140,6 +143,16 @@ class Boundary:
             try:
                 emits = await _database_errors_ours(self.stage.handle(env, deadline=deadline.at))
             except (RetryableError, TimeoutError, ConnectionError) as exc:
+                spent = spent_attempts(exc)
+                if spent is not None:
+                    # Retried where it happened (the model catalog): repeating the stage
+                    # would repeat those calls (paid ones, for a model) once per re-run.
+                    log.error(
+                        "retries exhausted below, to DLQ",
+                        extra={**where, **ids, "attempts": spent, "error": _loggable(exc)},
+                    )
+                    await self._fail(key, value, where, exc, spent, env)
+                    return "exhausted"
                 retry_after = exc.retry_after if isinstance(exc, RetryableError) else None
                 delay = self.backoff.delay(attempt, retry_after)
                 if deadline.allows(delay):
