@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from core.kafka import ensure_topics, new_producer
 from core.settings import load_settings
 from devtools.broker import EmbeddedBroker, consume_all
 from streams.lanes import KeyedLanes
+from tests.fakes.faust_stream import FakeEvent, FakeStream
 
 POLICY = """
 models:
@@ -174,37 +174,6 @@ async def test_a_sigtermed_replica_hands_its_partitions_over_and_loses_nothing(
             proc.wait()
 
 
-class _Message:
-    def __init__(self, tp: str, offset: int) -> None:
-        self.tp, self.offset = tp, offset
-
-
-class _Event:
-    def __init__(self, key: bytes, tp: str, offset: int) -> None:
-        self.key, self.value, self.message = key, key, _Message(tp, offset)
-
-
-class _Stream:
-    """The part of a Faust stream KeyedLanes uses: noack(), events(), ack()."""
-
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[_Event] = asyncio.Queue()
-        self.acked: list[tuple[str, int]] = []
-        self.first_ack = asyncio.Event()
-
-    def noack(self) -> _Stream:
-        return self
-
-    async def events(self) -> AsyncIterator[_Event]:
-        while True:
-            yield await self.queue.get()
-
-    async def ack(self, event: _Event) -> bool:
-        self.acked.append((event.message.tp, event.message.offset))
-        self.first_ack.set()
-        return True
-
-
 async def test_a_partition_that_comes_back_is_not_worked_on_twice() -> None:
     """A rebalance revokes every partition and hands most back: a model call still
     running then is not repeated for its redelivered copy, which is acknowledged on
@@ -220,16 +189,16 @@ async def test_a_partition_that_comes_back_is_not_worked_on_twice() -> None:
         await gate.wait()  # a model call in progress
         return True
 
-    stream = _Stream()
+    stream = FakeStream()
     lanes = KeyedLanes(handler, max_in_flight=4, grace=0)
     consumer = asyncio.create_task(lanes.consume(stream))
     try:
-        await stream.queue.put(_Event(b"kept", "p0", 7))
-        await stream.queue.put(_Event(b"moved", "p1", 3))
+        await stream.queue.put(FakeEvent(b"kept", "p0", 7))
+        await stream.queue.put(FakeEvent(b"moved", "p1", 3))
         await asyncio.wait_for(both_running.wait(), 10)
 
         assert await lanes.release({"p0", "p1"}, grace=0, cancel=False) == 2
-        await stream.queue.put(_Event(b"kept", "p0", 7))  # p0 came back: redelivered
+        await stream.queue.put(FakeEvent(b"kept", "p0", 7))  # p0 came back: redelivered
         gate.set()
         await asyncio.wait_for(stream.first_ack.wait(), 10)
         await asyncio.sleep(0.05)  # p1's call finishing must not acknowledge anything
