@@ -13,9 +13,10 @@ from core.errors import ConfigurationError
 from core.logs import configure_logging
 from core.settings import Settings, load_settings
 
-# The stages `imbot worker --stage` and `imbot replay --to-stage` accept (streams.stages.STAGES,
-# named here so the parser does not import the stream machinery).
-STAGE_NAMES = ("moderate-in", "route", "model", "moderate-out", "send")
+# The stages `imbot worker --stage` and `imbot replay --to-stage` accept are the rows of the
+# pipeline table; streams.pipeline imports nothing but the topic names, so the parser does
+# not load the stream machinery.
+from streams.pipeline import PROCESSING_STAGES, SENDER_STAGES, STAGE_NAMES
 
 
 def _settings() -> Settings:
@@ -33,7 +34,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from streams.worker import PROCESSING_STAGES, main
+    from streams.worker import main
 
     main(_settings(), args.stage or PROCESSING_STAGES)
     return 0
@@ -42,7 +43,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_sender(args: argparse.Namespace) -> int:
     from streams.worker import main
 
-    main(_settings(), ("send",))
+    main(_settings(), SENDER_STAGES)
     return 0
 
 

@@ -47,7 +47,7 @@ from core.envelope import DlqRecord, Envelope, decode_envelope
 from core.errors import ConfigurationError, UndecodableError
 from core.kafka import consumer_kwargs, new_producer
 from core.settings import Settings
-from streams.stages import STAGES
+from streams.pipeline import BY_NAME, STAGE_NAMES, TOPICS, stage_reading
 
 DEFAULT_IDLE_S = 2.0
 _POLL_MS = 100
@@ -318,16 +318,9 @@ class _Selected:
 def _base_topic(name: str, settings: Settings) -> str | None:
     """``imbot.routed`` for ``imbot.routed`` or ``<prefix>imbot.routed``; None if not ours."""
     prefix = settings.topic_prefix
-    if prefix and name.startswith(prefix) and name[len(prefix) :] in topics.ALL:
+    if prefix and name.startswith(prefix) and name[len(prefix) :] in TOPICS:
         return name[len(prefix) :]
-    return name if name in topics.ALL else None
-
-
-def _stage_reading(base_topic: str) -> str | None:
-    for name, stage in STAGES.items():
-        if stage.input_topic == base_topic:
-            return name
-    return None
+    return name if name in TOPICS else None
 
 
 def _dlq_payload(rec: DlqRecord) -> bytes | None:
@@ -385,13 +378,13 @@ async def replay(
     """
     base = _base_topic(topic, settings)
     if base is None:
-        raise ConfigurationError(f"unknown topic {topic!r}; one of: {', '.join(topics.ALL)}")
-    if to_stage is not None and to_stage not in STAGES:
-        raise ConfigurationError(f"unknown stage {to_stage!r}; one of: {', '.join(STAGES)}")
+        raise ConfigurationError(f"unknown topic {topic!r}; one of: {', '.join(TOPICS)}")
+    if to_stage is not None and to_stage not in BY_NAME:
+        raise ConfigurationError(f"unknown stage {to_stage!r}; one of: {', '.join(STAGE_NAMES)}")
     if limit is not None and limit < 1:
         raise ConfigurationError("--limit must be at least 1")
-    forced = STAGES[to_stage].input_topic if to_stage is not None else None
-    if forced is None and base != topics.DLQ and _stage_reading(base) is None:
+    forced = BY_NAME[to_stage].input if to_stage is not None else None
+    if forced is None and base != topics.DLQ and stage_reading(base) is None:
         raise ConfigurationError(f"no stage reads {base}; choose one with --to-stage")
     summary = ReplaySummary(topic=settings.topic(base), dry_run=dry_run)
     conv_key = conversation.encode() if conversation is not None else None
@@ -415,7 +408,7 @@ async def replay(
             conversation=env.conversation_id if env else _key_text(record.key),
             value=raw,
             target=target,
-            stage=_stage_reading(target),
+            stage=stage_reading(target),
         )
 
     producer = None if dry_run else new_producer(settings)
@@ -459,14 +452,14 @@ def _select_dlq(record: ConsumerRecord, settings: Settings, forced: str | None) 
     conversation = rec.conversation_id or (original.conversation_id if original else rec.key)
     target = forced
     if target is None:
-        stage = STAGES.get(rec.stage)
-        target = stage.input_topic if stage is not None else _base_topic(rec.topic, settings)
+        stage = BY_NAME.get(rec.stage)
+        target = stage.input if stage is not None else _base_topic(rec.topic, settings)
     skip = None
     if target is None:
         skip = f"unknown stage {rec.stage!r} and topic {rec.topic!r}"
     elif value is None:
         skip = "the DLQ record holds no payload (too large, or the original had no value)"
-    stage_name = _stage_reading(target) if target else None
+    stage_name = stage_reading(target) if target else None
     return _Selected(record, msg_id, conversation, value, target, stage_name, skip=skip)
 
 
@@ -622,10 +615,10 @@ async def trace(
 ) -> TraceResult:
     """Every record of ``msg_id`` on every pipeline topic, DLQ included, in time order."""
     needle = _needle(msg_id)
-    order = {settings.topic(base): i for i, base in enumerate(topics.ALL)}
+    order = {settings.topic(base): i for i, base in enumerate(TOPICS)}
     found: list[tuple[tuple[int, float, int, int, int], dict[str, Any]]] = []
     bounds = Bounds(since_ms=since_ms, until_ms=until_ms)
-    names = [settings.topic(base) for base in topics.ALL]
+    names = [settings.topic(base) for base in TOPICS]
     async with SliceReader(settings, names, bounds, missing_ok=True, idle_s=idle_s) as reader:
         async for batch in reader.batches():
             for record in batch:

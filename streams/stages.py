@@ -5,6 +5,11 @@ answer early (input blocked, unsupported message type, content rejected by the
 provider) emits straight to ``imbot.outbound`` with ``reply`` set; the sender
 delivers whatever reaches it. Agents (``streams.worker``) only decode, call
 ``handle`` inside the error boundary, and publish.
+
+Each class names its row of the pipeline table (``streams.pipeline``), from which
+it takes its name, its input topic, the topic its main output goes to (the next
+row's input) and whether a fatal failure answers the user. Its constructor takes
+exactly what it uses; ``build`` picks that out of the worker's ``Resources``.
 """
 
 from __future__ import annotations
@@ -15,18 +20,25 @@ import hashlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Self
 
 from prometheus_client import Counter
 
 from adapters import ChatMessage, ChatRequest, ModelCatalog
 from core import topics
 from core.envelope import Completion, Envelope, Reply, ReplyKind, RouteDecision, Verdict
-from core.errors import ContentRejected, RetryableError, StorageError, StorageUnavailable
-from core.settings import Policy, Settings
-from storage import AuditEntry, StageStorage
+from core.errors import (
+    ConfigurationError,
+    ContentRejected,
+    RetryableError,
+    StorageError,
+    StorageUnavailable,
+)
+from core.settings import Policy, Replies, Settings
+from storage import AuditEntry, AuditLog, History, StageStorage, UsageRecords
+from streams import pipeline
 from streams.boundary import AfterPublish, Emit
+from streams.pipeline import StageSpec
 
 if TYPE_CHECKING:  # loaded only by the workers that run these stages
     from moderation import ModerationResult, Moderator
@@ -45,16 +57,54 @@ USAGE_LOST = Counter(
 log = logging.getLogger("imbot.stages")
 
 
-@dataclass
-class Context:
-    """What the stages of one worker share (built once in the worker's main)."""
+class Resources:
+    """What the stages of one worker share, opened once by the worker for the rows it
+    runs (``StageSpec.needs``). Asking for a part no selected row declared is a
+    configuration error, so a row's ``needs`` cannot fall behind its class."""
 
-    settings: Settings
-    policy: Policy
-    store: StageStorage  # the repositories the stages use (storage.Storage in production)
-    moderator: Moderator | None = None
-    catalog: ModelCatalog | None = None
-    sender: ReplySender | None = None
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        storage: StageStorage | None = None,
+        moderator: Moderator | None = None,
+        catalog: ModelCatalog | None = None,
+        sender: ReplySender | None = None,
+    ) -> None:
+        self.settings = settings
+        self.policy: Policy = settings.policy
+        self._parts: dict[pipeline.Resource, Any] = {
+            "storage": storage,
+            "moderator": moderator,
+            "catalog": catalog,
+            "sender": sender,
+        }
+
+    def _part(self, name: pipeline.Resource) -> Any:
+        part = self._parts[name]
+        if part is None:
+            raise ConfigurationError(f"no {name} opened: the stage's row must name it in needs")
+        return part
+
+    @property
+    def storage(self) -> StageStorage:
+        part: StageStorage = self._part("storage")
+        return part
+
+    @property
+    def moderator(self) -> Moderator:
+        part: Moderator = self._part("moderator")
+        return part
+
+    @property
+    def catalog(self) -> ModelCatalog:
+        part: ModelCatalog = self._part("catalog")
+        return part
+
+    @property
+    def sender(self) -> ReplySender:
+        part: ReplySender = self._part("sender")
+        return part
 
 
 def _answer(env: Envelope, stage: str, text: str, kind: ReplyKind, **changes: object) -> Emit:
@@ -63,78 +113,110 @@ def _answer(env: Envelope, stage: str, text: str, kind: ReplyKind, **changes: ob
     return Emit(topics.OUTBOUND, env.stamped(stage, reply=reply, **changes))
 
 
-def _fallback(ctx: Context, env: Envelope, stage: str) -> Emit:
-    return _answer(env, stage, ctx.policy.replies.fallback, "fallback")
-
-
-async def _audit(ctx: Context, env: Envelope, stage: str, result: ModerationResult) -> None:
+async def _audit(audit: AuditLog, env: Envelope, stage: str, result: ModerationResult) -> None:
     if result.action == "allow":
         return
     entries = [AuditEntry(f.detector, f.rule, f.category, f.action) for f in result.findings]
     for f in result.findings:
         MODERATION_DECISIONS.labels(stage, f.category, f.action).inc()
-    await ctx.store.audit.record_audit(env.msg_id, stage, entries)
+    await audit.record_audit(env.msg_id, stage, entries)
 
 
-class _UserFacingStage:
-    """A stage whose fatal failure answers the waiting user with the fallback reply."""
+class PipelineStage:
+    """A stage class; ``class Route(PipelineStage, stage="route")`` binds it to its row
+    of ``streams.pipeline.PIPELINE`` and registers it in ``STAGES``."""
 
+    spec: StageSpec
     name: str
     input_topic: str
-    user_waiting = True
+    forward: str  # where its main output goes: the next row's input
+    replies: Replies  # the policy's replies (a stage whose row answers on failure sets it)
 
-    def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
+    def __init_subclass__(cls, *, stage: str, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if stage in STAGES:
+            raise TypeError(f"stage {stage!r} has two classes")
+        cls.spec = pipeline.spec(stage)
+        cls.name = cls.spec.name
+        cls.input_topic = cls.spec.input
+        cls.forward = cls.spec.forward
+        STAGES[stage] = cls
+
+    @property
+    def user_waiting(self) -> bool:
+        return self.spec.answers_on_failure
+
+    @classmethod
+    def build(cls, r: Resources) -> Self:
+        """The stage over the parts of ``r`` its row names in ``needs``."""
+        raise NotImplementedError
+
+    async def handle(self, env: Envelope, *, deadline: float) -> Sequence[Emit | AfterPublish]:
+        raise NotImplementedError
 
     def fallback(self, env: Envelope, error: BaseException) -> Emit | None:
-        return _fallback(self.ctx, env, self.name)
+        """What the user gets when this stage fails for good; None when its row says
+        nobody is waiting on it (``StageSpec.answers_on_failure``)."""
+        return self._fallback(env) if self.spec.answers_on_failure else None
+
+    def _fallback(self, env: Envelope) -> Emit:
+        return _answer(env, self.name, self.replies.fallback, "fallback")
 
 
-class ModerateIn(_UserFacingStage):
-    name = "moderate-in"
-    input_topic = topics.INBOUND
+STAGES: dict[str, type[PipelineStage]] = {}
+"""The class of each row of ``streams.pipeline.PIPELINE``, by stage name."""
 
-    def __init__(self, ctx: Context) -> None:
-        super().__init__(ctx)
-        assert ctx.moderator is not None
-        self.moderator = ctx.moderator
+
+class ModerateIn(PipelineStage, stage="moderate-in"):
+    def __init__(self, policy: Policy, moderator: Moderator, audit: AuditLog) -> None:
+        self.replies = policy.replies
+        self.moderator = moderator
+        self.audit = audit
+
+    @classmethod
+    def build(cls, r: Resources) -> Self:
+        return cls(r.policy, r.moderator, r.storage.audit)
 
     async def handle(self, env: Envelope, *, deadline: float) -> Sequence[Emit]:
         text = env.content.text
         if env.content.type != "txt" or not text:
             return [
-                Emit(
-                    topics.MODERATED, env.stamped(self.name, moderation_in=Verdict(action="allow"))
-                )
+                Emit(self.forward, env.stamped(self.name, moderation_in=Verdict(action="allow")))
             ]
         result = self.moderator.check_input(text)
-        await _audit(self.ctx, env, "input", result)
+        await _audit(self.audit, env, "input", result)
         verdict = result.as_verdict()
         if result.action == "block":
             return [
                 _answer(
                     env,
                     self.name,
-                    self.ctx.policy.replies.blocked_input,
+                    self.replies.blocked_input,
                     "blocked_input",
                     moderation_in=verdict,
                 )
             ]
-        return [Emit(topics.MODERATED, env.stamped(self.name, moderation_in=verdict))]
+        return [Emit(self.forward, env.stamped(self.name, moderation_in=verdict))]
 
 
-class Route(_UserFacingStage):
-    name = "route"
-    input_topic = topics.MODERATED
+class Route(PipelineStage, stage="route"):
+    def __init__(self, policy: Policy, history: History) -> None:
+        self.policy = policy
+        self.replies = policy.replies
+        self.history = history
+
+    @classmethod
+    def build(cls, r: Resources) -> Self:
+        return cls(r.policy, r.storage.history)
 
     async def handle(self, env: Envelope, *, deadline: float) -> Sequence[Emit]:
-        policy = self.ctx.policy
+        policy = self.policy
         if env.content.type not in ("txt", "combine") or not env.user_text:
             return [_answer(env, self.name, policy.replies.unsupported, "unsupported")]
         bot = policy.bot(env.bot)
         route_name = bot.route if bot is not None and bot.route in policy.routes else "default"
         route = policy.routes[route_name]
-        history = await self.ctx.store.history.history_window(
+        history = await self.history.history_window(
             env.conversation_id,
             turns=route.history_turns,
             token_budget=route.history_token_budget,
@@ -147,7 +229,7 @@ class Route(_UserFacingStage):
             history=history,
             max_output_tokens=route.max_output_tokens,
         )
-        return [Emit(topics.ROUTED, env.stamped(self.name, route=decision))]
+        return [Emit(self.forward, env.stamped(self.name, route=decision))]
 
 
 def chat_request(env: Envelope) -> ChatRequest:
@@ -165,18 +247,30 @@ def chat_request(env: Envelope) -> ChatRequest:
     )
 
 
-class CallModel(_UserFacingStage):
-    name = "model"
-    input_topic = topics.ROUTED
+class CallModel(PipelineStage, stage="model"):
+    def __init__(
+        self,
+        policy: Policy,
+        catalog: ModelCatalog,
+        *,
+        audit: AuditLog,
+        history: History,
+        usage: UsageRecords,
+    ) -> None:
+        self.replies = policy.replies
+        self.catalog = catalog
+        self.audit = audit
+        self.history = history
+        self.usage = usage
 
-    def __init__(self, ctx: Context) -> None:
-        super().__init__(ctx)
-        assert ctx.catalog is not None
-        self.catalog = ctx.catalog
+    @classmethod
+    def build(cls, r: Resources) -> Self:
+        store = r.storage
+        return cls(r.policy, r.catalog, audit=store.audit, history=store.history, usage=store.usage)
 
     async def handle(self, env: Envelope, *, deadline: float) -> Sequence[Emit | AfterPublish]:
         if env.route is None:
-            return [_fallback(self.ctx, env, self.name)]
+            return [self._fallback(env)]
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise RetryableError("no time left for the model call")
@@ -188,7 +282,7 @@ class CallModel(_UserFacingStage):
             # The provider's safety system refused: audited like our own moderation.
             category = f"provider_{exc.stage}"
             MODERATION_DECISIONS.labels("model", category, "block").inc()
-            await self.ctx.store.audit.record_audit(
+            await self.audit.record_audit(
                 env.msg_id,
                 "model",
                 [AuditEntry("provider", (exc.provider or "unknown")[:120], category, "block")],
@@ -196,8 +290,8 @@ class CallModel(_UserFacingStage):
             if exc.clear_history:
                 # e.g. ERNIE's need_clear_history: later turns would be refused again
                 # (and the provider asks for it) unless the risky context is dropped.
-                await self.ctx.store.history.clear_history(env.conversation_id)
-            return [_answer(env, self.name, self.ctx.policy.replies.rejected, "rejected")]
+                await self.history.clear_history(env.conversation_id)
+            return [_answer(env, self.name, self.replies.rejected, "rejected")]
         completion = Completion(
             text=result.text,
             finish_reason=result.finish_reason,
@@ -215,7 +309,7 @@ class CallModel(_UserFacingStage):
         # stage, and before this record is acknowledged: durable, but off the path
         # the user waits on (a commit costs milliseconds).
         return [
-            Emit(topics.COMPLETED, env.stamped(self.name, completion=completion)),
+            Emit(self.forward, env.stamped(self.name, completion=completion)),
             AfterPublish(functools.partial(self._record_usage, env, completion)),
         ]
 
@@ -232,7 +326,7 @@ class CallModel(_UserFacingStage):
         tries, backoff = 3, Backoff(base=0.1, cap=0.2)
         for attempt in range(1, tries + 1):
             try:
-                await self.ctx.store.usage.record_usage(env, completion)
+                await self.usage.record_usage(env, completion)
                 return
             except (StorageUnavailable, StorageError) as exc:
                 if attempt == tries:
@@ -245,65 +339,57 @@ class CallModel(_UserFacingStage):
                 await asyncio.sleep(backoff.delay(attempt))
 
 
-class ModerateOut(_UserFacingStage):
-    name = "moderate-out"
-    input_topic = topics.COMPLETED
+class ModerateOut(PipelineStage, stage="moderate-out"):
+    def __init__(self, policy: Policy, moderator: Moderator, audit: AuditLog) -> None:
+        self.replies = policy.replies
+        self.moderator = moderator
+        self.audit = audit
 
-    def __init__(self, ctx: Context) -> None:
-        super().__init__(ctx)
-        assert ctx.moderator is not None
-        self.moderator = ctx.moderator
+    @classmethod
+    def build(cls, r: Resources) -> Self:
+        return cls(r.policy, r.moderator, r.storage.audit)
 
     async def handle(self, env: Envelope, *, deadline: float) -> Sequence[Emit]:
         completion = env.completion
         if completion is None:
-            return [_fallback(self.ctx, env, self.name)]
+            return [self._fallback(env)]
         result = self.moderator.check_output(
             completion.text,
             finish_reason=completion.finish_reason,
             system_prompt=env.route.system_prompt if env.route else None,
         )
-        await _audit(self.ctx, env, "output", result)
+        await _audit(self.audit, env, "output", result)
         verdict = result.as_verdict()
         if result.action == "block" or not result.text.strip():
             return [
                 _answer(
                     env,
                     self.name,
-                    self.ctx.policy.replies.blocked_output,
+                    self.replies.blocked_output,
                     "blocked_output",
                     moderation_out=verdict,
                 )
             ]
+        # Its row's main output is the sender's input: the answer goes to the user.
         return [_answer(env, self.name, result.text, "answer", moderation_out=verdict)]
 
 
-class Send:
-    name = "send"
-    input_topic = topics.OUTBOUND
-    user_waiting = False  # the fallback would go through this very stage
-
-    def __init__(self, ctx: Context) -> None:
-        assert ctx.sender is not None
-        self.ctx = ctx
-        self.sender = ctx.sender
+class Send(PipelineStage, stage="send"):
+    def __init__(self, sender: ReplySender, *, deadline_s: float) -> None:
+        self.sender = sender
         # Keep trying through an Easemob outage far longer than a model stage would:
         # the answer exists and was paid for; only delivery is waiting.
-        self.deadline_s = ctx.settings.sender_deadline_s
+        self.deadline_s = deadline_s
+
+    @classmethod
+    def build(cls, r: Resources) -> Self:
+        return cls(r.sender, deadline_s=r.settings.sender_deadline_s)
 
     async def handle(self, env: Envelope, *, deadline: float) -> Sequence[Emit]:
         delivery = await self.sender.deliver(env, deadline=deadline)
-        return [Emit(topics.DELIVERED, env.stamped(self.name, delivery=delivery))]
-
-    def fallback(self, env: Envelope, error: BaseException) -> Emit | None:
-        return None
+        return [Emit(self.forward, env.stamped(self.name, delivery=delivery))]
 
 
-StageClass = type[ModerateIn] | type[Route] | type[CallModel] | type[ModerateOut] | type[Send]
-STAGES: dict[str, StageClass] = {
-    "moderate-in": ModerateIn,
-    "route": Route,
-    "model": CallModel,
-    "moderate-out": ModerateOut,
-    "send": Send,
-}
+_unbound = set(pipeline.STAGE_NAMES) ^ set(STAGES)
+if _unbound:  # a row without its class, or a class without its row
+    raise ImportError(f"streams.pipeline and streams.stages disagree on {sorted(_unbound)}")

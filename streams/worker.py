@@ -3,15 +3,17 @@
 Each stage is one agent on its input topic. Every record goes through
 ``KeyedLanes`` (concurrency across conversations, order within one, ack after
 done) and the ``Boundary`` (retries, DLQ, fallback reply). The stages of one
-process share one output producer, one database engine, one model catalog.
+process share one output producer, one database engine, one model catalog. Which
+stages exist, what they read and what they need comes from ``streams.pipeline``;
+a worker opens only the resources its stages' rows name.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from typing import TYPE_CHECKING, Any
 
 import faust
 from prometheus_client import start_http_server
@@ -22,11 +24,57 @@ from core.settings import Settings
 from streams.boundary import Boundary, Outputs
 from streams.faust_app import StageApp, create_app
 from streams.lanes import KeyedLanes
-from streams.stages import STAGES, Context
+from streams.pipeline import PROCESSING_STAGES, Resource, needs_of
+from streams.stages import STAGES, Resources
+
+if TYPE_CHECKING:
+    from storage import Storage
 
 log = logging.getLogger("imbot.worker")
 
-PROCESSING_STAGES = ("moderate-in", "route", "model", "moderate-out")
+__all__ = ["PROCESSING_STAGES", "Runtime", "build", "main"]
+
+Closer = Callable[[], Awaitable[Any]]
+
+
+async def _open_storage(runtime: Runtime) -> dict[str, Any]:
+    return {"storage": await runtime.storage()}
+
+
+async def _open_moderator(runtime: Runtime) -> dict[str, Any]:
+    from moderation import Moderator
+
+    settings = runtime.settings
+    moderator = Moderator.from_config(
+        settings.policy.moderation, base_dir=settings.policy_file.parent
+    )
+    return {"moderator": moderator}
+
+
+async def _open_catalog(runtime: Runtime) -> dict[str, Any]:
+    from adapters import build_catalog
+
+    catalog = build_catalog(runtime.settings.policy.models)
+    runtime.closers.append(catalog.aclose)
+    return {"catalog": catalog}
+
+
+async def _open_sender(runtime: Runtime) -> dict[str, Any]:
+    from sender.service import ReplySender
+
+    store = await runtime.storage()
+    sender = ReplySender.from_settings(runtime.settings, store.deliveries)
+    runtime.closers.append(sender.aclose)
+    return {"sender": sender}
+
+
+# How each resource a row may name (``StageSpec.needs``) is opened, in this order.
+OPENERS: dict[Resource, Callable[[Runtime], Awaitable[dict[str, Any]]]] = {
+    "storage": _open_storage,
+    "moderator": _open_moderator,
+    "catalog": _open_catalog,
+    "sender": _open_sender,
+}
 
 
 class Runtime:
@@ -36,59 +84,56 @@ class Runtime:
         self.settings = settings
         self.stages = tuple(stages)
         self._lock: asyncio.Lock | None = None
-        self.ctx: Context | None = None
+        self.resources: Resources | None = None
         self.outputs: Outputs | None = None
-        self._closers: list[Any] = []
+        self.closers: list[Closer] = []
+        self._store: Storage | None = None
 
-    async def ready(self) -> tuple[Context, Outputs]:
+    async def ready(self) -> tuple[Resources, Outputs]:
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
-            if self.ctx is None or self.outputs is None:
+            if self.resources is None or self.outputs is None:
                 await self._open()
-        assert self.ctx is not None
+        assert self.resources is not None
         assert self.outputs is not None
-        return self.ctx, self.outputs
+        return self.resources, self.outputs
+
+    async def storage(self) -> Storage:
+        """The process's one database engine and repositories, shared by whoever needs them."""
+        if self._store is None:
+            from storage import open_storage
+
+            self._store = await open_storage(self.settings.database_url)
+            self.closers.append(self._store.close)
+        return self._store
+
+    async def open_resources(self, needs: Collection[Resource]) -> Resources:
+        """The resources ``needs`` names, each opened once (``OPENERS``), and no other."""
+        parts: dict[str, Any] = {}
+        for resource, opener in OPENERS.items():
+            if resource in needs:
+                parts.update(await opener(self))
+        return Resources(self.settings, **parts)
 
     async def _open(self) -> None:
-        from storage import open_storage
-
         settings = self.settings
-        policy = settings.policy
         await ensure_topics(settings)
-        store = await open_storage(settings.database_url)
-        self._closers.append(store.close)
-        ctx = Context(settings=settings, policy=policy, store=store)
-        if {"moderate-in", "moderate-out"} & set(self.stages):
-            from moderation import Moderator
-
-            ctx.moderator = Moderator.from_config(
-                policy.moderation, base_dir=settings.policy_file.parent
-            )
-        if "model" in self.stages:
-            from adapters import build_catalog
-
-            ctx.catalog = build_catalog(policy.models)
-            self._closers.append(ctx.catalog.aclose)
-        if "send" in self.stages:
-            from sender.service import ReplySender
-
-            ctx.sender = ReplySender.from_settings(settings, store.deliveries)
-            self._closers.append(ctx.sender.aclose)
+        resources = await self.open_resources(needs_of(self.stages))
         producer = new_producer(settings)
         await producer.start()
-        self._closers.append(producer.stop)
+        self.closers.append(producer.stop)
         self.outputs = Outputs(settings, producer)
-        self.ctx = ctx
+        self.resources = resources
         log.info("worker ready", extra={"stages": list(self.stages)})
 
     async def close(self) -> None:
-        for close in reversed(self._closers):
+        for close in reversed(self.closers):
             try:
                 await close()
             except Exception:
                 log.exception("error while closing")
-        self._closers.clear()
+        self.closers.clear()
 
 
 def build(settings: Settings, stages: Sequence[str]) -> tuple[StageApp, Runtime]:
@@ -106,8 +151,8 @@ def build(settings: Settings, stages: Sequence[str]) -> tuple[StageApp, Runtime]
         topic = app.topic(settings.topic(stage_cls.input_topic), key_type=bytes, value_type=bytes)
 
         async def agent(stream: Any, stage_cls: Any = stage_cls) -> None:
-            ctx, outputs = await runtime.ready()
-            boundary = Boundary(stage_cls(ctx), outputs, settings)
+            resources, outputs = await runtime.ready()
+            boundary = Boundary(stage_cls.build(resources), outputs, settings)
             lanes = KeyedLanes(
                 boundary,
                 max_in_flight=settings.stage_max_in_flight,

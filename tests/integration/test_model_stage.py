@@ -13,7 +13,7 @@ from core.settings import Settings
 from storage import Storage, open_storage
 from storage.schema import ModerationAuditRow, UsageRow
 from streams.boundary import AfterPublish, Emit
-from streams.stages import CallModel, Context
+from streams.stages import CallModel, Resources
 from tests.fakes.providers import FakeErnie
 from tests.integration.adapters.conftest import CatalogFactory, ernie_fake, make_catalog
 from tests.integration.adapters.helpers import entry_for
@@ -57,9 +57,7 @@ async def test_a_provider_asking_to_clear_history_gets_it_cleared_and_audited(
     ernie_fake.extra = {"need_clear_history": True, "ban_round": -1, "result": "抱歉，我无法回答。"}
     settings = make_settings()
     catalog = make_catalog({"ernie": entry_for(ernie_fake)})
-    stage = CallModel(
-        Context(settings=settings, policy=settings.policy, store=store, catalog=catalog)
-    )
+    stage = CallModel.build(Resources(settings, storage=store, catalog=catalog))
     env = _env(conv, user)
     [emit] = await stage.handle(env, deadline=time.monotonic() + 10)
 
@@ -85,9 +83,7 @@ async def test_a_completed_call_is_accounted_for_once_it_is_published(
     user = f"u{uuid.uuid4().hex[:8]}"
     settings = make_settings()
     catalog = make_catalog({"ernie": entry_for(ernie_fake)})
-    stage = CallModel(
-        Context(settings=settings, policy=settings.policy, store=store, catalog=catalog)
-    )
+    stage = CallModel.build(Resources(settings, storage=store, catalog=catalog))
     env = _env(f"chat:ai_bot:{user}", user)
     emit, after = await stage.handle(env, deadline=time.monotonic() + 10)
     assert isinstance(emit, Emit)

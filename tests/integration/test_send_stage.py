@@ -23,7 +23,7 @@ from sender.service import ReplySender, reply_digest
 from sender.split import part_end, split_reply
 from storage import open_storage
 from streams.boundary import Boundary, Outputs
-from streams.stages import Context, Send
+from streams.stages import Resources, Send
 from tests.integration.conftest import new_easemob_client
 
 
@@ -62,13 +62,11 @@ async def harness(
     store = await open_storage(db_url)
     client = new_easemob_client(simulator)
     sender = ReplySender(client, store.deliveries)
-    ctx = Context(settings=settings, policy=settings.policy, store=store, sender=sender)
+    stage = Send.build(Resources(settings, sender=sender))
     producer = new_producer(settings)
     await producer.start()
     try:
-        yield Harness(
-            Boundary(Send(ctx), Outputs(settings, producer), settings), settings, simulator
-        )
+        yield Harness(Boundary(stage, Outputs(settings, producer), settings), settings, simulator)
     finally:
         await producer.stop()
         await sender.aclose()

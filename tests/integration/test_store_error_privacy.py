@@ -22,7 +22,7 @@ from devtools.broker import consume_all
 from sender.service import ReplySender
 from storage import Storage, describe_db_error, open_storage
 from streams.boundary import Boundary, Outputs
-from streams.stages import Context, Send
+from streams.stages import Resources, Send
 from tests.integration.conftest import new_easemob_client
 from tests.integration.test_sender_claims import _delivered
 
@@ -81,7 +81,7 @@ async def test_a_database_error_in_a_stage_leaves_no_user_text_in_logs_or_the_dl
     settings = make_settings(stage_retry_base_s=0.01, stage_retry_max_s=0.05)
     await ensure_topics(settings)
     sender = ReplySender(new_easemob_client(simulator), pg_store.deliveries)
-    ctx = Context(settings=settings, policy=settings.policy, store=pg_store, sender=sender)
+    stage = Send.build(Resources(settings, sender=sender))
     producer = new_producer(settings)
     await producer.start()
     user = f"u{uuid.uuid4().hex[:8]}"
@@ -96,7 +96,7 @@ async def test_a_database_error_in_a_stage_leaves_no_user_text_in_logs_or_the_dl
         reply=Reply(text="回答"),
     )
     try:
-        boundary = Boundary(Send(ctx), Outputs(settings, producer), settings)
+        boundary = Boundary(stage, Outputs(settings, producer), settings)
         with caplog.at_level(logging.INFO):  # what production logs
             outcome = await boundary.process(
                 env.conversation_id.encode(), encode_envelope(env), "outbound", 0, 7

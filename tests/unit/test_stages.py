@@ -8,13 +8,13 @@ import uuid
 
 import pytest
 
-from adapters import build_catalog
+from adapters import ModelCatalog, build_catalog
 from core import topics
 from core.envelope import ChatType, Content, Envelope, Turn
 from core.settings import DEFAULT_POLICY_FILE, Settings, load_settings
 from moderation import Moderator
 from streams.boundary import AfterPublish, Emit
-from streams.stages import CallModel, Context, ModerateIn, ModerateOut, Route
+from streams.stages import CallModel, ModerateIn, ModerateOut, Route
 from tests.fakes.storage import FakeStorage
 
 
@@ -28,8 +28,10 @@ def store() -> FakeStorage:
     return FakeStorage()
 
 
-def _context(settings: Settings, store: FakeStorage, **parts: object) -> Context:
-    return Context(settings=settings, policy=settings.policy, store=store, **parts)  # type: ignore[arg-type]
+def _call_model(settings: Settings, store: FakeStorage, catalog: ModelCatalog) -> CallModel:
+    return CallModel(
+        settings.policy, catalog, audit=store.audit, history=store.history, usage=store.usage
+    )
 
 
 def _moderator(settings: Settings) -> Moderator:
@@ -56,7 +58,7 @@ def _deadline() -> float:
 async def test_moderate_in_passes_a_harmless_question_on(
     settings: Settings, store: FakeStorage
 ) -> None:
-    stage = ModerateIn(_context(settings, store, moderator=_moderator(settings)))
+    stage = ModerateIn(settings.policy, _moderator(settings), store.audit)
     [out] = await stage.handle(_env(), deadline=_deadline())
     assert isinstance(out, Emit)
     assert out.topic == topics.MODERATED
@@ -67,7 +69,7 @@ async def test_moderate_in_passes_a_harmless_question_on(
 async def test_moderate_in_answers_a_blocked_question_and_audits_it(
     settings: Settings, store: FakeStorage
 ) -> None:
-    stage = ModerateIn(_context(settings, store, moderator=_moderator(settings)))
+    stage = ModerateIn(settings.policy, _moderator(settings), store.audit)
     env = _env("请告诉我炸弹制作的方法")
     [out] = await stage.handle(env, deadline=_deadline())
     assert isinstance(out, Emit)
@@ -86,7 +88,7 @@ async def test_route_sends_the_history_window_with_the_question(
         Turn(role="assistant", content="之前的回答"),
     )
     store.history.windows[env.conversation_id] = earlier
-    [out] = await Route(_context(settings, store)).handle(env, deadline=_deadline())
+    [out] = await Route(settings.policy, store.history).handle(env, deadline=_deadline())
     assert isinstance(out, Emit)
     assert out.topic == topics.ROUTED
     assert out.envelope.route is not None
@@ -100,7 +102,7 @@ async def test_route_answers_a_message_it_cannot_send_to_a_model(
     settings: Settings, store: FakeStorage
 ) -> None:
     env = _env().model_copy(update={"content": Content(type="img")})
-    [out] = await Route(_context(settings, store)).handle(env, deadline=_deadline())
+    [out] = await Route(settings.policy, store.history).handle(env, deadline=_deadline())
     assert isinstance(out, Emit)
     assert out.topic == topics.OUTBOUND
     assert out.envelope.reply is not None
@@ -109,7 +111,7 @@ async def test_route_answers_a_message_it_cannot_send_to_a_model(
 
 
 async def _routed(settings: Settings, store: FakeStorage) -> Envelope:
-    [out] = await Route(_context(settings, store)).handle(_env(), deadline=_deadline())
+    [out] = await Route(settings.policy, store.history).handle(_env(), deadline=_deadline())
     assert isinstance(out, Emit)
     return out.envelope
 
@@ -122,9 +124,7 @@ async def test_call_model_completes_and_records_usage_after_publishing(
     )
     try:
         env = await _routed(settings, store)
-        emit, after = await CallModel(_context(settings, store, catalog=catalog)).handle(
-            env, deadline=_deadline()
-        )
+        emit, after = await _call_model(settings, store, catalog).handle(env, deadline=_deadline())
         assert isinstance(emit, Emit)
         assert emit.topic == topics.COMPLETED
         assert emit.envelope.completion is not None
@@ -146,9 +146,7 @@ async def test_call_model_gives_up_a_usage_row_the_database_keeps_refusing(
     )
     try:
         env = await _routed(settings, store)
-        _, after = await CallModel(_context(settings, store, catalog=catalog)).handle(
-            env, deadline=_deadline()
-        )
+        _, after = await _call_model(settings, store, catalog).handle(env, deadline=_deadline())
         assert isinstance(after, AfterPublish)
         store.usage.failures = 3
         await after.run()  # no exception
@@ -163,13 +161,13 @@ async def test_moderate_out_delivers_a_clean_answer(settings: Settings, store: F
     )
     try:
         routed = await _routed(settings, store)
-        completed, _ = await CallModel(_context(settings, store, catalog=catalog)).handle(
+        completed, _ = await _call_model(settings, store, catalog).handle(
             routed, deadline=_deadline()
         )
         assert isinstance(completed, Emit)
     finally:
         await catalog.aclose()
-    stage = ModerateOut(_context(settings, store, moderator=_moderator(settings)))
+    stage = ModerateOut(settings.policy, _moderator(settings), store.audit)
     [out] = await stage.handle(completed.envelope, deadline=_deadline())
     assert isinstance(out, Emit)
     assert out.topic == topics.OUTBOUND
@@ -181,7 +179,7 @@ async def test_moderate_out_delivers_a_clean_answer(settings: Settings, store: F
 async def test_moderate_out_without_a_completion_answers_with_the_fallback(
     settings: Settings, store: FakeStorage
 ) -> None:
-    stage = ModerateOut(_context(settings, store, moderator=_moderator(settings)))
+    stage = ModerateOut(settings.policy, _moderator(settings), store.audit)
     [out] = await stage.handle(_env(), deadline=_deadline())
     assert isinstance(out, Emit)
     assert out.envelope.reply is not None

@@ -1,0 +1,139 @@
+"""The pipeline table (streams.pipeline) is the one place the stages are declared: the
+classes, the worker's resources, the CLI, replay and the topic list all follow it."""
+
+from __future__ import annotations
+
+import uuid
+from itertools import combinations, pairwise
+from typing import get_args
+
+import pytest
+
+from cli.main import build_parser
+from core import topics
+from core.envelope import ChatType, Content, Envelope
+from core.errors import ConfigurationError, FatalError
+from core.settings import DEFAULT_POLICY_FILE, Settings, load_settings
+from streams import pipeline
+from streams.pipeline import PIPELINE, PROCESSING_STAGES, SENDER_STAGES, STAGE_NAMES, Resource
+from streams.stages import STAGES
+from streams.worker import OPENERS, Runtime
+
+
+@pytest.fixture
+def settings(sqlite_url: str) -> Settings:
+    return load_settings(
+        policy_file=DEFAULT_POLICY_FILE, callback_secrets="unit-secret", database_url=sqlite_url
+    )
+
+
+def _env() -> Envelope:
+    user = f"u{uuid.uuid4().hex[:8]}"
+    return Envelope(
+        msg_id=uuid.uuid4().hex,
+        conversation_id=f"chat:ai_bot:{user}",
+        chat_type=ChatType.direct,
+        sender=user,
+        to="ai_bot",
+        bot="ai_bot",
+        content=Content(type="txt", text="你好"),
+    )
+
+
+def test_the_table_reads_as_the_pipeline_top_to_bottom() -> None:
+    assert STAGE_NAMES == ("moderate-in", "route", "model", "moderate-out", "send")
+    assert [(row.input, row.forward) for row in PIPELINE] == [
+        (topics.INBOUND, topics.MODERATED),
+        (topics.MODERATED, topics.ROUTED),
+        (topics.ROUTED, topics.COMPLETED),
+        (topics.COMPLETED, topics.OUTBOUND),
+        (topics.OUTBOUND, topics.DELIVERED),
+    ]
+    assert PROCESSING_STAGES == ("moderate-in", "route", "model", "moderate-out")
+    assert SENDER_STAGES == ("send",)
+
+
+def test_core_topics_are_the_tables_topics_in_its_order() -> None:
+    """core.topics.ALL (what ensure_topics creates) cannot import streams: checked here."""
+    assert pipeline.TOPICS == topics.ALL
+
+
+def test_a_stage_writes_forward_to_the_next_rows_input() -> None:
+    for row, after in pairwise(PIPELINE):
+        assert row.forward == after.input
+        assert row.outputs[0] == after.input
+
+
+def test_every_row_has_its_class_bound_to_it() -> None:
+    assert list(STAGES) == list(STAGE_NAMES)
+    for row in PIPELINE:
+        cls = STAGES[row.name]
+        assert (cls.name, cls.input_topic, cls.forward) == (row.name, row.input, row.forward)
+
+
+def test_a_table_that_breaks_the_chain_is_refused() -> None:
+    row = pipeline.StageSpec("a", "t.a", frozenset(), answers_on_failure=True)
+    with pytest.raises(ValueError, match="must name its output"):
+        pipeline._chained(row)
+    last = pipeline.StageSpec("b", "t.b", frozenset(), answers_on_failure=False, forward="t.c")
+    with pytest.raises(ValueError, match="unique"):
+        pipeline._chained(row, row, last)
+    early = pipeline.StageSpec("c", "t.c", frozenset(), answers_on_failure=True, early=("t.x",))
+    with pytest.raises(ValueError, match="early"):
+        pipeline._chained(early, last)
+
+
+def test_the_worker_can_open_every_resource_a_row_may_name() -> None:
+    assert set(OPENERS) == set(get_args(Resource))
+
+
+@pytest.mark.parametrize("row", PIPELINE, ids=lambda row: row.name)
+async def test_a_stage_builds_from_exactly_the_resources_its_row_names(
+    settings: Settings, row: pipeline.StageSpec
+) -> None:
+    runtime = Runtime(settings, [row.name])
+    try:
+        stage = STAGES[row.name].build(await runtime.open_resources(row.needs))
+        assert stage.name == row.name
+        for fewer in combinations(sorted(row.needs), len(row.needs) - 1):
+            with pytest.raises(ConfigurationError, match="needs"):
+                STAGES[row.name].build(await runtime.open_resources(fewer))
+    finally:
+        await runtime.close()
+
+
+@pytest.mark.parametrize("row", PIPELINE, ids=lambda row: row.name)
+async def test_a_fatal_failure_answers_the_user_exactly_where_the_table_says(
+    settings: Settings, row: pipeline.StageSpec
+) -> None:
+    runtime = Runtime(settings, [row.name])
+    try:
+        stage = STAGES[row.name].build(await runtime.open_resources(row.needs))
+        emit = stage.fallback(_env(), FatalError("broken"))
+        if not row.answers_on_failure:
+            assert emit is None
+        else:
+            assert emit is not None
+            assert emit.topic == topics.OUTBOUND
+            assert emit.envelope.reply is not None
+            assert emit.envelope.reply.kind == "fallback"
+            assert emit.envelope.reply.text == settings.policy.replies.fallback
+    finally:
+        await runtime.close()
+
+
+def test_the_worker_opens_only_what_its_stages_need() -> None:
+    assert "sender" not in pipeline.needs_of(PROCESSING_STAGES)
+    assert pipeline.needs_of(SENDER_STAGES) == {"sender"}
+    assert pipeline.needs_of(["route"]) == {"storage"}
+
+
+def test_the_cli_offers_the_tables_stages() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["worker", "--stage", "model"]).stage == ["model"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["worker", "--stage", "no-such-stage"])
+    assert (
+        parser.parse_args(["replay", "--topic", "imbot.dlq", "--to-stage", "send"]).to_stage
+        == "send"
+    )
