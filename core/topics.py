@@ -12,9 +12,8 @@ OUTBOUND: Final = "imbot.outbound"
 DELIVERED: Final = "imbot.delivered"
 DLQ: Final = "imbot.dlq"
 
+# What ``ensure_topics`` creates, in the order a message meets them. The stages that
+# read and write them are declared in streams.pipeline (core imports nothing above it),
+# and tests/unit/test_pipeline_table.py checks this list against that table. A topic
+# name under a prefix is ``Settings.topic``.
 ALL: Final = (INBOUND, MODERATED, ROUTED, COMPLETED, OUTBOUND, DELIVERED, DLQ)
-
-
-def named(base: str, prefix: str) -> str:
-    """Topic name under an optional prefix (tests isolate themselves with one)."""
-    return f"{prefix}{base}" if prefix else base

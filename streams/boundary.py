@@ -82,11 +82,13 @@ class AfterPublish:
 class Stage(Protocol):
     name: str
     input_topic: str
-    user_waiting: bool  # whether a fatal failure should send the user a fallback reply
 
     async def handle(self, env: Envelope, *, deadline: float) -> Sequence[Emit | AfterPublish]: ...
 
-    def fallback(self, env: Envelope, error: BaseException) -> Emit | None: ...
+    def fallback(self, env: Envelope, error: BaseException) -> Emit | None:
+        """The reply for the waiting user after a fatal failure; None when nobody
+        waits on this stage (streams.pipeline's ``answers_on_failure``)."""
+        ...
 
 
 class Outputs:
@@ -111,8 +113,9 @@ class Boundary:
         self.settings = settings
         self.backoff = Backoff(settings.stage_retry_base_s, settings.stage_retry_max_s)
 
-    async def __call__(self, event: Any) -> bool:
-        """Handle one Faust event; returns whether it may be acknowledged."""
+    async def __call__(self, event: Any) -> None:
+        """Handle one Faust event; once this returns, it may be acknowledged (its
+        outputs or its DLQ record are published)."""
         message = event.message
         started = time.perf_counter()
         outcome = await self.process(
@@ -120,7 +123,6 @@ class Boundary:
         )
         PROCESSED.labels(self.stage.name, outcome).inc()
         STAGE_SECONDS.labels(self.stage.name).observe(time.perf_counter() - started)
-        return True
 
     async def process(
         self, key: bytes | None, value: bytes | None, topic: str, partition: int, offset: int
@@ -217,10 +219,9 @@ class Boundary:
         env: Envelope,
     ) -> None:
         await self._dlq(key, value, where, exc, attempts=attempts, env=env)
-        if self.stage.user_waiting:
-            emit = self.stage.fallback(env, exc)
-            if emit is not None:
-                await self._publish_forever(emit.topic, key, encode_envelope(emit.envelope))
+        emit = self.stage.fallback(env, exc)
+        if emit is not None:
+            await self._publish_forever(emit.topic, key, encode_envelope(emit.envelope))
 
     async def _dlq(
         self,

@@ -45,7 +45,11 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
-Handler = Callable[[Any], Awaitable[bool]]  # returns False to leave the event unacknowledged
+# Handles one event for good (its outputs or its DLQ record published): the event is
+# acknowledged once it returns. One that raises stays unacknowledged (and holds back
+# the acknowledgements of its partition), so it is redelivered after a restart. What
+# it returns is ignored.
+Handler = Callable[[Any], Awaitable[object]]
 
 
 class _Pending:
@@ -116,16 +120,14 @@ class KeyedLanes:
             await asyncio.wait([previous])
         if earlier is not None and earlier.task is not None and not earlier.task.done():
             await asyncio.wait([earlier.task])
-        if earlier is not None and earlier.done:
-            handled = True  # this very record was handled before its partition came back
-        else:
+        # Unless this very record was handled before its partition came back:
+        if earlier is None or not earlier.done:
             async with self._running:
                 pending.started = True
-                handled = await self.handler(pending.event)
-        if handled:
-            pending.done = True
-            # Released meanwhile: it is no longer queued, so it is never acknowledged.
-            await self._ack_ready(stream, pending.event.message.tp)
+                await self.handler(pending.event)
+        pending.done = True
+        # Released meanwhile: it is no longer queued, so it is never acknowledged.
+        await self._ack_ready(stream, pending.event.message.tp)
 
     async def _ack_ready(self, stream: Any, tp: Any) -> None:
         queue = self._partitions.get(tp)

@@ -142,10 +142,6 @@ class PipelineStage:
         cls.forward = cls.spec.forward
         STAGES[stage] = cls
 
-    @property
-    def user_waiting(self) -> bool:
-        return self.spec.answers_on_failure
-
     @classmethod
     def build(cls, r: Resources) -> Self:
         """The stage over the parts of ``r`` its row names in ``needs``."""

@@ -42,7 +42,6 @@ class ScriptedStage:
 
     name = "scripted"
     input_topic = topics.ROUTED
-    user_waiting = True
 
     def __init__(self, failures: Sequence[Exception]) -> None:
         self.failures = list(failures)
