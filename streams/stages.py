@@ -134,6 +134,8 @@ class PipelineStage:
 
     def __init_subclass__(cls, *, stage: str, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if stage not in pipeline.BY_NAME:
+            raise TypeError(f"no row {stage!r} in streams.pipeline.PIPELINE: add it there")
         if stage in STAGES:
             raise TypeError(f"stage {stage!r} has two classes")
         cls.spec = pipeline.spec(stage)

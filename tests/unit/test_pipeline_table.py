@@ -16,7 +16,7 @@ from core.errors import ConfigurationError, FatalError
 from core.settings import DEFAULT_POLICY_FILE, Settings, load_settings
 from streams import pipeline
 from streams.pipeline import PIPELINE, PROCESSING_STAGES, SENDER_STAGES, STAGE_NAMES, Resource
-from streams.stages import STAGES
+from streams.stages import STAGES, PipelineStage, Route
 from streams.worker import OPENERS, Runtime
 
 
@@ -69,6 +69,20 @@ def test_every_row_has_its_class_bound_to_it() -> None:
     for row in PIPELINE:
         cls = STAGES[row.name]
         assert (cls.name, cls.input_topic, cls.forward) == (row.name, row.input, row.forward)
+
+
+def test_a_class_binds_to_a_row_of_the_table_and_only_one_class_does() -> None:
+    with pytest.raises(TypeError, match="no row 'review'"):
+
+        class Review(PipelineStage, stage="review"):
+            pass
+
+    with pytest.raises(TypeError, match="two classes"):
+
+        class OtherRoute(PipelineStage, stage="route"):
+            pass
+
+    assert STAGES["route"] is Route
 
 
 def test_a_table_that_breaks_the_chain_is_refused() -> None:
