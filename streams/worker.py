@@ -27,7 +27,10 @@ from streams.lanes import KeyedLanes
 from streams.pipeline import PROCESSING_STAGES, Resource, needs_of
 from streams.stages import STAGES, Resources
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # each loaded only by the workers whose stages need it
+    from adapters import ModelCatalog
+    from moderation import Moderator
+    from sender.service import ReplySender
     from storage import Storage
 
 log = logging.getLogger("imbot.worker")
@@ -37,39 +40,36 @@ __all__ = ["PROCESSING_STAGES", "Runtime", "build", "main"]
 Closer = Callable[[], Awaitable[Any]]
 
 
-async def _open_storage(runtime: Runtime) -> dict[str, Any]:
-    return {"storage": await runtime.storage()}
+async def _open_storage(runtime: Runtime) -> Storage:
+    return await runtime.storage()
 
 
-async def _open_moderator(runtime: Runtime) -> dict[str, Any]:
+async def _open_moderator(runtime: Runtime) -> Moderator:
     from moderation import Moderator
 
     settings = runtime.settings
-    moderator = Moderator.from_config(
-        settings.policy.moderation, base_dir=settings.policy_file.parent
-    )
-    return {"moderator": moderator}
+    return Moderator.from_config(settings.policy.moderation, base_dir=settings.policy_file.parent)
 
 
-async def _open_catalog(runtime: Runtime) -> dict[str, Any]:
+async def _open_catalog(runtime: Runtime) -> ModelCatalog:
     from adapters import build_catalog
 
     catalog = build_catalog(runtime.settings.policy.models)
     runtime.closers.append(catalog.aclose)
-    return {"catalog": catalog}
+    return catalog
 
 
-async def _open_sender(runtime: Runtime) -> dict[str, Any]:
+async def _open_sender(runtime: Runtime) -> ReplySender:
     from sender.service import ReplySender
 
     store = await runtime.storage()
     sender = ReplySender.from_settings(runtime.settings, store.deliveries)
     runtime.closers.append(sender.aclose)
-    return {"sender": sender}
+    return sender
 
 
 # How each resource a row may name (``StageSpec.needs``) is opened, in this order.
-OPENERS: dict[Resource, Callable[[Runtime], Awaitable[dict[str, Any]]]] = {
+OPENERS: dict[Resource, Callable[[Runtime], Awaitable[object]]] = {
     "storage": _open_storage,
     "moderator": _open_moderator,
     "catalog": _open_catalog,
@@ -109,11 +109,12 @@ class Runtime:
         return self._store
 
     async def open_resources(self, needs: Collection[Resource]) -> Resources:
-        """The resources ``needs`` names, each opened once (``OPENERS``), and no other."""
+        """The parts ``needs`` names (opened by ``OPENERS``), and no other; the storage
+        is opened once per process and shared (the sender writes its ledger there)."""
         parts: dict[str, Any] = {}
         for resource, opener in OPENERS.items():
             if resource in needs:
-                parts.update(await opener(self))
+                parts[resource] = await opener(self)
         return Resources(self.settings, **parts)
 
     async def _open(self) -> None:
