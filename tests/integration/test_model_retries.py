@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from adapters import ModelCatalog
 from core import topics
 from core.envelope import (
     ChatType,
@@ -25,8 +24,8 @@ from core.kafka import ensure_topics, new_producer
 from core.settings import Settings
 from devtools.broker import consume_all
 from storage import Storage, open_storage
-from streams import stages
-from streams.boundary import Boundary, Outputs, Stage
+from streams.boundary import Boundary, Outputs
+from streams.stages import CallModel, Resources
 from tests.fakes.providers import REPLY_TEXT, FakeOpenAI, openai_error
 from tests.integration.adapters.conftest import (
     CatalogFactory,
@@ -60,19 +59,6 @@ async def outputs(make_settings: Callable[..., Settings]) -> AsyncIterator[Outpu
 
 def _retry(max_attempts: int) -> dict[str, object]:
     return {"max_attempts": max_attempts, "base_delay_s": 0.01, "max_delay_s": 0.02}
-
-
-def _model_stage(settings: Settings, store: Storage, catalog: ModelCatalog) -> Stage:
-    """The real model stage. streams.stages is being restructured (its ``Context``
-    becomes ``Resources``) while this lands: build it with whichever is there."""
-    resources = getattr(stages, "Resources", None)
-    if resources is not None:
-        built: Stage = stages.CallModel.build(resources(settings, storage=store, catalog=catalog))
-        return built
-    context = stages.Context(  # type: ignore[attr-defined]
-        settings=settings, policy=settings.policy, store=store, catalog=catalog
-    )
-    return stages.CallModel(context)  # type: ignore[call-arg,no-any-return]
 
 
 def _env(models: tuple[str, ...]) -> Envelope:
@@ -109,7 +95,7 @@ async def test_a_provider_that_always_fails_is_called_no_more_than_the_documente
         }
     )
     settings = outputs.settings
-    stage = _model_stage(settings, store, catalog)
+    stage = CallModel.build(Resources(settings, storage=store, catalog=catalog))
     env = _env(("primary", "secondary"))
 
     outcome = await Boundary(stage, outputs, settings).process(
@@ -156,7 +142,7 @@ async def test_a_chain_whose_circuits_are_all_open_is_tried_again_after_the_cool
         await catalog.complete(["primary"], REQUEST, deadline_s=2)
     assert catalog.entry("primary").breaker.state == "open"
     settings = outputs.settings
-    stage = _model_stage(settings, store, catalog)
+    stage = CallModel.build(Resources(settings, storage=store, catalog=catalog))
     env = _env(("primary",))
 
     outcome = await Boundary(stage, outputs, settings).process(
