@@ -22,6 +22,8 @@ mechanisms, because neither covers every case:
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -155,9 +157,10 @@ class DevStack:
             kafka_embedded=env.get("IMBOT_KAFKA_EMBEDDED", "").lower() == "true",
             topic_prefix=env.get("IMBOT_TOPIC_PREFIX", ""),
         )
-        import asyncio
-
-        asyncio.run(ensure_topics(settings))
+        # In a thread of its own, as ``upgrade`` does: ``asyncio.run`` here would
+        # replace (and leave unset) the event loop of a caller inside pytest-asyncio.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            pool.submit(asyncio.run, ensure_topics(settings)).result()
         self._spawn(
             "simulator",
             [
