@@ -19,7 +19,7 @@ import functools
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Self
 
 from prometheus_client import Counter
@@ -34,6 +34,7 @@ from core.errors import (
     StorageError,
     StorageUnavailable,
 )
+from core.retry import Backoff
 from core.settings import Policy, Replies, Settings
 from storage import AuditEntry, AuditLog, History, StageStorage, UsageRecords
 from streams import pipeline
@@ -278,18 +279,14 @@ class CallModel(PipelineStage, stage="model"):
             )
         except ContentRejected as exc:
             # The provider's safety system refused: audited like our own moderation.
-            category = f"provider_{exc.stage}"
-            MODERATION_DECISIONS.labels("model", category, "block").inc()
-            await self.audit.record_audit(
-                env.msg_id,
-                "model",
-                [AuditEntry("provider", (exc.provider or "unknown")[:120], category, "block")],
-            )
-            if exc.clear_history:
-                # e.g. ERNIE's need_clear_history: later turns would be refused again
-                # (and the provider asks for it) unless the risky context is dropped.
-                await self.history.clear_history(env.conversation_id)
-            return [_answer(env, self.name, self.replies.rejected, "rejected")]
+            # The audit row (and the history clear a provider may ask for) is written
+            # after the reply is published, like the usage row: a database hiccup here
+            # must not make the boundary call the provider again.
+            MODERATION_DECISIONS.labels("model", f"provider_{exc.stage}", "block").inc()
+            return [
+                _answer(env, self.name, self.replies.rejected, "rejected"),
+                AfterPublish(functools.partial(self._record_refusal, env, exc)),
+            ]
         completion = Completion(
             text=result.text,
             finish_reason=result.finish_reason,
@@ -312,29 +309,51 @@ class CallModel(PipelineStage, stage="model"):
         ]
 
     async def _record_usage(self, env: Envelope, completion: Completion) -> None:
-        """Account for the paid call now; a database hiccup must not buy it twice.
+        """Account for the paid call now; a database hiccup must not buy it twice."""
+        if not await _after_call_write(
+            "usage row", env, functools.partial(self.usage.record_usage, env, completion)
+        ):
+            USAGE_LOST.inc()
 
-        Raising here would make the boundary call the model again, so the write is
-        retried a few times on its own and then given up with an error line (the
-        token and cost metrics were already counted by the adapter). Three tries,
-        waiting up to 0.1 s and 0.2 s between them (core.retry's full jitter).
-        """
-        from core.retry import Backoff  # local: this method's edit stays in this method
+    async def _record_refusal(self, env: Envelope, exc: ContentRejected) -> None:
+        category = f"provider_{exc.stage}"
+        entry = AuditEntry("provider", (exc.provider or "unknown")[:120], category, "block")
+        await _after_call_write(
+            "refusal audit",
+            env,
+            functools.partial(self.audit.record_audit, env.msg_id, "model", [entry]),
+        )
+        if exc.clear_history:
+            # e.g. ERNIE's need_clear_history: later turns would be refused again
+            # (and the provider asks for it) unless the risky context is dropped.
+            await _after_call_write(
+                "history clear",
+                env,
+                functools.partial(self.history.clear_history, env.conversation_id),
+            )
 
-        tries, backoff = 3, Backoff(base=0.1, cap=0.2)
-        for attempt in range(1, tries + 1):
-            try:
-                await self.usage.record_usage(env, completion)
-                return
-            except (StorageUnavailable, StorageError) as exc:
-                if attempt == tries:
-                    USAGE_LOST.inc()
-                    log.error(
-                        "usage row not written",
-                        extra={"msg_id": env.msg_id, "error": type(exc).__name__},
-                    )
-                    return
-                await asyncio.sleep(backoff.delay(attempt))
+
+async def _after_call_write(what: str, env: Envelope, write: Callable[[], Awaitable[None]]) -> bool:
+    """A write that follows a paid model call; True when it was written.
+
+    Raising would make the boundary call the model again, so the write is retried a
+    few times on its own and then given up with an error line: three tries, waiting
+    up to 0.1 s and 0.2 s between them (core.retry's full jitter).
+    """
+    tries, backoff = 3, Backoff(base=0.1, cap=0.2)
+    for attempt in range(1, tries + 1):
+        try:
+            await write()
+            return True
+        except (StorageUnavailable, StorageError) as exc:
+            if attempt == tries:
+                log.error(
+                    f"{what} not written",
+                    extra={"msg_id": env.msg_id, "error": type(exc).__name__},
+                )
+                return False
+            await asyncio.sleep(backoff.delay(attempt))
+    return False
 
 
 class ModerateOut(PipelineStage, stage="moderate-out"):

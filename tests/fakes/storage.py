@@ -17,8 +17,12 @@ from storage import AuditEntry
 @dataclass
 class FakeAudit:
     entries: list[tuple[str, str, AuditEntry]] = field(default_factory=list)
+    failures: int = 0  # the next this many writes find the database unavailable
 
     async def record_audit(self, msg_id: str, stage: str, entries: Iterable[AuditEntry]) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise StorageUnavailable("database unavailable", error_class="OperationalError")
         self.entries.extend((msg_id, stage, e) for e in entries)
 
 

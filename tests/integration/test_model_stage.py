@@ -59,7 +59,7 @@ async def test_a_provider_asking_to_clear_history_gets_it_cleared_and_audited(
     catalog = make_catalog({"ernie": entry_for(ernie_fake)})
     stage = CallModel.build(Resources(settings, storage=store, catalog=catalog))
     env = _env(conv, user)
-    [emit] = await stage.handle(env, deadline=time.monotonic() + 10)
+    emit, after = await stage.handle(env, deadline=time.monotonic() + 10)
 
     assert isinstance(emit, Emit)
     assert emit.envelope.reply is not None
@@ -67,6 +67,9 @@ async def test_a_provider_asking_to_clear_history_gets_it_cleared_and_audited(
         "rejected",
         settings.policy.replies.rejected,
     )
+    # The audit row and the history clear are written once the reply is published.
+    assert isinstance(after, AfterPublish)
+    await after.run()
     assert await store.history.history_window(conv, turns=10, token_budget=1000) == ()
     assert (
         await count_rows(store.database, ModerationAuditRow, msg_id=env.msg_id, stage="model") == 1

@@ -3,14 +3,17 @@ demo model: what each one emits and what it records, in milliseconds."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 import pytest
 
-from adapters import ModelCatalog, build_catalog
+from adapters import ChatRequest, CompletionResult, ModelCatalog, StreamEvent, build_catalog
 from core import topics
-from core.envelope import ChatType, Content, Envelope, Turn
+from core.envelope import ChatType, Content, Envelope, RouteDecision, Turn
+from core.errors import ContentRejected
 from core.settings import DEFAULT_POLICY_FILE, Settings, load_settings
 from moderation import Moderator
 from streams.boundary import AfterPublish, Emit
@@ -184,3 +187,47 @@ async def test_moderate_out_without_a_completion_answers_with_the_fallback(
     assert isinstance(out, Emit)
     assert out.envelope.reply is not None
     assert out.envelope.reply.kind == "fallback"
+
+
+class RefusingModel:
+    """A ChatModel whose provider's safety system refuses every question."""
+
+    name = "refuser"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def complete(self, request: ChatRequest) -> CompletionResult:
+        self.calls += 1
+        raise ContentRejected("refused", stage="input", clear_history=True, provider="fake")
+
+    def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        raise NotImplementedError
+
+
+async def test_a_refusal_is_audited_after_publishing_so_a_database_hiccup_calls_no_model_again(
+    settings: Settings, store: FakeStorage
+) -> None:
+    demo = build_catalog(
+        {"demo": {"provider": "demo", "price": {"input": 0, "output": 0, "currency": "CNY"}}}
+    )
+    refuser = RefusingModel()
+    entry = demo.entry("demo")
+    catalog = ModelCatalog({"demo": dataclasses.replace(entry, model=refuser)})
+    store.audit.failures = 2  # the database refuses the audit row twice
+    env = _env().model_copy(update={"route": RouteDecision(route="default", models=("demo",))})
+    try:
+        emit, after = await _call_model(settings, store, catalog).handle(env, deadline=_deadline())
+        assert isinstance(emit, Emit)
+        assert emit.envelope.reply is not None
+        assert emit.envelope.reply.kind == "rejected"
+        assert isinstance(after, AfterPublish)
+        await after.run()  # retried on its own, never by re-running the stage
+        assert refuser.calls == 1
+        assert [(m, s, e.category) for m, s, e in store.audit.entries] == [
+            (env.msg_id, "model", "provider_input")
+        ]
+        assert store.history.cleared == [env.conversation_id]
+    finally:
+        await catalog.aclose()
+        await demo.aclose()
