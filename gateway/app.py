@@ -31,7 +31,7 @@ from core.limits import LOGGED_VALUE_MAX
 from core.retry import Backoff
 from core.settings import Settings
 from gateway.callback import CallbackRejected, decide, verify
-from gateway.replay import CallIds, ReplayStoreUnavailable, new_call_ids
+from gateway.replay import CallIds, MemoryCallIds, ReplayStoreUnavailable, new_call_ids
 
 if TYPE_CHECKING:
     from moderation import Moderator
@@ -436,11 +436,14 @@ class CallbackHandler:
             return "duplicate", _answer(self.accepted)
         if call_ids is not None and message.call_id is not None:
             assert message.easemob_timestamp is not None  # verify() required it
+            expires_at_ms = message.easemob_timestamp + self.window_ms
             try:
-                async with asyncio.timeout(self.replay_timeout):
-                    new_call_id = await call_ids.first_use(
-                        message.call_id, message.easemob_timestamp + self.window_ms
-                    )
+                if isinstance(call_ids, MemoryCallIds):
+                    # Nothing to wait for: no coroutine, no timer armed per request.
+                    new_call_id = call_ids.record(message.call_id, expires_at_ms)
+                else:
+                    async with asyncio.timeout(self.replay_timeout):
+                        new_call_id = await call_ids.first_use(message.call_id, expires_at_ms)
             except (ReplayStoreUnavailable, TimeoutError) as exc:
                 why = exc.why if isinstance(exc, ReplayStoreUnavailable) else "timeout"
                 REPLAY_STORE_FAILURES.labels(why).inc()

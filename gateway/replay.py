@@ -88,7 +88,9 @@ class MemoryCallIds:
             if expiry.get(call_id) == at:
                 del expiry[call_id]
 
-    def _record(self, call_id: str, expires_at_ms: int) -> bool:
+    def record(self, call_id: str, expires_at_ms: int) -> bool:
+        """``first_use`` without a coroutine: the gateway calls this directly, since
+        nothing here waits (no timeout to arm per request)."""
         now = _now_ms()
         self._evict(now)
         if call_id in self._expiry:
@@ -98,10 +100,10 @@ class MemoryCallIds:
         return True
 
     async def first_use(self, call_id: str, expires_at_ms: int) -> bool:
-        return self._record(call_id, expires_at_ms)
+        return self.record(call_id, expires_at_ms)
 
     def remember(self, call_id: str, expires_at_ms: int) -> None:
-        self._record(call_id, expires_at_ms)
+        self.record(call_id, expires_at_ms)
 
 
 # A row whose time has passed may be taken again (the window would refuse a replay
