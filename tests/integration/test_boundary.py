@@ -10,8 +10,6 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from core import topics
 from core.envelope import (
-    ChatType,
-    Content,
     DlqRecord,
     Envelope,
     Reply,
@@ -23,18 +21,11 @@ from core.kafka import ensure_topics, new_producer
 from core.settings import Settings
 from devtools.broker import consume_all
 from streams.boundary import AfterPublish, Boundary, Emit, Outputs
+from tests.envelopes import direct_envelope
 
 
 def _env() -> Envelope:
-    return Envelope(
-        msg_id="1290000000000000001",
-        conversation_id="chat:ai_bot:alice",
-        chat_type=ChatType.direct,
-        sender="alice",
-        to="ai_bot",
-        bot="ai_bot",
-        content=Content(type="txt", text="你好"),
-    )
+    return direct_envelope(user="alice", msg_id="1290000000000000001")
 
 
 class ScriptedStage:

@@ -4,15 +4,12 @@ model call's repeats, and the boundary does not run the model stage again after 
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 
 from core import topics
 from core.envelope import (
-    ChatType,
-    Content,
     DlqRecord,
     Envelope,
     RouteDecision,
@@ -26,6 +23,7 @@ from devtools.broker import consume_all
 from storage import Storage, open_storage
 from streams.boundary import Boundary, Outputs
 from streams.stages import CallModel, Resources
+from tests.envelopes import direct_envelope
 from tests.fakes.providers import REPLY_TEXT, FakeOpenAI, openai_error
 from tests.integration.adapters.conftest import (
     CatalogFactory,
@@ -62,17 +60,7 @@ def _retry(max_attempts: int) -> dict[str, object]:
 
 
 def _env(models: tuple[str, ...]) -> Envelope:
-    user = f"u{uuid.uuid4().hex[:8]}"
-    return Envelope(
-        msg_id=uuid.uuid4().hex,
-        conversation_id=f"chat:ai_bot:{user}",
-        chat_type=ChatType.direct,
-        sender=user,
-        to="ai_bot",
-        bot="ai_bot",
-        content=Content(type="txt", text="你好"),
-        route=RouteDecision(route="default", models=models),
-    )
+    return direct_envelope(route=RouteDecision(route="default", models=models))
 
 
 def _always_overloaded(fake: FakeOpenAI) -> None:

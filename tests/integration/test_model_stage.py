@@ -8,12 +8,13 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from core.envelope import ChatType, Content, Envelope, RouteDecision
+from core.envelope import Envelope, RouteDecision
 from core.settings import Settings
 from storage import Storage, open_storage
 from storage.schema import ModerationAuditRow, UsageRow
 from streams.boundary import AfterPublish, Emit
 from streams.stages import CallModel, Resources
+from tests.envelopes import direct_envelope
 from tests.fakes.providers import FakeErnie
 from tests.integration.adapters.conftest import CatalogFactory, ernie_fake, make_catalog
 from tests.integration.adapters.helpers import entry_for
@@ -30,14 +31,10 @@ async def store(db_url: str) -> AsyncIterator[Storage]:
 
 
 def _env(conv: str, user: str) -> Envelope:
-    return Envelope(
-        msg_id=uuid.uuid4().hex,
+    return direct_envelope(
+        "一个有风险的问题",
+        user=user,
         conversation_id=conv,
-        chat_type=ChatType.direct,
-        sender=user,
-        to="ai_bot",
-        bot="ai_bot",
-        content=Content(type="txt", text="一个有风险的问题"),
         route=RouteDecision(route="default", models=("ernie",)),
     )
 

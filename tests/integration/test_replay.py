@@ -18,7 +18,6 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from core import topics
 from core.envelope import (
-    ChatType,
     Completion,
     Content,
     Delivery,
@@ -34,21 +33,13 @@ from core.kafka import ensure_topics, new_producer
 from core.settings import Settings
 from devtools.broker import consume_all
 from streams.replay import Bounds, parse_time, replay, trace
+from tests.envelopes import direct_envelope
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _env(msg_id: str, user: str = "alice", **changes: Any) -> Envelope:
-    env = Envelope(
-        msg_id=msg_id,
-        conversation_id=f"chat:ai_bot:{user}",
-        chat_type=ChatType.direct,
-        sender=user,
-        to="ai_bot",
-        bot="ai_bot",
-        content=Content(type="txt", text="你好"),
-    )
-    return env.model_copy(update=changes)
+    return direct_envelope(user=user, msg_id=msg_id, **changes)
 
 
 class Topics:

@@ -25,11 +25,12 @@ import orjson
 import pytest
 
 from core import topics
-from core.envelope import ChatType, Content, Envelope, RouteDecision, encode_envelope
+from core.envelope import Envelope, RouteDecision, encode_envelope
 from core.kafka import ensure_topics, new_producer
 from core.settings import load_settings
 from devtools.broker import EmbeddedBroker, consume_all
 from streams.lanes import KeyedLanes
+from tests.envelopes import direct_envelope
 from tests.fakes.faust_stream import FakeEvent, FakeStream
 
 POLICY = """
@@ -42,16 +43,7 @@ PARTITIONS = 4
 
 
 def _routed(user: str) -> Envelope:
-    return Envelope(
-        msg_id=uuid.uuid4().hex,
-        conversation_id=f"chat:ai_bot:{user}",
-        chat_type=ChatType.direct,
-        sender=user,
-        to="ai_bot",
-        bot="ai_bot",
-        content=Content(type="txt", text="你好"),
-        route=RouteDecision(route="default", models=("demo",)),
-    )
+    return direct_envelope(user=user, route=RouteDecision(route="default", models=("demo",)))
 
 
 def _assigned(log: Path) -> list[set[int]]:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from core import topics
-from core.envelope import ChatType, Content, DlqRecord, Envelope, Reply, encode_envelope
+from core.envelope import DlqRecord, Envelope, Reply, encode_envelope
 from core.kafka import ensure_topics, new_producer
 from core.settings import Settings
 from devtools.broker import consume_all
@@ -24,6 +24,7 @@ from sender.split import part_end, split_reply
 from storage import open_storage
 from streams.boundary import Boundary, Outputs
 from streams.stages import Resources, Send
+from tests.envelopes import direct_envelope
 from tests.integration.conftest import new_easemob_client
 
 
@@ -74,16 +75,7 @@ async def harness(
 
 
 def _env(text: str, user: str) -> Envelope:
-    return Envelope(
-        msg_id=uuid.uuid4().hex,
-        conversation_id=f"chat:ai_bot:{user}",
-        chat_type=ChatType.direct,
-        sender=user,
-        to="ai_bot",
-        bot="ai_bot",
-        content=Content(type="txt", text="问题"),
-        reply=Reply(text=text),
-    )
+    return direct_envelope("问题", user=user, reply=Reply(text=text))
 
 
 @pytest.mark.parametrize(

@@ -15,12 +15,13 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 
-from core.envelope import ChatType, Content, Envelope, Reply
+from core.envelope import Envelope, Reply
 from core.errors import RetryableError
 from sender.easemob import EasemobClient
 from sender.service import ReplySender
 from sender.split import part_end, split_reply
 from storage import UNCERTAIN_CLAIM, Storage, open_storage
+from tests.envelopes import direct_envelope
 from tests.integration.conftest import new_easemob_client
 
 TEXT = "".join(f"第{i}句话，内容比较长一些。" for i in range(250))  # 4 parts of 3,000 bytes
@@ -34,16 +35,7 @@ async def store(db_url: str) -> AsyncIterator[Storage]:
 
 
 def _env(user: str, text: str = TEXT) -> Envelope:
-    return Envelope(
-        msg_id=uuid.uuid4().hex,
-        conversation_id=f"chat:ai_bot:{user}",
-        chat_type=ChatType.direct,
-        sender=user,
-        to="ai_bot",
-        bot="ai_bot",
-        content=Content(type="txt", text="问题"),
-        reply=Reply(text=text),
-    )
+    return direct_envelope("问题", user=user, reply=Reply(text=text))
 
 
 async def _delivered(simulator: str, to: str) -> list[dict[str, Any]]:

@@ -4,7 +4,6 @@ import pytest
 
 from core.envelope import (
     ChatType,
-    Content,
     Envelope,
     RouteDecision,
     Turn,
@@ -14,19 +13,13 @@ from core.envelope import (
     encode_envelope,
 )
 from core.errors import UndecodableError
+from tests.envelopes import direct_envelope
 
 
 def _env(**changes: object) -> Envelope:
-    env = Envelope(
-        msg_id="1290012345678901234",
-        conversation_id="chat:ai_bot:alice",
-        chat_type=ChatType.direct,
-        sender="alice",
-        to="ai_bot",
-        bot="ai_bot",
-        content=Content(type="txt", text="我的电话是13812345678"),
+    return direct_envelope(
+        "我的电话是13812345678", user="alice", msg_id="1290012345678901234", **changes
     )
-    return env.model_copy(update=changes)
 
 
 def test_round_trip_keeps_every_section() -> None:

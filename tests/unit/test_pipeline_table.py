@@ -3,7 +3,6 @@ classes, the worker's resources, the CLI, replay and the topic list all follow i
 
 from __future__ import annotations
 
-import uuid
 from itertools import combinations, pairwise
 from typing import get_args
 
@@ -11,13 +10,14 @@ import pytest
 
 from cli.main import build_parser
 from core import topics
-from core.envelope import ChatType, Content, Envelope
+from core.envelope import Envelope
 from core.errors import ConfigurationError, FatalError
 from core.settings import DEFAULT_POLICY_FILE, Settings, load_settings
 from streams import pipeline
 from streams.pipeline import PIPELINE, PROCESSING_STAGES, SENDER_STAGES, STAGE_NAMES, Resource
 from streams.stages import STAGES, PipelineStage, Route
 from streams.worker import OPENERS, Runtime
+from tests.envelopes import direct_envelope
 
 
 @pytest.fixture
@@ -28,16 +28,7 @@ def settings(sqlite_url: str) -> Settings:
 
 
 def _env() -> Envelope:
-    user = f"u{uuid.uuid4().hex[:8]}"
-    return Envelope(
-        msg_id=uuid.uuid4().hex,
-        conversation_id=f"chat:ai_bot:{user}",
-        chat_type=ChatType.direct,
-        sender=user,
-        to="ai_bot",
-        bot="ai_bot",
-        content=Content(type="txt", text="你好"),
-    )
+    return direct_envelope()
 
 
 def test_the_table_reads_as_the_pipeline_top_to_bottom() -> None:

@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 import pytest
 
 from adapters import ChatRequest, CompletionResult, ModelCatalog, StreamEvent, build_catalog
 from core import topics
-from core.envelope import ChatType, Content, Envelope, RouteDecision, Turn
+from core.envelope import Content, Envelope, RouteDecision, Turn
 from core.errors import ContentRejected
 from core.settings import DEFAULT_POLICY_FILE, Settings, load_settings
 from moderation import Moderator
 from streams.boundary import AfterPublish, Emit
 from streams.stages import CallModel, ModerateIn, ModerateOut, Route
+from tests.envelopes import direct_envelope
 from tests.fakes.storage import FakeStorage
 
 
@@ -42,16 +42,7 @@ def _moderator(settings: Settings) -> Moderator:
 
 
 def _env(text: str = "你好，今天天气怎么样？") -> Envelope:
-    user = f"u{uuid.uuid4().hex[:8]}"
-    return Envelope(
-        msg_id=uuid.uuid4().hex,
-        conversation_id=f"chat:ai_bot:{user}",
-        chat_type=ChatType.direct,
-        sender=user,
-        to="ai_bot",
-        bot="ai_bot",
-        content=Content(type="txt", text=text),
-    )
+    return direct_envelope(text)
 
 
 def _deadline() -> float:
