@@ -177,9 +177,14 @@ class GroupCommit:
     failed commit fails every row in it; each caller retries its own.
     """
 
-    def __init__(self, database: Database, statement: TextClause) -> None:
+    def __init__(
+        self, database: Database, statement: TextClause, *, order_by: str | None = None
+    ) -> None:
         self._database = database
         self._statement = statement
+        # Rows that may update an existing row are written in this key's order, so two
+        # processes' batches lock the same rows in the same order (no deadlock).
+        self._order_by = order_by
         self._rows: list[dict[str, Any]] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._flushing: asyncio.Task[None] | None = None
@@ -196,17 +201,30 @@ class GroupCommit:
         while self._rows:
             rows, waiters = self._rows, self._waiters
             self._rows, self._waiters = [], []
+            if self._order_by is not None:
+                key = self._order_by
+                pairs = sorted(zip(rows, waiters, strict=True), key=lambda pair: pair[0][key])
+                rows, waiters = [r for r, _ in pairs], [w for _, w in pairs]
             try:
                 async with self._database.writing() as session:
                     await session.execute(self._statement, rows)
             except Exception as exc:
-                for waiter in waiters:
-                    if not waiter.done():
-                        waiter.set_exception(exc)
+                if len(rows) == 1:
+                    _settle(waiters[0], exc)
+                    continue
+                # One row's failure must not fail the others with it: each is written
+                # on its own, so only the rows that really fail report an error.
+                for row, waiter in zip(rows, waiters, strict=True):
+                    try:
+                        async with self._database.writing() as session:
+                            await session.execute(self._statement, [row])
+                    except Exception as row_exc:
+                        _settle(waiter, row_exc)
+                    else:
+                        _settle(waiter, None)
             else:
                 for waiter in waiters:
-                    if not waiter.done():
-                        waiter.set_result(None)
+                    _settle(waiter, None)
 
 
 async def open_database(url: str, *, check: bool = True) -> Database:
@@ -220,3 +238,12 @@ async def open_database(url: str, *, check: bool = True) -> Database:
             await engine.dispose()
             raise
     return Database(engine)
+
+
+def _settle(waiter: asyncio.Future[None], error: BaseException | None) -> None:
+    if waiter.done():
+        return
+    if error is None:
+        waiter.set_result(None)
+    else:
+        waiter.set_exception(error)

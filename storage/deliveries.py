@@ -13,11 +13,10 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.envelope import Envelope
 from core.tokens import estimate_tokens
-from storage.database import Database, sql
+from storage.database import Database, GroupCommit, sql
 from storage.schema import ConversationRow, DeliveryRow, MessageRow, utcnow
 
 
@@ -160,6 +159,10 @@ class DeliveryLedger:
 
     def __init__(self, database: Database) -> None:
         self._database = database
+        # The history of delivered replies is group-committed like usage rows: under
+        # load the sender's commits no longer grow with its deliveries.
+        self._conversations = GroupCommit(database, _UPSERT_CONVERSATION, order_by="id")
+        self._exchanges = GroupCommit(database, _INSERT_EXCHANGE, order_by="msg_id")
 
     async def ledger(self, msg_id: str) -> dict[int, LedgerRow]:
         query = select(
@@ -272,29 +275,22 @@ class DeliveryLedger:
     async def record_exchange(self, env: Envelope, reply_text: str, *, reply_kind: str) -> None:
         """Write the user's message and the reply (idempotent) and the conversation.
 
-        Two statements, each committed by itself (two round trips instead of four with
-        BEGIN and COMMIT): both are idempotent upserts, so a failure between them leaves
-        only a conversation row touched, and the retry writes both again.
+        Two idempotent upserts, each group-committed with those of the deliveries
+        finishing at the same time (``GroupCommit``): the conversation first (the
+        messages refer to it), then the question and the reply. A failure between them
+        leaves only a conversation row touched, and the retry writes both again.
         """
-        async with self._database.writing_one() as session:
-            await self._record_exchange(session, env, reply_text, reply_kind)
-
-    async def _record_exchange(
-        self, session: AsyncConnection, env: Envelope, reply_text: str, reply_kind: str
-    ) -> None:
         now = utcnow()
         user_text = storable_text(env.user_text)
-        await session.execute(
-            _UPSERT_CONVERSATION,
+        await self._conversations.write(
             {
                 "id": env.conversation_id,
                 "chat_type": env.chat_type.value,
                 "bot": env.bot,
                 "now": now,
-            },
+            }
         )
-        await session.execute(
-            _INSERT_EXCHANGE,
+        await self._exchanges.write(
             {
                 "msg_id": env.msg_id,
                 "conversation_id": env.conversation_id,
@@ -308,5 +304,5 @@ class DeliveryLedger:
                 "reply_kind": reply_kind,
                 "reply_tokens": env.completion.output_tokens if env.completion else None,
                 "now": now,
-            },
+            }
         )

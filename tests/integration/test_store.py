@@ -121,9 +121,34 @@ async def test_a_failed_usage_commit_fails_its_callers_who_can_retry(store: Stor
     # Our error, not SQLAlchemy's: fatal (no retry cures it), named by the driver's class.
     assert isinstance(results[0], StorageError)
     assert results[0].kind == "IntegrityError"
-    if isinstance(results[1], Exception):  # it shared the failed commit: retry it
-        await store.usage.record_usage(good, good.completion)
+    # It shared the failed commit, and was written on its own: no error for it.
+    assert results[1] is None
     assert await count_rows(store.database, UsageRow, conversation_id=conv) == 1
+
+
+async def test_one_unstorable_history_row_does_not_fail_the_others_in_its_commit(
+    pg_url: str,
+) -> None:
+    """Deliveries finishing together share the history's commits; one that the
+    database refuses (an id longer than its column, on PostgreSQL) fails alone."""
+    store = await open_storage(pg_url)
+    try:
+        conv = f"chat:ai_bot:{uuid.uuid4().hex[:8]}"
+        good = [_env(conv, n) for n in range(8)]
+        bad = _env(conv, 99).model_copy(update={"msg_id": "9" * 300})
+        results = await asyncio.gather(
+            *(
+                store.deliveries.record_exchange(e, "回答", reply_kind="answer")
+                for e in [*good[:4], bad, *good[4:]]
+            ),
+            return_exceptions=True,
+        )
+        assert isinstance(results[4], StorageError)
+        assert [r for i, r in enumerate(results) if i != 4] == [None] * 8
+        for e in good:
+            assert await count_rows(store.database, MessageRow, msg_id=e.msg_id) == 1
+    finally:
+        await store.close()
 
 
 async def test_history_respects_the_token_budget(store: Storage) -> None:
