@@ -15,7 +15,6 @@ from adapters.base import (
     CompletionResult,
     Delta,
     Done,
-    FinishReason,
     StreamEvent,
     Usage,
     UsageEvent,
@@ -23,6 +22,7 @@ from adapters.base import (
 from adapters.catalog import CatalogEntry, ModelCatalog, build_catalog
 from adapters.config import ModelConfig, Price
 from adapters.resilience import CircuitBreaker, CircuitOpenError
+from core.envelope import FinishReason
 
 __all__ = [
     "CatalogEntry",

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from adapters.base import ChatRequest, Delta, Done, FinishReason, StreamEvent, Usage, UsageEvent
+from adapters.base import ChatRequest, Delta, Done, StreamEvent, Usage, UsageEvent
 from adapters.config import AnthropicConfig
 from adapters.http_model import HttpChatModel, Parsed, Prepared, StreamDecoder
 from adapters.wire import (
@@ -18,6 +18,7 @@ from adapters.wire import (
     loads_object,
     refine_fatal,
 )
+from core.envelope import FinishReason
 from core.errors import FatalError, ImbotError, RetryableError
 
 _FINISH: dict[str, FinishReason] = {

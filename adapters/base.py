@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
-FinishReason = Literal["stop", "length", "content_filter", "tool_calls", "error"]
-Role = Literal["system", "user", "assistant"]
+from core.envelope import FinishReason, Role
 
 
 class ChatMessage(BaseModel):

@@ -252,7 +252,7 @@ class ModelCatalog:
                 delay = self._delay(entry, attempt, error)
                 if delay is None or not deadline.allows(delay):
                     break
-                metrics.RETRIES.labels(model_id).inc()
+                metrics.MODEL_RETRIES.labels(model_id).inc()
                 await asyncio.sleep(delay)
             if position + 1 < len(chain):
                 metrics.FALLBACKS.labels(model_id).inc()
@@ -312,7 +312,7 @@ class ModelCatalog:
                 delay = self._delay(entry, attempt, error)
                 if delay is None or not deadline.allows(delay):
                     break
-                metrics.RETRIES.labels(model_id).inc()
+                metrics.MODEL_RETRIES.labels(model_id).inc()
                 await asyncio.sleep(delay)
             if position + 1 < len(chain):
                 metrics.FALLBACKS.labels(model_id).inc()

@@ -9,10 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from adapters.base import ChatRequest, Delta, Done, FinishReason, StreamEvent, Usage, UsageEvent
+from adapters.base import ChatRequest, Delta, Done, StreamEvent, Usage, UsageEvent
 from adapters.config import DashScopeConfig
 from adapters.http_model import HttpChatModel, Parsed, Prepared, StreamDecoder
 from adapters.wire import SseEvent, as_int, as_str, classify_status, loads_object, refine_fatal
+from core.envelope import FinishReason
 from core.errors import (
     ConfigurationError,
     ContentRejected,

@@ -17,10 +17,11 @@ from urllib.parse import urlencode
 import httpx
 import orjson
 
-from adapters.base import ChatRequest, Delta, Done, FinishReason, StreamEvent, Usage, UsageEvent
+from adapters.base import ChatRequest, Delta, Done, StreamEvent, Usage, UsageEvent
 from adapters.config import ErnieConfig
 from adapters.http_model import AuthExpired, HttpChatModel, Parsed, Prepared, StreamDecoder
 from adapters.wire import SseEvent, as_int, as_str, classify_status, loads_object
+from core.envelope import FinishReason
 from core.errors import (
     ConfigurationError,
     ContentRejected,

@@ -28,13 +28,13 @@ from adapters.base import (
     CompletionResult,
     Delta,
     Done,
-    FinishReason,
     StreamEvent,
     Usage,
     UsageEvent,
 )
 from adapters.config import _ModelEntry
 from adapters.wire import SseEvent, SseParser, redact
+from core.envelope import FinishReason
 from core.errors import ConfigurationError, ImbotError, RetryableError
 
 

@@ -18,7 +18,7 @@ ERRORS = Counter(
     "Failed model call attempts by error class and reason",
     ["model", "provider", "kind", "reason"],
 )
-LATENCY = Histogram(
+MODEL_SECONDS = Histogram(
     "imbot_model_latency_seconds",
     "Model call latency (request start to last byte) of successful attempts",
     ["model"],
@@ -27,7 +27,7 @@ LATENCY = Histogram(
 CIRCUIT_STATE = Gauge(
     "imbot_model_circuit_state", "Circuit breaker state: 0 closed, 1 open, 2 half-open", ["model"]
 )
-RETRIES = Counter("imbot_model_retries_total", "Retries after a retryable error", ["model"])
+MODEL_RETRIES = Counter("imbot_model_retries_total", "Retries after a retryable error", ["model"])
 FALLBACKS = Counter(
     "imbot_model_fallbacks_total", "Calls that moved past this model to the next", ["model"]
 )

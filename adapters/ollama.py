@@ -8,10 +8,11 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from adapters.base import ChatRequest, Delta, Done, FinishReason, StreamEvent, Usage, UsageEvent
+from adapters.base import ChatRequest, Delta, Done, StreamEvent, Usage, UsageEvent
 from adapters.config import OllamaConfig
 from adapters.http_model import HttpChatModel, Parsed, Prepared, StreamDecoder
 from adapters.wire import SseEvent, as_int, as_str, classify_status, loads_object, refine_fatal
+from core.envelope import FinishReason
 from core.errors import ConfigurationError, ImbotError, RetryableError
 
 

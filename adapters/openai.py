@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from adapters.base import ChatRequest, Delta, Done, FinishReason, StreamEvent, Usage, UsageEvent
+from adapters.base import ChatRequest, Delta, Done, StreamEvent, Usage, UsageEvent
 from adapters.config import OpenAIConfig
 from adapters.http_model import HttpChatModel, Parsed, Prepared, StreamDecoder
 from adapters.wire import (
@@ -21,6 +21,7 @@ from adapters.wire import (
     openai_reset_s,
     refine_fatal,
 )
+from core.envelope import FinishReason
 from core.errors import (
     ConfigurationError,
     ContentRejected,

@@ -197,7 +197,7 @@ class InstrumentedModel(WrapperModel):
         super().__init__(wrapped)
         self.provider = provider
         self._ok = metrics.CALLS.labels(self.name, provider, "ok")
-        self._latency = metrics.LATENCY.labels(self.name)
+        self._latency = metrics.MODEL_SECONDS.labels(self.name)
         self._tokens_in = metrics.TOKENS.labels(self.name, "input")
         self._tokens_out = metrics.TOKENS.labels(self.name, "output")
         self._cost: dict[str, Any] = {}

@@ -7,11 +7,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from adapters.base import ChatRequest, Delta, Done, FinishReason, StreamEvent, UsageEvent
+from adapters.base import ChatRequest, Delta, Done, StreamEvent, UsageEvent
 from adapters.config import SparkConfig
 from adapters.http_model import HttpChatModel, Parsed, Prepared, StreamDecoder
 from adapters.openai import map_finish, parse_usage
 from adapters.wire import SseEvent, as_int, as_str, classify_status, loads_object
+from core.envelope import FinishReason
 from core.errors import ConfigurationError, ContentRejected, FatalError, ImbotError, RetryableError
 
 RETRYABLE = frozenset(

@@ -6,7 +6,6 @@ Everything here is pure (no I/O) so it is unit-tested without a network.
 
 from __future__ import annotations
 
-import email.utils
 import re
 import time
 from collections.abc import Iterable, Mapping
@@ -17,6 +16,7 @@ from typing import Any
 import orjson
 
 from core.errors import ConfigurationError, FatalError, ImbotError, RetryableError
+from core.retry import retry_after_s
 
 # -- redaction ----------------------------------------------------------------
 
@@ -67,31 +67,6 @@ def as_str(value: object) -> str | None:
 
 
 # -- retry hints --------------------------------------------------------------
-
-
-def retry_after_s(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
-    """Seconds the server asks us to wait: ``retry-after-ms`` first, then ``retry-after``
-    (seconds or an HTTP date). None when absent, unparsable or not positive."""
-    ms = headers.get("retry-after-ms")
-    if ms:
-        try:
-            value = float(ms) / 1000
-        except ValueError:
-            value = 0.0
-        if value > 0:
-            return value
-    raw = headers.get("retry-after")
-    if not raw:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        try:
-            parsed = email.utils.parsedate_to_datetime(raw)
-        except (TypeError, ValueError, IndexError):
-            return None
-        value = parsed.timestamp() - (time.time() if now is None else now)
-    return value if value > 0 else None
 
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")

@@ -32,6 +32,11 @@ class ChatType(StrEnum):
     chatroom = "chatroom"
 
 
+# What a model call ended with, and who speaks in a conversation: shared by the
+# envelope and the adapters (one definition each).
+FinishReason = Literal["stop", "length", "content_filter", "tool_calls", "error"]
+Role = Literal["system", "user", "assistant"]
+
 BodyType = Literal[
     "txt", "img", "audio", "video", "file", "loc", "cmd", "custom", "combine", "unknown"
 ]
@@ -60,7 +65,7 @@ class Verdict(_Model):
 
 
 class Turn(_Model):
-    role: Literal["system", "user", "assistant"]
+    role: Role
     content: str
 
 
@@ -74,7 +79,7 @@ class RouteDecision(_Model):
 
 class Completion(_Model):
     text: str
-    finish_reason: Literal["stop", "length", "content_filter", "tool_calls", "error"]
+    finish_reason: FinishReason
     model: str
     provider: str
     input_tokens: int | None = None

@@ -20,9 +20,10 @@ again (docs/models.md states the resulting worst case of paid calls).
 
 from __future__ import annotations
 
+import email.utils
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -91,3 +92,28 @@ def spent_attempts(error: BaseException) -> int | None:
     """The tries already made for ``error`` by an inner owner, or None if unmarked."""
     value = getattr(error, _SPENT, None)
     return value if isinstance(value, int) else None
+
+
+def retry_after_s(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
+    """Seconds the server asks us to wait: ``retry-after-ms`` first, then ``retry-after``
+    (seconds or an HTTP date). None when absent, unparsable or not positive."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            value = float(ms) / 1000
+        except ValueError:
+            value = 0.0
+        if value > 0:
+            return value
+    raw = headers.get("retry-after")
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        try:
+            parsed = email.utils.parsedate_to_datetime(raw)
+        except (TypeError, ValueError, IndexError):
+            return None
+        value = parsed.timestamp() - (time.time() if now is None else now)
+    return value if value > 0 else None

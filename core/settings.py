@@ -108,6 +108,7 @@ class Settings(BaseSettings):
     # Keep it below the pod's terminationGracePeriodSeconds.
     stage_stop_grace_s: float = 20.0
     worker_metrics_port: int = 0  # 0: no metrics server (imbot dev picks ports)
+    worker_metrics_host: str = "127.0.0.1"  # where a worker's metrics server listens
     worker_group: str = ""  # consumer group; default derived from the stages run
 
     # -- storage --------------------------------------------------------------

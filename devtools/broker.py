@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import os
-import shutil
 import socket
 import subprocess
 import time
@@ -114,14 +112,6 @@ class EmbeddedBroker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def have_embedded_broker() -> bool:
-    try:
-        _broker_binary()
-    except ConfigurationError:
-        return False
-    return shutil.which("true") is not None or os.name == "posix"
 
 
 async def consume_all(

@@ -41,7 +41,7 @@ log = logging.getLogger("imbot.gateway")
 CALLBACKS = Counter(
     "imbot_gateway_callbacks_total", "Before-send callbacks by outcome", ["outcome"]
 )
-LATENCY = Histogram(
+CALLBACK_SECONDS = Histogram(
     "imbot_gateway_callback_seconds",
     "Time to answer a callback, by outcome",
     ["outcome"],
@@ -348,7 +348,10 @@ class CallbackHandler:
             outcome, response = "internal_error", _answer(self.on_failure)
         metrics = self._metrics.get(outcome)
         if metrics is None:
-            metrics = self._metrics[outcome] = (CALLBACKS.labels(outcome), LATENCY.labels(outcome))
+            metrics = self._metrics[outcome] = (
+                CALLBACKS.labels(outcome),
+                CALLBACK_SECONDS.labels(outcome),
+            )
         metrics[0].inc()
         metrics[1].observe(time.perf_counter() - started)
         return response

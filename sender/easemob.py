@@ -28,7 +28,6 @@ exception message.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
 import time
 from collections.abc import Mapping
@@ -38,6 +37,7 @@ import httpx
 from prometheus_client import Counter, Histogram
 
 from core.errors import ConfigurationError, FatalError, ImbotError, RetryableError
+from core.retry import retry_after_s
 from sender.pacing import Pacer
 
 log = logging.getLogger("imbot.sender.easemob")
@@ -86,21 +86,6 @@ def _status_class(status: int) -> str:
     return f"{status // 100}xx"
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
 def _error_fields(response: httpx.Response) -> tuple[str, str, int | None]:
     """``error``, ``error_description`` and ``error_code`` of an Easemob error body."""
     try:
@@ -138,10 +123,10 @@ def classify(
     if status == 429 and error == "resource_limited":
         return FatalError(text, reason="quota_exhausted", **kw)
     if status in (408, 429) or status >= 500:
-        return RetryableError(text, retry_after=_retry_after(response), **kw)
+        return RetryableError(text, retry_after=retry_after_s(response.headers), **kw)
     if status == 403 and "reach limit" in lowered:
         default = quota_retry_after_s or DEFAULT_QUOTA_RETRY_AFTER_S.get(kind, 10.0)
-        return RetryableError(text, retry_after=_retry_after(response) or default, **kw)
+        return RetryableError(text, retry_after=retry_after_s(response.headers) or default, **kw)
     if status == 401:
         return ConfigurationError(f"{text} (after a fresh app token)", **kw)
     if status == 404:

@@ -47,14 +47,13 @@ import itertools
 import logging
 import time
 import uuid
-from typing import Literal
 
 from prometheus_client import Counter
 
 from core.envelope import ChatType, Delivery, Envelope
 from core.errors import FatalError, RetryableError
 from core.settings import Settings
-from sender.easemob import AnswerLost, EasemobClient, MessageTooLarge
+from sender.easemob import AnswerLost, EasemobClient, MessageTooLarge, TargetKind
 from sender.pacing import Pacer
 from sender.split import part_end, split_reply
 from storage import UNCERTAIN_ANSWER, DeliveryLedger, unstorable
@@ -70,7 +69,6 @@ UNCERTAIN_PARTS = Counter(
     ["cause"],
 )
 
-TargetKind = Literal["users", "chatgroups", "chatrooms"]
 # Below this a 413 is not about our part size any more (ext or Easemob's limit).
 _MIN_PART_BYTES = 256
 _KINDS: dict[ChatType, TargetKind] = {

@@ -55,7 +55,9 @@ _T = TypeVar("_T")
 PROCESSED = Counter(
     "imbot_stage_messages_total", "Records handled by a stage, by outcome", ["stage", "outcome"]
 )
-RETRIES = Counter("imbot_stage_retries_total", "Retries inside the boundary", ["stage", "error"])
+STAGE_RETRIES = Counter(
+    "imbot_stage_retries_total", "Retries inside the boundary", ["stage", "error"]
+)
 STAGE_SECONDS = Histogram(
     "imbot_stage_seconds",
     "Time from a stage receiving a record to its outputs being acknowledged",
@@ -158,7 +160,7 @@ class Boundary:
                 retry_after = exc.retry_after if isinstance(exc, RetryableError) else None
                 delay = self.backoff.delay(attempt, retry_after)
                 if deadline.allows(delay):
-                    RETRIES.labels(self.stage.name, _kind(exc)).inc()
+                    STAGE_RETRIES.labels(self.stage.name, _kind(exc)).inc()
                     log.info(
                         "retrying",
                         extra={

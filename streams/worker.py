@@ -194,7 +194,7 @@ def main(settings: Settings, stages: Sequence[str]) -> None:
     asyncio.run(_check_database(settings.database_url))
     app, _ = build(settings, stages)
     if settings.worker_metrics_port:
-        start_http_server(settings.worker_metrics_port, addr=settings.gateway_host)
+        start_http_server(settings.worker_metrics_port, addr=settings.worker_metrics_host)
     # Logging is configured once, by ``core.logs.configure_logging`` (the CLI does it
     # before this runs): mode's Worker would otherwise replace the root handlers with
     # its own plain-text one, so every line came out twice (text and JSON, the JSON

@@ -12,9 +12,9 @@ from adapters.wire import (
     openai_reset_s,
     redact,
     refine_fatal,
-    retry_after_s,
 )
 from core.errors import ConfigurationError, FatalError, RetryableError
+from core.retry import retry_after_s
 
 
 def parse_all(text: str) -> list[tuple[str | None, str, list[str]]]:
