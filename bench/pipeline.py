@@ -138,6 +138,22 @@ def _postgres_url() -> str:
     return f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
 
 
+def _drop_postgres(url: str) -> None:
+    """Drop a database ``_postgres_url`` made (the benchmarks leave none behind)."""
+    import asyncpg
+
+    name = url.rsplit("/", 1)[1]
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(PG_ADMIN_DSN)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+    asyncio.run(drop())
+
+
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU time of one process (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -202,6 +218,8 @@ def run(
         hops = asyncio.run(_hops(stack))
     finally:
         stack.stop()
+        if database == "postgresql":
+            _drop_postgres(db_url)
     print(label, result, hops, flush=True)
     return result, hops
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import httpx
 
-from bench.pipeline import _postgres_url
+from bench.pipeline import _drop_postgres, _postgres_url
 from bench.report import write_section
 from devtools.processes import free_port
 from sender.easemob import EasemobClient
@@ -230,10 +230,13 @@ def main() -> None:
         try:
             _wait_ready(base)
             db_url = _postgres_url()
-            upgrade(db_url)
-            delivered, window = asyncio.run(
-                run_deliveries(base, db_url, args.raw_seconds, args.concurrency)
-            )
+            try:
+                upgrade(db_url)
+                delivered, window = asyncio.run(
+                    run_deliveries(base, db_url, args.raw_seconds, args.concurrency)
+                )
+            finally:
+                _drop_postgres(db_url)
         finally:
             sim.terminate()
             sim.wait()
@@ -252,8 +255,11 @@ def main() -> None:
         raw = asyncio.run(run(base, None, args.raw_seconds))
         httpx.post(f"{base}/_sim/reset")
         db_url = _postgres_url()
-        upgrade(db_url)
-        delivered, window = asyncio.run(run_deliveries(base, db_url, args.raw_seconds))
+        try:
+            upgrade(db_url)
+            delivered, window = asyncio.run(run_deliveries(base, db_url, args.raw_seconds))
+        finally:
+            _drop_postgres(db_url)
     finally:
         sim.terminate()
         sim.wait()

@@ -205,8 +205,10 @@ class GroupCommit:
                 key = self._order_by
                 pairs = sorted(zip(rows, waiters, strict=True), key=lambda pair: pair[0][key])
                 rows, waiters = [r for r, _ in pairs], [w for _, w in pairs]
+            # A row alone is one autocommitted statement (one round trip, not three).
+            writing = self._database.writing_one if len(rows) == 1 else self._database.writing
             try:
-                async with self._database.writing() as session:
+                async with writing() as session:
                     await session.execute(self._statement, rows)
             except Exception as exc:
                 if len(rows) == 1:
@@ -216,7 +218,7 @@ class GroupCommit:
                 # on its own, so only the rows that really fail report an error.
                 for row, waiter in zip(rows, waiters, strict=True):
                     try:
-                        async with self._database.writing() as session:
+                        async with self._database.writing_one() as session:
                             await session.execute(self._statement, [row])
                     except Exception as row_exc:
                         _settle(waiter, row_exc)
