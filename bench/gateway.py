@@ -30,6 +30,7 @@ from pathlib import Path
 import httpx
 import yaml
 
+from bench.pipeline import _drop_postgres, _postgres_url
 from bench.report import write_section
 from core import topics
 from core.kafka import ensure_topics
@@ -50,7 +51,6 @@ GW_FAST = "imbot gateway, normal batching + lexicon fast path"
 GW_SINGLE = "imbot gateway (one record per batch, embedded workaround)"
 GW_NO_REPLAY = "imbot gateway, normal batching, no callId replay memory"
 GW_PG = "imbot gateway, normal batching, callId memory in PostgreSQL"
-PG_ADMIN_DSN = os.environ.get("IMBOT_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 CALL_IDS = 400_000  # signed callIds for wrk, each used once per server
 TEXT = "你好，请介绍一下你自己"
 
@@ -80,39 +80,13 @@ def write_call_ids(path: Path, count: int) -> None:
             fh.write(f"{call_id} {ts} {expected_security(call_id, SECRET, ts)}\n")
 
 
-def bench_database() -> tuple[str, str]:
-    """A fresh, migrated PostgreSQL database for the PostgreSQL callId store: (url, name)."""
-    import asyncpg
-
+def bench_database() -> str:
+    """A fresh, migrated PostgreSQL database for the PostgreSQL callId store."""
     from storage import upgrade
 
-    name = f"imbot_bench_{os.getpid()}"
-
-    async def create() -> None:
-        conn = await asyncpg.connect(PG_ADMIN_DSN)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-
-    asyncio.run(create())
-    url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
+    url = _postgres_url()
     upgrade(url)
-    return url, name
-
-
-def drop_database(name: str) -> None:
-    import asyncpg
-
-    async def drop() -> None:
-        conn = await asyncpg.connect(PG_ADMIN_DSN)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
-
-    asyncio.run(drop())
+    return url
 
 
 WRK_SCRIPT = """
@@ -254,7 +228,7 @@ def main() -> None:
     write_call_ids(ids_file, CALL_IDS)
     script = tmp / "post.lua"
     script.write_text(WRK_SCRIPT % (template, ids_file), encoding="utf-8")
-    pg_url, pg_name = bench_database()
+    pg_url = bench_database()
 
     with EmbeddedBroker() as broker:
         # As `imbot dev` and a deployment do: the topic exists, with the usual partitions.
@@ -326,7 +300,7 @@ def main() -> None:
             for p in procs.values():
                 p.terminate()
                 p.wait()
-            drop_database(pg_name)
+            _drop_postgres(pg_url)
 
     wrk = {name: merge_rounds(r, rounds[BARE]) for name, r in rounds.items()}
     gw, fast, single = wrk[GW_BATCHED], wrk[GW_FAST], wrk[GW_SINGLE]

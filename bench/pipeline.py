@@ -29,8 +29,8 @@ from bench.report import write_section
 from cli.devstack import DevStack, simulate
 from core import topics
 from core.envelope import decode_envelope
-from core.signature import expected_security
 from devtools.broker import EmbeddedBroker
+from simulator.callbacks import build_callback
 
 PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -45,22 +45,17 @@ routes:
 
 
 def _callback(secret: str, user: str, n: int) -> bytes:
-    call_id = f"bench#pipe_{uuid.uuid4()}"
-    ts = int(time.time() * 1000)
+    """A signed callback as Easemob sends it (the simulator's builder), a fresh callId."""
     return orjson.dumps(
-        {
-            "callId": call_id,
-            "timestamp": ts,
-            "chat_type": "chat",
-            "from": user,
-            "to": "ai_bot",
-            "msg_id": str(7 * 10**17 + n),
-            "payload": {
-                "bodies": [{"type": "txt", "msg": f"第{n}个问题：今天天气怎么样？"}],
-                "ext": {},
-            },
-            "security": expected_security(call_id, secret, ts),
-        }
+        build_callback(
+            sender=user,
+            to="ai_bot",
+            text=f"第{n}个问题：今天天气怎么样？",
+            secret=secret,
+            org="bench",
+            app="pipe",
+            msg_id=str(7 * 10**17 + n),
+        )
     )
 
 

@@ -46,8 +46,8 @@ from bench.report import write_section
 from cli.devstack import DevStack
 from core import topics
 from core.envelope import decode_envelope
-from core.signature import expected_security
 from devtools.broker import EmbeddedBroker
+from simulator.callbacks import build_callback
 
 RATE = 20.0  # messages per second (10 with the 5 s model: the same calls in flight x 2.5)
 PARTITIONS = 6
@@ -72,19 +72,17 @@ MODEL = ["-m", "cli", "worker", "--stage", "model"]
 
 
 def _callback(secret: str, user: str, msg_id: str) -> bytes:
-    call_id = f"bench#restart_{uuid.uuid4()}"
-    ts = int(time.time() * 1000)
+    """A signed callback as Easemob sends it (the simulator's builder), a fresh callId."""
     return orjson.dumps(
-        {
-            "callId": call_id,
-            "timestamp": ts,
-            "chat_type": "chat",
-            "from": user,
-            "to": "ai_bot",
-            "msg_id": msg_id,
-            "payload": {"bodies": [{"type": "txt", "msg": "你好，请介绍一下你自己"}], "ext": {}},
-            "security": expected_security(call_id, secret, ts),
-        }
+        build_callback(
+            sender=user,
+            to="ai_bot",
+            text="你好，请介绍一下你自己",
+            secret=secret,
+            org="bench",
+            app="restart",
+            msg_id=msg_id,
+        )
     )
 
 
