@@ -228,8 +228,8 @@ class DeliveryLedger:
 
         One statement committed by itself (one round trip): the window in which a
         crash leaves a part sent but unrecorded is this statement's. The history is
-        written afterwards in its own transaction (``record_exchange``), so it can
-        neither roll back nor delay this row.
+        written afterwards, group-committed apart from it (``record_exchange``), so it
+        can neither roll back nor delay this row.
         """
         values = {
             "msg_id": msg_id,

@@ -37,6 +37,12 @@ def _call_model(settings: Settings, store: FakeStorage, catalog: ModelCatalog) -
     )
 
 
+def _demo_catalog() -> ModelCatalog:
+    return build_catalog(
+        {"demo": {"provider": "demo", "price": {"input": 0, "output": 0, "currency": "CNY"}}}
+    )
+
+
 def _moderator(settings: Settings) -> Moderator:
     return Moderator.from_config(settings.policy.moderation, base_dir=DEFAULT_POLICY_FILE.parent)
 
@@ -113,9 +119,7 @@ async def _routed(settings: Settings, store: FakeStorage) -> Envelope:
 async def test_call_model_completes_and_records_usage_after_publishing(
     settings: Settings, store: FakeStorage
 ) -> None:
-    catalog = build_catalog(
-        {"demo": {"provider": "demo", "price": {"input": 0, "output": 0, "currency": "CNY"}}}
-    )
+    catalog = _demo_catalog()
     try:
         env = await _routed(settings, store)
         emit, after = await _call_model(settings, store, catalog).handle(env, deadline=_deadline())
@@ -135,9 +139,7 @@ async def test_call_model_gives_up_a_usage_row_the_database_keeps_refusing(
     settings: Settings, store: FakeStorage
 ) -> None:
     """Raising would make the boundary pay for the call again: the row is given up."""
-    catalog = build_catalog(
-        {"demo": {"provider": "demo", "price": {"input": 0, "output": 0, "currency": "CNY"}}}
-    )
+    catalog = _demo_catalog()
     try:
         env = await _routed(settings, store)
         _, after = await _call_model(settings, store, catalog).handle(env, deadline=_deadline())
@@ -150,9 +152,7 @@ async def test_call_model_gives_up_a_usage_row_the_database_keeps_refusing(
 
 
 async def test_moderate_out_delivers_a_clean_answer(settings: Settings, store: FakeStorage) -> None:
-    catalog = build_catalog(
-        {"demo": {"provider": "demo", "price": {"input": 0, "output": 0, "currency": "CNY"}}}
-    )
+    catalog = _demo_catalog()
     try:
         routed = await _routed(settings, store)
         completed, _ = await _call_model(settings, store, catalog).handle(
@@ -199,9 +199,7 @@ class RefusingModel:
 async def test_a_refusal_is_audited_after_publishing_so_a_database_hiccup_calls_no_model_again(
     settings: Settings, store: FakeStorage
 ) -> None:
-    demo = build_catalog(
-        {"demo": {"provider": "demo", "price": {"input": 0, "output": 0, "currency": "CNY"}}}
-    )
+    demo = _demo_catalog()
     refuser = RefusingModel()
     entry = demo.entry("demo")
     catalog = ModelCatalog({"demo": dataclasses.replace(entry, model=refuser)})
