@@ -25,11 +25,11 @@ from pathlib import Path
 import httpx
 import orjson
 
-from adapters import ChatMessage, ChatRequest, build_catalog
-from adapters.catalog import new_client
-from adapters.config import OpenAIConfig
-from adapters.openai import build_body
 from bench.report import write_section
+from imbot.adapters import ChatMessage, ChatRequest, build_catalog
+from imbot.adapters.catalog import new_client
+from imbot.adapters.config import OpenAIConfig
+from imbot.adapters.openai import build_body
 
 ROUNDS = 8
 PER_ROUND_C1 = 400

@@ -32,12 +32,12 @@ import yaml
 
 from bench.pipeline import _drop_postgres, _postgres_url
 from bench.report import write_section
-from core import topics
-from core.kafka import ensure_topics
-from core.settings import DEFAULT_POLICY_FILE, load_settings
-from core.signature import expected_security
-from devtools.broker import EmbeddedBroker
-from devtools.processes import free_port
+from imbot.core import topics
+from imbot.core.kafka import ensure_topics
+from imbot.core.settings import DEFAULT_POLICY_FILE, load_settings
+from imbot.core.signature import expected_security
+from imbot.devtools.broker import EmbeddedBroker
+from imbot.devtools.processes import free_port
 
 SECRET = "bench-secret"
 CONNECTIONS = 32
@@ -82,7 +82,7 @@ def write_call_ids(path: Path, count: int) -> None:
 
 def bench_database() -> str:
     """A fresh, migrated PostgreSQL database for the PostgreSQL callId store."""
-    from storage import upgrade
+    from imbot.storage import upgrade
 
     url = _postgres_url()
     upgrade(url)
@@ -268,7 +268,7 @@ def main() -> None:
         }
         for name, extra in gateways.items():
             procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "cli", "gateway"],
+                [sys.executable, "-m", "imbot", "gateway"],
                 env={**env, **extra, "IMBOT_GATEWAY_PORT": str(ports[name])},
             )
         try:

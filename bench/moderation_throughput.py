@@ -26,7 +26,7 @@ import unicodedata
 from pathlib import Path
 
 from bench.report import write_section
-from moderation import Moderator
+from imbot.moderation import Moderator
 
 WORDS = 10_000
 MESSAGES = 5_000

@@ -7,7 +7,7 @@ table for docs/benchmarks.md.
 from __future__ import annotations
 
 from bench.report import write_section
-from devtools.pii_corpus import NEGATIVES, POSITIVE_KINDS, measure
+from imbot.devtools.pii_corpus import NEGATIVES, POSITIVE_KINDS, measure
 
 
 def main() -> None:

@@ -26,11 +26,11 @@ import orjson
 
 from bench.loadgen import percentile
 from bench.report import write_section
-from cli.devstack import DevStack, simulate
-from core import topics
-from core.envelope import decode_envelope
-from devtools.broker import EmbeddedBroker
-from simulator.callbacks import build_callback
+from imbot.cli.devstack import DevStack, simulate
+from imbot.core import topics
+from imbot.core.envelope import decode_envelope
+from imbot.devtools.broker import EmbeddedBroker
+from imbot.simulator.callbacks import build_callback
 
 PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -97,7 +97,7 @@ async def _drive(stack: DevStack) -> dict[str, float]:
 
 async def _hops(stack: DevStack) -> dict[str, float]:
     """Median time per hop, from the per-stage stamps the envelopes carry."""
-    from devtools.broker import consume_all
+    from imbot.devtools.broker import consume_all
 
     records = await consume_all(
         stack.env["IMBOT_KAFKA_BOOTSTRAP"],

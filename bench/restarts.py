@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -43,11 +44,11 @@ from aiokafka import AIOKafkaConsumer
 
 from bench.loadgen import percentile
 from bench.report import write_section
-from cli.devstack import DevStack
-from core import topics
-from core.envelope import decode_envelope
-from devtools.broker import EmbeddedBroker
-from simulator.callbacks import build_callback
+from imbot.cli.devstack import DevStack
+from imbot.core import topics
+from imbot.core.envelope import decode_envelope
+from imbot.devtools.broker import EmbeddedBroker
+from imbot.simulator.callbacks import build_callback
 
 RATE = 20.0  # messages per second (10 with the 5 s model: the same calls in flight x 2.5)
 PARTITIONS = 6
@@ -68,7 +69,7 @@ models:
 routes:
   default: {{models: [demo], history_turns: 0}}
 """
-MODEL = ["-m", "cli", "worker", "--stage", "model"]
+MODEL = ["-m", "imbot", "worker", "--stage", "model"]
 
 
 def _callback(secret: str, user: str, msg_id: str) -> bytes:
@@ -211,15 +212,17 @@ def _before_checkout() -> Path:
     root = Path(tempfile.mkdtemp(prefix="imbot-before-"))
     repo = Path(__file__).resolve().parent.parent
     tree = subprocess.run(
-        ["git", "archive", "HEAD", *SERVICE_PACKAGES], cwd=repo, check=True, capture_output=True
+        ["git", "archive", "HEAD", "imbot"], cwd=repo, check=True, capture_output=True
     ).stdout
     subprocess.run(["tar", "-x", "-C", str(root)], input=tree, check=True)
     for path in ("streams/lanes.py", "streams/faust_app.py", "streams/worker.py"):
         old = subprocess.run(
             ["git", "show", f"{BEFORE}:{path}"], cwd=repo, check=True, capture_output=True
         ).stdout
-        (root / path).write_bytes(old)
-    app = root / "streams/faust_app.py"
+        # That commit predates the one ``imbot`` namespace: its imports get the prefix.
+        new = re.sub(rb"^(\s*)(from|import) (%s)\b" % PACKAGES, rb"\1\2 imbot.\3", old, flags=re.M)
+        (root / "imbot" / path).write_bytes(new)
+    app = root / "imbot/streams/faust_app.py"
     text = app.read_text()
     anchor = "        return ShortFetchConsumerThread(self, loop=self.loop, beacon=self.beacon)\n"
     assert anchor in text
@@ -228,17 +231,7 @@ def _before_checkout() -> Path:
 
 
 BEFORE = "8dce82b"
-SERVICE_PACKAGES = (
-    "cli",
-    "devtools",
-    "core",
-    "streams",
-    "sender",
-    "adapters",
-    "moderation",
-    "simulator",
-    "gateway",
-)
+PACKAGES = rb"cli|devtools|core|streams|sender|adapters|moderation|simulator|gateway|storage"
 ASSIGNED_LOG = """
     async def on_partitions_assigned(self, assigned, generation_id=0):  # bench only
         await super().on_partitions_assigned(assigned, generation_id)

@@ -1,6 +1,6 @@
 """Easemob REST sends per second to the simulator: paced at 100/s, and unpaced.
 
-The simulator runs in its own process (``python -m simulator``); this process runs
+The simulator runs in its own process (``python -m imbot.simulator``); this process runs
 one ``EasemobClient`` with 32 concurrent callers of ``send_text``.
 
 - Paced (``Pacer(100, burst=1)``): the rate over each 10 s window must be within 5%
@@ -34,10 +34,10 @@ import httpx
 
 from bench.pipeline import _drop_postgres, _postgres_url
 from bench.report import write_section
-from devtools.processes import free_port
-from sender.easemob import EasemobClient
-from sender.pacing import Pacer
-from storage import upgrade
+from imbot.devtools.processes import free_port
+from imbot.sender.easemob import EasemobClient
+from imbot.sender.pacing import Pacer
+from imbot.storage import upgrade
 
 CONCURRENCY = 32
 RATE = 100.0
@@ -140,9 +140,9 @@ async def run_deliveries(
 ) -> tuple[Run, Window]:
     """Unpaced ``ReplySender.deliver``, and the window between Easemob's answer and the
     ledger commit (measured around the client's and the store's calls, per task)."""
-    from core.envelope import ChatType, Content, Envelope, Reply
-    from sender.service import ReplySender
-    from storage import DeliveryLedger, open_database
+    from imbot.core.envelope import ChatType, Content, Envelope, Reply
+    from imbot.sender.service import ReplySender
+    from imbot.storage import DeliveryLedger, open_database
 
     answered: dict[asyncio.Task[object] | None, float] = {}
     window = Window([])
@@ -223,7 +223,7 @@ def main() -> None:
     args = parser.parse_args()
     port = free_port()
     sim = subprocess.Popen(
-        [sys.executable, "-m", "simulator", "--port", str(port)], stderr=subprocess.DEVNULL
+        [sys.executable, "-m", "imbot.simulator", "--port", str(port)], stderr=subprocess.DEVNULL
     )
     base = f"http://127.0.0.1:{port}"
     if args.deliveries_only:

@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 from bench.report import write_section
-from core.kafka import ensure_topics
-from core.settings import load_settings
-from devtools.broker import EmbeddedBroker
-from streams.faust_app import create_app
+from imbot.core.kafka import ensure_topics
+from imbot.core.settings import load_settings
+from imbot.devtools.broker import EmbeddedBroker
+from imbot.streams.faust_app import create_app
 
 RUNS = 3
 
@@ -31,7 +31,7 @@ def measure_dev() -> float:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMBOT_")}
     started = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli", "dev"],
+        [sys.executable, "-m", "imbot", "dev"],
         cwd=workdir,
         env={**env, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
         stdout=subprocess.PIPE,

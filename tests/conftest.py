@@ -11,9 +11,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from core.settings import Settings, load_settings
-from devtools.broker import EmbeddedBroker
-from storage import upgrade
+from imbot.core.settings import Settings, load_settings
+from imbot.devtools.broker import EmbeddedBroker
+from imbot.storage import upgrade
 
 PG_ADMIN_DSN = os.environ.get("IMBOT_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 

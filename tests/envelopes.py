@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from core.envelope import ChatType, Content, Envelope
+from imbot.core.envelope import ChatType, Content, Envelope
 
 
 def direct_envelope(

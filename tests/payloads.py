@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from simulator.callbacks import build_callback
+from imbot.simulator.callbacks import build_callback
 
 _ids = itertools.count(1290012345678900000)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import func, select
 
-from storage import Database
+from imbot.storage import Database
 
 
 async def count_rows(database: Database, table: type[object], **where: object) -> int:

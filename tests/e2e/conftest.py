@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cli.devstack import DevStack
-from devtools.broker import EmbeddedBroker
+from imbot.cli.devstack import DevStack
+from imbot.devtools.broker import EmbeddedBroker
 
 
 @pytest.fixture(scope="package", params=["sqlite", "postgresql"])

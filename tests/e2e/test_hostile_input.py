@@ -16,14 +16,14 @@ from typing import Any
 import httpx
 import orjson
 
-from cli.devstack import DevStack
-from core import topics
-from core.envelope import DlqRecord
-from core.limits import GROUP_ID_MAX, MSG_ID_MAX, USER_ID_MAX
-from core.settings import load_settings
-from devtools.broker import consume_all
-from storage import open_storage
-from storage.schema import DeliveryRow, MessageRow, UsageRow
+from imbot.cli.devstack import DevStack
+from imbot.core import topics
+from imbot.core.envelope import DlqRecord
+from imbot.core.limits import GROUP_ID_MAX, MSG_ID_MAX, USER_ID_MAX
+from imbot.core.settings import load_settings
+from imbot.devtools.broker import consume_all
+from imbot.storage import open_storage
+from imbot.storage.schema import DeliveryRow, MessageRow, UsageRow
 from tests.payloads import callback
 from tests.rows import count_rows
 

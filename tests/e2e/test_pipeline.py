@@ -11,14 +11,14 @@ from typing import Any
 import httpx
 import orjson
 
-from cli.devstack import DevStack, simulate
-from core import topics
-from core.envelope import DlqRecord, decode_envelope
-from core.kafka import new_producer
-from core.settings import load_settings
-from devtools.broker import consume_all
-from storage import open_storage
-from storage.schema import DeliveryRow, MessageRow, UsageRow
+from imbot.cli.devstack import DevStack, simulate
+from imbot.core import topics
+from imbot.core.envelope import DlqRecord, decode_envelope
+from imbot.core.kafka import new_producer
+from imbot.core.settings import load_settings
+from imbot.devtools.broker import consume_all
+from imbot.storage import open_storage
+from imbot.storage.schema import DeliveryRow, MessageRow, UsageRow
 from tests.payloads import callback
 from tests.rows import count_rows
 

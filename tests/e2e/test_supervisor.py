@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from devtools.broker import EmbeddedBroker
+from imbot.devtools.broker import EmbeddedBroker
 
 
 def _alive(pid: int) -> bool:
@@ -61,7 +61,7 @@ def test_killing_imbot_dev_ends_every_child(tmp_path: Path) -> None:
     env["PYTHONUNBUFFERED"] = "1"
     log = (tmp_path / "dev.out").open("wb")
     dev = subprocess.Popen(
-        [sys.executable, "-m", "cli", "dev"],
+        [sys.executable, "-m", "imbot", "dev"],
         cwd=tmp_path,  # its .imbot/ (database, logs, state) goes here
         env=env,
         stdout=log,
@@ -98,7 +98,7 @@ def test_services_started_off_the_main_thread_end_with_their_parent(
         f"""
         import threading, time
         from pathlib import Path
-        from cli.devstack import DevStack
+        from imbot.cli.devstack import DevStack
 
         root = Path({str(tmp_path)!r})
         stack = DevStack(

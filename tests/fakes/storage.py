@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from core.envelope import Completion, Envelope, Turn
-from core.errors import StorageUnavailable
-from storage import AuditEntry
+from imbot.core.envelope import Completion, Envelope, Turn
+from imbot.core.errors import StorageUnavailable
+from imbot.storage import AuditEntry
 
 
 @dataclass

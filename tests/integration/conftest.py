@@ -10,11 +10,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from core.kafka import ensure_topics
-from core.settings import Settings
-from gateway.app import create_app
-from sender.easemob import EasemobClient
-from simulator.app import SimulatorConfig, serve
+from imbot.core.kafka import ensure_topics
+from imbot.core.settings import Settings
+from imbot.gateway.app import create_app
+from imbot.sender.easemob import EasemobClient
+from imbot.simulator.app import SimulatorConfig, serve
 
 SIMULATOR_CLIENT_SECRET = SimulatorConfig.client_secret
 

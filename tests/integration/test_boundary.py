@@ -8,19 +8,19 @@ from collections.abc import Callable, Sequence
 import pytest
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from core import topics
-from core.envelope import (
+from imbot.core import topics
+from imbot.core.envelope import (
     DlqRecord,
     Envelope,
     Reply,
     decode_envelope,
     encode_envelope,
 )
-from core.errors import FatalError, RetryableError
-from core.kafka import ensure_topics, new_producer
-from core.settings import Settings
-from devtools.broker import consume_all
-from streams.boundary import AfterPublish, Boundary, Emit, Outputs
+from imbot.core.errors import FatalError, RetryableError
+from imbot.core.kafka import ensure_topics, new_producer
+from imbot.core.settings import Settings
+from imbot.devtools.broker import consume_all
+from imbot.streams.boundary import AfterPublish, Boundary, Emit, Outputs
 from tests.envelopes import direct_envelope
 
 

@@ -12,12 +12,12 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from core import topics
-from core.envelope import decode_envelope
-from core.settings import Settings
-from devtools.broker import consume_all
-from devtools.processes import free_port
-from gateway.app import create_app
+from imbot.core import topics
+from imbot.core.envelope import decode_envelope
+from imbot.core.settings import Settings
+from imbot.devtools.broker import consume_all
+from imbot.devtools.processes import free_port
+from imbot.gateway.app import create_app
 from tests.integration.conftest import start_gateway
 from tests.payloads import callback
 

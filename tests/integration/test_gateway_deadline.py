@@ -20,11 +20,11 @@ from typing import Any
 import orjson
 import pytest
 
-from core import topics
-from core.envelope import decode_envelope
-from core.settings import Settings
-from core.signature import expected_security
-from devtools.broker import EmbeddedBroker, consume_all
+from imbot.core import topics
+from imbot.core.envelope import decode_envelope
+from imbot.core.settings import Settings
+from imbot.core.signature import expected_security
+from imbot.devtools.broker import EmbeddedBroker, consume_all
 from tests.integration.conftest import start_gateway
 from tests.payloads import callback
 

@@ -18,13 +18,13 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
-from core import topics
-from core.envelope import decode_envelope
-from core.settings import Settings
-from core.signature import expected_security
-from devtools.broker import consume_all
-from devtools.processes import free_port
-from gateway.app import Publisher
+from imbot.core import topics
+from imbot.core.envelope import decode_envelope
+from imbot.core.settings import Settings
+from imbot.core.signature import expected_security
+from imbot.devtools.broker import consume_all
+from imbot.devtools.processes import free_port
+from imbot.gateway.app import Publisher
 from tests.integration.conftest import start_gateway
 from tests.payloads import callback
 from tests.unit.test_gateway_input import ODD_VALUES, PATHS, nested, random_json, with_value
@@ -154,7 +154,7 @@ async def test_unexpected_exception_is_answered_by_the_fail_policy_and_counted(
 ) -> None:
     from aiohttp.test_utils import TestServer
 
-    from gateway.app import create_app
+    from imbot.gateway.app import create_app
 
     path = tmp_path / "policy.yaml"
     path.write_text(

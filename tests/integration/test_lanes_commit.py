@@ -14,10 +14,10 @@ from typing import Any
 import faust
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from core.kafka import ensure_topics, new_producer
-from core.settings import Settings
-from streams.faust_app import create_app
-from streams.lanes import KeyedLanes
+from imbot.core.kafka import ensure_topics, new_producer
+from imbot.core.settings import Settings
+from imbot.streams.faust_app import create_app
+from imbot.streams.lanes import KeyedLanes
 
 
 async def _committed(bootstrap: str, group: str, topic: str) -> int | None:

@@ -8,21 +8,21 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from core import topics
-from core.envelope import (
+from imbot.core import topics
+from imbot.core.envelope import (
     DlqRecord,
     Envelope,
     RouteDecision,
     decode_envelope,
     encode_envelope,
 )
-from core.errors import RetryableError
-from core.kafka import ensure_topics, new_producer
-from core.settings import Settings
-from devtools.broker import consume_all
-from storage import Storage, open_storage
-from streams.boundary import Boundary, Outputs
-from streams.stages import CallModel, Resources
+from imbot.core.errors import RetryableError
+from imbot.core.kafka import ensure_topics, new_producer
+from imbot.core.settings import Settings
+from imbot.devtools.broker import consume_all
+from imbot.storage import Storage, open_storage
+from imbot.streams.boundary import Boundary, Outputs
+from imbot.streams.stages import CallModel, Resources
 from tests.envelopes import direct_envelope
 from tests.fakes.providers import REPLY_TEXT, FakeOpenAI, openai_error
 from tests.integration.adapters.conftest import (

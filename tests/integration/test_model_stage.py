@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from core.envelope import Envelope, RouteDecision
-from core.settings import Settings
-from storage import Storage, open_storage
-from storage.schema import ModerationAuditRow, UsageRow
-from streams.boundary import AfterPublish, Emit
-from streams.stages import CallModel, Resources
+from imbot.core.envelope import Envelope, RouteDecision
+from imbot.core.settings import Settings
+from imbot.storage import Storage, open_storage
+from imbot.storage.schema import ModerationAuditRow, UsageRow
+from imbot.streams.boundary import AfterPublish, Emit
+from imbot.streams.stages import CallModel, Resources
 from tests.envelopes import direct_envelope
 from tests.fakes.providers import FakeErnie
 from tests.integration.adapters.conftest import CatalogFactory, ernie_fake, make_catalog

@@ -16,8 +16,8 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from core import topics
-from core.envelope import (
+from imbot.core import topics
+from imbot.core.envelope import (
     Completion,
     Content,
     Delivery,
@@ -28,11 +28,11 @@ from core.envelope import (
     Verdict,
     encode_envelope,
 )
-from core.errors import ConfigurationError
-from core.kafka import ensure_topics, new_producer
-from core.settings import Settings
-from devtools.broker import consume_all
-from streams.replay import Bounds, parse_time, replay, trace
+from imbot.core.errors import ConfigurationError
+from imbot.core.kafka import ensure_topics, new_producer
+from imbot.core.settings import Settings
+from imbot.devtools.broker import consume_all
+from imbot.streams.replay import Bounds, parse_time, replay, trace
 from tests.envelopes import direct_envelope
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -301,7 +301,7 @@ def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
         "IMBOT_LOG_JSON": "false",
     }
     return subprocess.run(
-        [sys.executable, "-m", "cli", *args],
+        [sys.executable, "-m", "imbot", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -24,12 +24,12 @@ from typing import Any
 import orjson
 import pytest
 
-from core import topics
-from core.envelope import Envelope, RouteDecision, encode_envelope
-from core.kafka import ensure_topics, new_producer
-from core.settings import load_settings
-from devtools.broker import EmbeddedBroker, consume_all
-from streams.lanes import KeyedLanes
+from imbot.core import topics
+from imbot.core.envelope import Envelope, RouteDecision, encode_envelope
+from imbot.core.kafka import ensure_topics, new_producer
+from imbot.core.settings import load_settings
+from imbot.devtools.broker import EmbeddedBroker, consume_all
+from imbot.streams.lanes import KeyedLanes
 from tests.envelopes import direct_envelope
 from tests.fakes.faust_stream import FakeEvent, FakeStream
 
@@ -59,7 +59,7 @@ def _assigned(log: Path) -> list[set[int]]:
 def _start_model_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "cli", "worker", "--stage", "model"],
+            [sys.executable, "-m", "imbot", "worker", "--stage", "model"],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from devtools.broker import EmbeddedBroker
+from imbot.devtools.broker import EmbeddedBroker
 
 
 def _env(bootstrap: str, database_url: str) -> dict[str, str]:
@@ -58,7 +58,7 @@ def test_a_stopped_worker_logged_each_event_once_as_json(
     out, err = tmp_path / "stdout", tmp_path / "stderr"
     with out.open("wb") as stdout, err.open("wb") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cli", "worker", "--stage", "route"],
+            [sys.executable, "-m", "imbot", "worker", "--stage", "route"],
             env=_env(broker.bootstrap, sqlite_url),
             stdout=stdout,
             stderr=stderr,
@@ -87,7 +87,7 @@ def test_a_stopped_worker_logged_each_event_once_as_json(
 def test_faust_and_aiokafka_errors_are_json_lines(sqlite_url: str) -> None:
     """A worker that cannot reach Kafka: aiokafka's error and Faust's crash, once each."""
     done = subprocess.run(
-        [sys.executable, "-m", "cli", "worker", "--stage", "route"],
+        [sys.executable, "-m", "imbot", "worker", "--stage", "route"],
         env=_env("127.0.0.1:1", sqlite_url),
         capture_output=True,
         text=True,

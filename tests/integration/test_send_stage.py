@@ -14,16 +14,16 @@ from typing import Any
 import httpx
 import pytest
 
-from core import topics
-from core.envelope import DlqRecord, Envelope, Reply, encode_envelope
-from core.kafka import ensure_topics, new_producer
-from core.settings import Settings
-from devtools.broker import consume_all
-from sender.service import ReplySender, reply_digest
-from sender.split import part_end, split_reply
-from storage import open_storage
-from streams.boundary import Boundary, Outputs
-from streams.stages import Resources, Send
+from imbot.core import topics
+from imbot.core.envelope import DlqRecord, Envelope, Reply, encode_envelope
+from imbot.core.kafka import ensure_topics, new_producer
+from imbot.core.settings import Settings
+from imbot.devtools.broker import consume_all
+from imbot.sender.service import ReplySender, reply_digest
+from imbot.sender.split import part_end, split_reply
+from imbot.storage import open_storage
+from imbot.streams.boundary import Boundary, Outputs
+from imbot.streams.stages import Resources, Send
 from tests.envelopes import direct_envelope
 from tests.integration.conftest import new_easemob_client
 

@@ -15,12 +15,12 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 
-from core.envelope import Envelope, Reply
-from core.errors import RetryableError
-from sender.easemob import EasemobClient
-from sender.service import ReplySender
-from sender.split import part_end, split_reply
-from storage import UNCERTAIN_CLAIM, Storage, open_storage
+from imbot.core.envelope import Envelope, Reply
+from imbot.core.errors import RetryableError
+from imbot.sender.easemob import EasemobClient
+from imbot.sender.service import ReplySender
+from imbot.sender.split import part_end, split_reply
+from imbot.storage import UNCERTAIN_CLAIM, Storage, open_storage
 from tests.envelopes import direct_envelope
 from tests.integration.conftest import new_easemob_client
 
@@ -172,6 +172,6 @@ async def test_easemobs_lost_answer_is_counted_and_the_part_resent(
 
 
 def _digest() -> str:
-    from sender.service import reply_digest
+    from imbot.sender.service import reply_digest
 
     return reply_digest(TEXT)

@@ -10,12 +10,12 @@ from typing import Any
 import httpx
 import pytest
 
-from core.envelope import ChatType, Content, Envelope, Reply
-from core.errors import ConfigurationError, FatalError, RetryableError
-from sender.easemob import EasemobClient, MessageTooLarge
-from sender.service import ReplySender, reply_digest
-from sender.split import split_reply
-from storage import Storage, open_storage
+from imbot.core.envelope import ChatType, Content, Envelope, Reply
+from imbot.core.errors import ConfigurationError, FatalError, RetryableError
+from imbot.sender.easemob import EasemobClient, MessageTooLarge
+from imbot.sender.service import ReplySender, reply_digest
+from imbot.sender.split import split_reply
+from imbot.storage import Storage, open_storage
 from tests.integration.conftest import new_easemob_client
 from tests.rows import count_rows
 
@@ -203,7 +203,7 @@ async def test_history_is_written_even_when_only_the_retry_gets_there(
     client: EasemobClient, simulator: str, store: Storage
 ) -> None:
     """Every part was sent before (the history write failed then): the retry completes it."""
-    from storage.schema import MessageRow
+    from imbot.storage.schema import MessageRow
 
     sender = ReplySender(client, store.deliveries)
     env = _env("回答")
@@ -242,7 +242,7 @@ async def test_the_real_answer_after_a_fallback_apology_is_still_delivered(
     client: EasemobClient, simulator: str, store: Storage
 ) -> None:
     """An outage made a stage answer with the fallback; the DLQ replay brings the answer."""
-    from storage.schema import MessageRow
+    from imbot.storage.schema import MessageRow
 
     sender = ReplySender(client, store.deliveries)
     msg_id = uuid.uuid4().hex

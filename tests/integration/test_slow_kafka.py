@@ -16,9 +16,9 @@ from typing import Any
 import orjson
 import pytest
 
-from core.settings import Settings
-from devtools.broker import EmbeddedBroker
-from devtools.processes import free_port
+from imbot.core.settings import Settings
+from imbot.devtools.broker import EmbeddedBroker
+from imbot.devtools.processes import free_port
 from tests.integration.conftest import start_gateway
 from tests.payloads import callback
 

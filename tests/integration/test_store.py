@@ -8,10 +8,10 @@ import uuid
 import pytest
 from sqlalchemy import text
 
-from core.envelope import ChatType, Completion, Content, Envelope, Verdict, conversation_id
-from core.errors import ConfigurationError, StorageError
-from storage import AuditEntry, HistoryWindow, Storage, open_storage
-from storage.schema import DeliveryRow, MessageRow, ModerationAuditRow, UsageRow, utcnow
+from imbot.core.envelope import ChatType, Completion, Content, Envelope, Verdict, conversation_id
+from imbot.core.errors import ConfigurationError, StorageError
+from imbot.storage import AuditEntry, HistoryWindow, Storage, open_storage
+from imbot.storage.schema import DeliveryRow, MessageRow, ModerationAuditRow, UsageRow, utcnow
 from tests.rows import count_rows
 
 

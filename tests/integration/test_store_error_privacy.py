@@ -14,15 +14,15 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
-from core import topics
-from core.envelope import ChatType, Content, DlqRecord, Envelope, Reply, encode_envelope
-from core.kafka import ensure_topics, new_producer
-from core.settings import Settings
-from devtools.broker import consume_all
-from sender.service import ReplySender
-from storage import Storage, describe_db_error, open_storage
-from streams.boundary import Boundary, Outputs
-from streams.stages import Resources, Send
+from imbot.core import topics
+from imbot.core.envelope import ChatType, Content, DlqRecord, Envelope, Reply, encode_envelope
+from imbot.core.kafka import ensure_topics, new_producer
+from imbot.core.settings import Settings
+from imbot.devtools.broker import consume_all
+from imbot.sender.service import ReplySender
+from imbot.storage import Storage, describe_db_error, open_storage
+from imbot.streams.boundary import Boundary, Outputs
+from imbot.streams.stages import Resources, Send
 from tests.integration.conftest import new_easemob_client
 from tests.integration.test_sender_claims import _delivered
 

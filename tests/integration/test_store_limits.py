@@ -16,13 +16,13 @@ import httpx
 import pytest
 from sqlalchemy import inspect, select
 
-from core.envelope import ChatType, Completion, Content, Envelope, Reply, conversation_id
-from core.errors import FatalError
-from core.limits import GROUP_ID_MAX, MSG_ID_MAX, USER_ID_MAX
-from sender.easemob import EasemobClient
-from sender.service import ReplySender, fallback_ledger_id
-from storage import Storage, open_storage
-from storage.schema import ConversationRow, DeliveryRow, MessageRow, UsageRow
+from imbot.core.envelope import ChatType, Completion, Content, Envelope, Reply, conversation_id
+from imbot.core.errors import FatalError
+from imbot.core.limits import GROUP_ID_MAX, MSG_ID_MAX, USER_ID_MAX
+from imbot.sender.easemob import EasemobClient
+from imbot.sender.service import ReplySender, fallback_ledger_id
+from imbot.storage import Storage, open_storage
+from imbot.storage.schema import ConversationRow, DeliveryRow, MessageRow, UsageRow
 from tests.rows import count_rows
 
 

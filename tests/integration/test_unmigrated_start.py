@@ -18,7 +18,7 @@ def test_a_service_refuses_an_unmigrated_database(tmp_path: Path, service: list[
         "IMBOT_KAFKA_BOOTSTRAP": "127.0.0.1:1",  # never reached: the check comes first
     }
     done = subprocess.run(
-        [sys.executable, "-m", "cli", *service],
+        [sys.executable, "-m", "imbot", *service],
         env=env,
         capture_output=True,
         text=True,

@@ -6,10 +6,10 @@ from typing import Any
 import orjson
 import pytest
 
-from core.envelope import ChatType, Envelope, decode_envelope, encode_envelope
-from core.settings import AiRules, Bot, Policy
-from core.signature import expected_security, verify_signature
-from gateway.callback import CallbackRejected, decide, normalise_content, verify
+from imbot.core.envelope import ChatType, Envelope, decode_envelope, encode_envelope
+from imbot.core.settings import AiRules, Bot, Policy
+from imbot.core.signature import expected_security, verify_signature
+from imbot.gateway.callback import CallbackRejected, decide, normalise_content, verify
 from tests.payloads import callback
 
 SECRETS = ["test-secret", "old-secret"]

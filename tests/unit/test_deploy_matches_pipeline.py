@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from streams.pipeline import PIPELINE, PROCESSING_STAGES, SENDER_STAGES, STAGE_NAMES
+from imbot.streams.pipeline import PIPELINE, PROCESSING_STAGES, SENDER_STAGES, STAGE_NAMES
 
 BASE = Path(__file__).resolve().parents[2] / "deploy" / "base"
 # Where the Deployment of a row runs, by the row's process (its imbot command).

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from core.envelope import (
+from imbot.core.envelope import (
     ChatType,
     Envelope,
     RouteDecision,
@@ -12,7 +12,7 @@ from core.envelope import (
     decode_envelope,
     encode_envelope,
 )
-from core.errors import UndecodableError
+from imbot.core.errors import UndecodableError
 from tests.envelopes import direct_envelope
 
 

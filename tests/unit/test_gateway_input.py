@@ -18,12 +18,12 @@ from typing import Any
 import orjson
 import pytest
 
-from core.envelope import decode_envelope
-from core.errors import ConfigurationError
-from core.limits import CALL_ID_MAX, GROUP_ID_MAX, MSG_ID_MAX, USER_ID_MAX
-from core.settings import Bot, Policy, load_policy
-from core.signature import expected_security
-from gateway.callback import MAX_NESTING, CallbackRejected, decide, verify
+from imbot.core.envelope import decode_envelope
+from imbot.core.errors import ConfigurationError
+from imbot.core.limits import CALL_ID_MAX, GROUP_ID_MAX, MSG_ID_MAX, USER_ID_MAX
+from imbot.core.settings import Bot, Policy, load_policy
+from imbot.core.signature import expected_security
+from imbot.gateway.callback import MAX_NESTING, CallbackRejected, decide, verify
 from tests.payloads import callback
 
 SECRETS = ["test-secret"]

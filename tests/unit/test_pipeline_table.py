@@ -8,15 +8,15 @@ from typing import get_args
 
 import pytest
 
-from cli.main import build_parser
-from core import topics
-from core.envelope import Envelope
-from core.errors import ConfigurationError, FatalError
-from core.settings import DEFAULT_POLICY_FILE, Settings, load_settings
-from streams import pipeline
-from streams.pipeline import PIPELINE, PROCESSING_STAGES, SENDER_STAGES, STAGE_NAMES, Resource
-from streams.stages import STAGES, PipelineStage, Route
-from streams.worker import OPENERS, Runtime
+from imbot.cli.main import build_parser
+from imbot.core import topics
+from imbot.core.envelope import Envelope
+from imbot.core.errors import ConfigurationError, FatalError
+from imbot.core.settings import DEFAULT_POLICY_FILE, Settings, load_settings
+from imbot.streams import pipeline
+from imbot.streams.pipeline import PIPELINE, PROCESSING_STAGES, SENDER_STAGES, STAGE_NAMES, Resource
+from imbot.streams.stages import STAGES, PipelineStage, Route
+from imbot.streams.worker import OPENERS, Runtime
 from tests.envelopes import direct_envelope
 
 

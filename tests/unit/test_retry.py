@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from core.errors import RetryableError
-from core.retry import Backoff, Deadline, retries_spent, spent_attempts
+from imbot.core.errors import RetryableError
+from imbot.core.retry import Backoff, Deadline, retries_spent, spent_attempts
 
 
 def test_full_jitter_grows_by_doubling_and_is_capped() -> None:

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from core.errors import ConfigurationError
-from core.settings import DEFAULT_POLICY_FILE, load_policy, load_settings
+from imbot.core.errors import ConfigurationError
+from imbot.core.settings import DEFAULT_POLICY_FILE, load_policy, load_settings
 
 
 def test_callback_secrets_are_comma_separated_for_rotation(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -49,7 +49,7 @@ def test_bad_yaml_is_a_configuration_error(tmp_path: Path) -> None:
 
 
 def test_the_cli_offers_exactly_the_pipeline_stages() -> None:
-    from cli.main import STAGE_NAMES
-    from streams.stages import STAGES
+    from imbot.cli.main import STAGE_NAMES
+    from imbot.streams.stages import STAGES
 
     assert set(STAGE_NAMES) == set(STAGES)

@@ -9,14 +9,14 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from adapters import ChatRequest, CompletionResult, ModelCatalog, StreamEvent, build_catalog
-from core import topics
-from core.envelope import Content, Envelope, RouteDecision, Turn
-from core.errors import ContentRejected
-from core.settings import DEFAULT_POLICY_FILE, Settings, load_settings
-from moderation import Moderator
-from streams.boundary import AfterPublish, Emit
-from streams.stages import CallModel, ModerateIn, ModerateOut, Route
+from imbot.adapters import ChatRequest, CompletionResult, ModelCatalog, StreamEvent, build_catalog
+from imbot.core import topics
+from imbot.core.envelope import Content, Envelope, RouteDecision, Turn
+from imbot.core.errors import ContentRejected
+from imbot.core.settings import DEFAULT_POLICY_FILE, Settings, load_settings
+from imbot.moderation import Moderator
+from imbot.streams.boundary import AfterPublish, Emit
+from imbot.streams.stages import CallModel, ModerateIn, ModerateOut, Route
 from tests.envelopes import direct_envelope
 from tests.fakes.storage import FakeStorage
 

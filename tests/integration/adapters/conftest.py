@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from adapters import ModelCatalog, build_catalog
+from imbot.adapters import ModelCatalog, build_catalog
 from tests.fakes.providers import (
     FakeAnthropic,
     FakeDashScope,

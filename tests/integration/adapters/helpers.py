@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 
-from adapters import ChatMessage, ChatRequest, Delta, Done, StreamEvent
+from imbot.adapters import ChatMessage, ChatRequest, Delta, Done, StreamEvent
 from tests.fakes.providers import (
     FakeAnthropic,
     FakeDashScope,

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from core.errors import RetryableError
+from imbot.core.errors import RetryableError
 from tests.fakes.providers import FakeAnthropic, Reply, anthropic_error, anthropic_frames
 from tests.integration.adapters.conftest import ENV, PRICE_USD, CatalogFactory
 from tests.integration.adapters.helpers import REQUEST, collect

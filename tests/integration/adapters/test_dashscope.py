@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from adapters import StreamEvent
-from core.errors import ContentRejected, RetryableError
+from imbot.adapters import StreamEvent
+from imbot.core.errors import ContentRejected, RetryableError
 from tests.fakes.providers import FakeDashScope, Reply, dashscope_error, dashscope_frames
 from tests.integration.adapters.conftest import PRICE_CNY, CatalogFactory
 from tests.integration.adapters.helpers import REQUEST, collect, deltas, drain

@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from adapters import ChatMessage, ChatRequest, build_catalog
-from core.errors import ConfigurationError
-from core.settings import DEFAULT_POLICY_FILE, load_policy
+from imbot.adapters import ChatMessage, ChatRequest, build_catalog
+from imbot.core.errors import ConfigurationError
+from imbot.core.settings import DEFAULT_POLICY_FILE, load_policy
 from tests.integration.adapters.helpers import REQUEST, collect
 
 

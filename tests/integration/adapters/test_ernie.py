@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from adapters import StreamEvent
-from core.errors import ConfigurationError, ContentRejected, FatalError, RetryableError
+from imbot.adapters import StreamEvent
+from imbot.core.errors import ConfigurationError, ContentRejected, FatalError, RetryableError
 from tests.fakes.providers import FakeErnie, Reply, ernie_error, json_reply, plain_error, sse
 from tests.integration.adapters.conftest import PRICE_CNY, CatalogFactory
 from tests.integration.adapters.helpers import REQUEST, collect, deltas, drain

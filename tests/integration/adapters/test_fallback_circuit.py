@@ -7,8 +7,8 @@ import asyncio
 import pytest
 from prometheus_client import REGISTRY
 
-from adapters import ChatMessage, ChatRequest
-from core.errors import ConfigurationError, FatalError, RetryableError
+from imbot.adapters import ChatMessage, ChatRequest
+from imbot.core.errors import ConfigurationError, FatalError, RetryableError
 from tests.fakes.providers import FakeOllama, FakeOpenAI, Reply, openai_error
 from tests.integration.adapters.conftest import PRICE_CNY, PRICE_USD, CatalogFactory
 from tests.integration.adapters.helpers import REQUEST, collect

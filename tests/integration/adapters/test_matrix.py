@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import pytest
 from _pytest.mark.structures import ParameterSet
 
-from adapters import ModelCatalog, StreamEvent
-from core.errors import (
+from imbot.adapters import ModelCatalog, StreamEvent
+from imbot.core.errors import (
     ConfigurationError,
     ContentRejected,
     FatalError,

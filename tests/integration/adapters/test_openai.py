@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from adapters import Delta, StreamEvent, UsageEvent
-from core.errors import ConfigurationError, ContentRejected, FatalError, RetryableError
+from imbot.adapters import Delta, StreamEvent, UsageEvent
+from imbot.core.errors import ConfigurationError, ContentRejected, FatalError, RetryableError
 from tests.fakes.providers import FakeOpenAI, Reply, json_reply, openai_error, sse
 from tests.integration.adapters.conftest import ENV, PRICE_USD, CatalogFactory
 from tests.integration.adapters.helpers import REQUEST, collect, drain

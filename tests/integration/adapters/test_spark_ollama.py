@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from adapters import StreamEvent
-from core.errors import ConfigurationError, ContentRejected, RetryableError
+from imbot.adapters import StreamEvent
+from imbot.core.errors import ConfigurationError, ContentRejected, RetryableError
 from tests.fakes.providers import (
     FakeOllama,
     FakeSpark,

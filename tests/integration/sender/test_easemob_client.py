@@ -11,10 +11,10 @@ import httpx
 import pytest
 from aiohttp import web
 
-from core.errors import ConfigurationError, FatalError, RetryableError
-from sender.easemob import EasemobClient, MessageTooLarge
-from sender.pacing import Pacer
-from simulator.app import SimulatorConfig, serve
+from imbot.core.errors import ConfigurationError, FatalError, RetryableError
+from imbot.sender.easemob import EasemobClient, MessageTooLarge
+from imbot.sender.pacing import Pacer
+from imbot.simulator.app import SimulatorConfig, serve
 from tests.integration.conftest import new_easemob_client
 
 CLIENT_SECRET = "very-secret-client-secret"

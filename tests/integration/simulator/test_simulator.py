@@ -14,9 +14,9 @@ import httpx
 import pytest
 from aiohttp import web
 
-from core.signature import expected_security, verify_signature
-from simulator.app import SimulatorConfig, serve
-from simulator.callbacks import build_callback
+from imbot.core.signature import expected_security, verify_signature
+from imbot.simulator.app import SimulatorConfig, serve
+from imbot.simulator.callbacks import build_callback
 
 SECRET = "rule-secret"
 ORG, APP = "myorg", "myapp"
@@ -435,11 +435,11 @@ async def test_reset_forgets_messages_failures_and_counters(sim: httpx.AsyncClie
 
 
 async def test_python_dash_m_simulator_serves() -> None:
-    from devtools.processes import free_port
+    from imbot.devtools.processes import free_port
 
     port = free_port()
     process = subprocess.Popen(  # noqa: ASYNC220 - a child that runs beside the test
-        [sys.executable, "-m", "simulator", "--port", str(port), "--org", ORG, "--app", APP],
+        [sys.executable, "-m", "imbot.simulator", "--port", str(port), "--org", ORG, "--app", APP],
         stderr=subprocess.PIPE,
     )
     try:

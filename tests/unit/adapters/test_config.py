@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from adapters.config import OllamaConfig, OpenAIConfig
+from imbot.adapters.config import OllamaConfig, OpenAIConfig
 
 PRICE = {"input": 1, "output": 2, "currency": "USD"}
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from adapters import ChatMessage, ChatRequest, CircuitOpenError, Price
-from adapters.demo import LABEL, demo_reply, summarize
-from adapters.resilience import CircuitBreaker, counts_as_failure
-from core.errors import ConfigurationError, ContentRejected, FatalError, RetryableError
+from imbot.adapters import ChatMessage, ChatRequest, CircuitOpenError, Price
+from imbot.adapters.demo import LABEL, demo_reply, summarize
+from imbot.adapters.resilience import CircuitBreaker, counts_as_failure
+from imbot.core.errors import ConfigurationError, ContentRejected, FatalError, RetryableError
 
 
 class Clock:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from adapters import (
+from imbot.adapters import (
     ChatMessage,
     ChatRequest,
     Delta,
@@ -17,8 +17,8 @@ from adapters import (
     openai,
     spark,
 )
-from adapters.config import AnthropicConfig, OpenAIConfig
-from core.errors import ConfigurationError, ContentRejected, FatalError, RetryableError
+from imbot.adapters.config import AnthropicConfig, OpenAIConfig
+from imbot.core.errors import ConfigurationError, ContentRejected, FatalError, RetryableError
 
 PRICE = {"input": 1, "output": 2, "currency": "USD"}
 REQ = ChatRequest(

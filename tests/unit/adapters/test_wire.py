@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from adapters.wire import (
+from imbot.adapters.wire import (
     SseParser,
     anthropic_reset_s,
     classify_status,
@@ -13,8 +13,8 @@ from adapters.wire import (
     redact,
     refine_fatal,
 )
-from core.errors import ConfigurationError, FatalError, RetryableError
-from core.retry import retry_after_s
+from imbot.core.errors import ConfigurationError, FatalError, RetryableError
+from imbot.core.retry import retry_after_s
 
 
 def parse_all(text: str) -> list[tuple[str | None, str, list[str]]]:

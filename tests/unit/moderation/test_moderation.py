@@ -5,9 +5,9 @@ from typing import get_args
 
 import pytest
 
-from core.errors import ConfigurationError
-from moderation import Moderator, PiiCategory
-from moderation.pii import PLACEHOLDERS, find_pii, id_card_valid, luhn_valid
+from imbot.core.errors import ConfigurationError
+from imbot.moderation import Moderator, PiiCategory
+from imbot.moderation.pii import PLACEHOLDERS, find_pii, id_card_valid, luhn_valid
 
 VALID_ID = "11010519491231002X"
 INVALID_ID = "110105194912310021"  # wrong check digit

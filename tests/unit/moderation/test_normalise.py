@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from moderation import DATA_DIR
-from moderation.normalise import (
+from imbot.moderation import DATA_DIR
+from imbot.moderation.normalise import (
     Normaliser,
     fold_full_width,
     load_variant_map,

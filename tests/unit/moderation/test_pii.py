@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from moderation import Moderator
-from moderation.pii import (
+from imbot.moderation import Moderator
+from imbot.moderation.pii import (
     bank_card_valid,
     find_pii,
     id_card_shaped,

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from devtools.pii_corpus import measure
+from imbot.devtools.pii_corpus import measure
 
 
 def test_pii_recall_and_precision_on_a_generated_corpus() -> None:

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from sender.pacing import Pacer
+from imbot.sender.pacing import Pacer
 
 SECOND = 1.0 - 1e-9
 

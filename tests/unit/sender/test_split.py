@@ -7,7 +7,7 @@ import unicodedata
 
 import pytest
 
-from sender.split import part_end, split_reply
+from imbot.sender.split import part_end, split_reply
 
 
 def _check(text: str, parts: list[str], max_bytes: int) -> None:

@@ -1,0 +1,45 @@
+"""Language models behind one small interface.
+
+``build_catalog(policy.models)`` validates the operator's model catalog and
+returns a ``ModelCatalog``; ``catalog.complete(route.models, request,
+deadline_s=…)`` calls the chain with retry, fallback and circuit breaking.
+Each provider lives in its own module (``adapters.openai``, ``adapters.anthropic``,
+``adapters.ernie``, ``adapters.dashscope``, ``adapters.spark``, ``adapters.ollama``,
+``adapters.demo``).
+"""
+
+from imbot.adapters.base import (
+    ChatMessage,
+    ChatModel,
+    ChatRequest,
+    CompletionResult,
+    Delta,
+    Done,
+    StreamEvent,
+    Usage,
+    UsageEvent,
+)
+from imbot.adapters.catalog import CatalogEntry, ModelCatalog, build_catalog
+from imbot.adapters.config import ModelConfig, Price
+from imbot.adapters.resilience import CircuitBreaker, CircuitOpenError
+from imbot.core.envelope import FinishReason
+
+__all__ = [
+    "CatalogEntry",
+    "ChatMessage",
+    "ChatModel",
+    "ChatRequest",
+    "CircuitBreaker",
+    "CircuitOpenError",
+    "CompletionResult",
+    "Delta",
+    "Done",
+    "FinishReason",
+    "ModelCatalog",
+    "ModelConfig",
+    "Price",
+    "StreamEvent",
+    "Usage",
+    "UsageEvent",
+    "build_catalog",
+]

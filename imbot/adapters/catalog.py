@@ -1,0 +1,392 @@
+"""The model catalog: validated config → ready models, plus retry and fallback.
+
+``build_catalog`` turns the ``models:`` mapping of the policy file into one
+wrapped ``ChatModel`` per model id (provider → metrics → circuit breaker →
+concurrency limit). ``ModelCatalog.complete`` walks a route's chain: it skips
+open circuits, retries retryable errors with jittered backoff (core.retry) inside
+the caller's deadline, falls back to the next model when one is exhausted or fails
+for good, and raises ContentRejected at once. The catalog owns the repeats of a
+model call: the error it raises after calling a provider is marked
+``retries_spent``, so the stage boundary does not walk the chain again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from pydantic import ValidationError
+
+from imbot.adapters import metrics
+from imbot.adapters.base import ChatModel, ChatRequest, CompletionResult, Done, StreamEvent
+from imbot.adapters.config import (
+    AnthropicConfig,
+    CatalogConfig,
+    DashScopeConfig,
+    DemoConfig,
+    ErnieConfig,
+    ModelConfig,
+    OllamaConfig,
+    OpenAIConfig,
+    SparkConfig,
+    _ModelEntry,
+)
+from imbot.adapters.demo import DemoChatModel
+from imbot.adapters.resilience import (
+    CircuitBreaker,
+    CircuitBreakerModel,
+    CircuitOpenError,
+    ConcurrencyLimitedModel,
+    InstrumentedModel,
+)
+from imbot.core.errors import ConfigurationError, ContentRejected, ImbotError, RetryableError
+from imbot.core.retry import Backoff, Deadline, retries_spent
+
+log = logging.getLogger("imbot.adapters")
+
+
+def new_client(max_keepalive: int = 64) -> httpx.AsyncClient:
+    """The shared client of one provider: HTTP/1.1 keep-alive, no overall pool cap
+    (the per-model semaphores bound concurrency), timeouts set per request."""
+    return httpx.AsyncClient(
+        limits=httpx.Limits(
+            max_connections=None,
+            max_keepalive_connections=max(max_keepalive, 8),
+            keepalive_expiry=30.0,
+        ),
+        http2=False,
+        follow_redirects=False,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogEntry:
+    model_id: str
+    config: _ModelEntry
+    model: ChatModel  # fully wrapped
+    breaker: CircuitBreaker
+
+
+def _secret(
+    env: Mapping[str, str], var: str | None, model_id: str, *, required: bool
+) -> str | None:
+    if not var:
+        return None
+    value = env.get(var)
+    if not value:
+        if required:
+            raise ConfigurationError(
+                f"model {model_id!r} needs the environment variable {var} (its API key)"
+            )
+        return None
+    return value
+
+
+def _provider_model(
+    model_id: str, cfg: ModelConfig, client: httpx.AsyncClient | None, env: Mapping[str, str]
+) -> ChatModel:
+    from imbot.adapters.anthropic import AnthropicChatModel
+    from imbot.adapters.dashscope import DashScopeChatModel
+    from imbot.adapters.ernie import ErnieChatModel
+    from imbot.adapters.ollama import OllamaChatModel
+    from imbot.adapters.openai import OpenAIChatModel
+    from imbot.adapters.spark import SparkChatModel
+
+    if isinstance(cfg, DemoConfig):
+        return DemoChatModel(model_id, cfg)
+    assert client is not None
+    if isinstance(cfg, OpenAIConfig):
+        key = _secret(env, cfg.api_key_env, model_id, required=True)
+        return OpenAIChatModel(model_id, cfg, client, api_key=key)
+    if isinstance(cfg, AnthropicConfig):
+        key = _secret(env, cfg.api_key_env, model_id, required=True)
+        return AnthropicChatModel(model_id, cfg, client, api_key=key)
+    if isinstance(cfg, ErnieConfig):
+        ak = _secret(env, cfg.api_key_env, model_id, required=True)
+        sk = _secret(env, cfg.secret_key_env, model_id, required=True)
+        return ErnieChatModel(model_id, cfg, client, api_key=ak, secret_key=sk or "")
+    if isinstance(cfg, DashScopeConfig):
+        key = _secret(env, cfg.api_key_env, model_id, required=True)
+        return DashScopeChatModel(model_id, cfg, client, api_key=key)
+    if isinstance(cfg, SparkConfig):
+        key = _secret(env, cfg.api_key_env, model_id, required=True)
+        return SparkChatModel(model_id, cfg, client, api_key=key)
+    if isinstance(cfg, OllamaConfig):
+        key = _secret(env, cfg.api_key_env, model_id, required=False)
+        return OllamaChatModel(model_id, cfg, client, api_key=key)
+    raise ConfigurationError(f"model {model_id!r}: unsupported provider")  # pragma: no cover
+
+
+def build_catalog(
+    models: Mapping[str, Mapping[str, Any]],
+    *,
+    env: Mapping[str, str] | None = None,
+    seed: int | None = None,
+) -> ModelCatalog:
+    """Validate the ``models:`` section and build every model. Raises ConfigurationError."""
+    try:
+        config = CatalogConfig.model_validate({"models": dict(models)})
+    except ValidationError as exc:
+        raise ConfigurationError(f"invalid models configuration: {exc}") from None
+    env = os.environ if env is None else env
+    clients: dict[str, httpx.AsyncClient] = {}
+    keepalive: dict[str, int] = {}
+    for cfg in config.models.values():
+        keepalive[cfg.provider] = keepalive.get(cfg.provider, 0) + cfg.max_concurrency
+    groups: dict[str, asyncio.Semaphore] = {}
+    group_limits: dict[str, int] = {}
+    for cfg in config.models.values():
+        if cfg.concurrency_group:
+            limit = group_limits.get(cfg.concurrency_group, cfg.max_concurrency)
+            group_limits[cfg.concurrency_group] = min(limit, cfg.max_concurrency)
+    entries: dict[str, CatalogEntry] = {}
+    for model_id, cfg in config.models.items():
+        client = None
+        if not isinstance(cfg, DemoConfig):
+            client = clients.get(cfg.provider)
+            if client is None:
+                client = clients[cfg.provider] = new_client(keepalive[cfg.provider])
+        if cfg.model == "":
+            cfg = cfg.model_copy(update={"model": model_id})
+        inner = _provider_model(model_id, cfg, client, env)
+        breaker = CircuitBreaker(
+            model_id,
+            failure_threshold=cfg.circuit.failure_threshold,
+            cooldown_s=cfg.circuit.cooldown_s,
+        )
+        if cfg.concurrency_group:
+            limiter = groups.get(cfg.concurrency_group)
+            if limiter is None:
+                limiter = groups[cfg.concurrency_group] = asyncio.Semaphore(
+                    group_limits[cfg.concurrency_group]
+                )
+        else:
+            limiter = asyncio.Semaphore(cfg.max_concurrency)
+        wrapped: ChatModel = ConcurrencyLimitedModel(
+            CircuitBreakerModel(InstrumentedModel(inner, cfg.provider), breaker), limiter
+        )
+        entries[model_id] = CatalogEntry(model_id, cfg, wrapped, breaker)
+    return ModelCatalog(entries, list(clients.values()), seed=seed)
+
+
+class ModelCatalog:
+    def __init__(
+        self,
+        entries: Mapping[str, CatalogEntry],
+        clients: Sequence[httpx.AsyncClient] = (),
+        *,
+        seed: int | None = None,
+    ) -> None:
+        self._entries = dict(entries)
+        self._clients = list(clients)
+        self._rng = random.Random(seed)
+
+    @property
+    def model_ids(self) -> tuple[str, ...]:
+        return tuple(self._entries)
+
+    def entry(self, model_id: str) -> CatalogEntry:
+        try:
+            return self._entries[model_id]
+        except KeyError:
+            raise ConfigurationError(f"unknown model {model_id!r}") from None
+
+    def model(self, model_id: str) -> ChatModel:
+        """One model with its wrappers (no retry, no fallback)."""
+        return self.entry(model_id).model
+
+    def _delay(self, entry: CatalogEntry, attempt: int, error: RetryableError) -> float | None:
+        """How long to wait before the next attempt on this model; None: move on."""
+        retry = entry.config.retry
+        if attempt + 1 >= retry.max_attempts or isinstance(error, CircuitOpenError):
+            return None
+        if error.retry_after is not None and error.retry_after > retry.max_retry_after_s:
+            return None
+        backoff = Backoff(retry.base_delay_s, retry.max_delay_s, rng=self._rng)
+        return backoff.delay(attempt + 1, error.retry_after)
+
+    async def complete(
+        self, chain: Sequence[str], request: ChatRequest, *, deadline_s: float
+    ) -> CompletionResult:
+        deadline = Deadline.after(deadline_s)
+        last: ImbotError | None = None
+        attempts = 0
+        for position, model_id in enumerate(chain):
+            entry = self.entry(model_id)
+            if not entry.breaker.available():
+                last = _circuit_open(entry)
+                metrics.FALLBACKS.labels(model_id).inc()
+                continue
+            for attempt in range(entry.config.retry.max_attempts):
+                remaining = deadline.remaining()
+                if remaining <= 0:
+                    raise _deadline_error(last, model_id, attempts)
+                attempts += 1
+                try:
+                    async with asyncio.timeout(min(remaining, entry.config.timeout_s)):
+                        result = await entry.model.complete(request)
+                except ContentRejected:
+                    raise
+                except TimeoutError:
+                    error: ImbotError = RetryableError(
+                        f"model {model_id} did not answer in time", code="timeout"
+                    )
+                except ImbotError as exc:
+                    error = exc
+                else:
+                    if attempts > 1:
+                        result = result.model_copy(update={"attempts": attempts})
+                    return result
+                last = error
+                _log_failure(model_id, attempt, error)
+                if not isinstance(error, RetryableError):
+                    break  # fatal or configuration for this model: fall back
+                delay = self._delay(entry, attempt, error)
+                if delay is None or not deadline.allows(delay):
+                    break
+                metrics.MODEL_RETRIES.labels(model_id).inc()
+                await asyncio.sleep(delay)
+            if position + 1 < len(chain):
+                metrics.FALLBACKS.labels(model_id).inc()
+        raise _exhausted(last, attempts)
+
+    async def stream(
+        self, chain: Sequence[str], request: ChatRequest, *, deadline_s: float
+    ) -> AsyncIterator[StreamEvent]:
+        """Stream one reply. Retry and fallback happen only before the first event;
+        after it, an error is raised to the caller (who holds partial text)."""
+        deadline = Deadline.after(deadline_s)
+        last: ImbotError | None = None
+        attempts = 0
+        for position, model_id in enumerate(chain):
+            entry = self.entry(model_id)
+            if not entry.breaker.available():
+                last = _circuit_open(entry)
+                metrics.FALLBACKS.labels(model_id).inc()
+                continue
+            for attempt in range(entry.config.retry.max_attempts):
+                remaining = deadline.remaining()
+                if remaining <= 0:
+                    raise _deadline_error(last, model_id, attempts)
+                attempts += 1
+                async with aclosing(_closable(entry.model.stream(request))) as events:
+                    try:
+                        async with asyncio.timeout(min(remaining, entry.config.timeout_s)):
+                            first = await anext(events)
+                    except ContentRejected:
+                        raise
+                    except TimeoutError:
+                        error: ImbotError = RetryableError(
+                            f"model {model_id} sent nothing in time", code="timeout"
+                        )
+                    except StopAsyncIteration:
+                        error = RetryableError(f"model {model_id} sent an empty stream")
+                    except ImbotError as exc:
+                        error = exc
+                    else:
+                        yield _with_attempts(first, attempts)
+                        while True:
+                            try:
+                                async with asyncio.timeout_at(_loop_time(deadline.at)):
+                                    event = await anext(events)
+                            except StopAsyncIteration:
+                                return
+                            except TimeoutError:
+                                raise RetryableError(
+                                    f"model {model_id} stream passed the deadline",
+                                    code="timeout",
+                                ) from None
+                            yield _with_attempts(event, attempts)
+                last = error
+                _log_failure(model_id, attempt, error)
+                if not isinstance(error, RetryableError):
+                    break
+                delay = self._delay(entry, attempt, error)
+                if delay is None or not deadline.allows(delay):
+                    break
+                metrics.MODEL_RETRIES.labels(model_id).inc()
+                await asyncio.sleep(delay)
+            if position + 1 < len(chain):
+                metrics.FALLBACKS.labels(model_id).inc()
+        raise _exhausted(last, attempts)
+
+    async def aclose(self) -> None:
+        for client in self._clients:
+            await client.aclose()
+        self._clients.clear()
+
+
+def _closable(events: AsyncIterator[StreamEvent]) -> AsyncGenerator[StreamEvent, None]:
+    """Providers return async generators; the protocol only promises an iterator."""
+    if isinstance(events, AsyncGenerator):
+        return events
+    return _as_generator(events)
+
+
+async def _as_generator(events: AsyncIterator[StreamEvent]) -> AsyncGenerator[StreamEvent, None]:
+    async for event in events:
+        yield event
+
+
+def _loop_time(monotonic_deadline: float) -> float:
+    """asyncio.timeout_at wants the loop's clock; ours is time.monotonic (the same on CPython)."""
+    loop = asyncio.get_running_loop()
+    return loop.time() + (monotonic_deadline - time.monotonic())
+
+
+def _with_attempts(event: StreamEvent, attempts: int) -> StreamEvent:
+    if attempts > 1 and isinstance(event, Done) and event.result is not None:
+        return Done(
+            event.finish_reason,
+            event.raw_finish_reason,
+            event.result.model_copy(update={"attempts": attempts}),
+        )
+    return event
+
+
+def _circuit_open(entry: CatalogEntry) -> RetryableError:
+    return CircuitOpenError(
+        f"circuit open for {entry.model_id}",
+        retry_after=entry.breaker.retry_in() or None,
+        code="circuit_open",
+    )
+
+
+def _deadline_error(last: ImbotError | None, model_id: str, attempts: int) -> ImbotError:
+    if last is not None:
+        return _exhausted(last, attempts)
+    return RetryableError(f"deadline passed before calling {model_id}", code="deadline")
+
+
+def _exhausted(last: ImbotError | None, attempts: int) -> ImbotError:
+    """The error that ends a chain walk. After at least one attempt it is marked
+    ``retries_spent``: the catalog made this call's repeats, nobody repeats them.
+    With none (every circuit open, an empty chain) it is left for the caller."""
+    if last is None:
+        return ConfigurationError("empty model chain")
+    if attempts > 0:
+        retries_spent(last, attempts)
+    return last
+
+
+def _log_failure(model_id: str, attempt: int, error: ImbotError) -> None:
+    log.warning(
+        "model call failed",
+        extra={
+            "model": model_id,
+            "attempt": attempt + 1,
+            "kind": error.kind,
+            "provider": error.provider,
+            "status": error.status,
+            "code": error.code,
+            "request_id": error.request_id,
+        },
+    )

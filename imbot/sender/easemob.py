@@ -1,0 +1,353 @@
+"""Easemob server REST API: the app token and text messages (reference §3).
+
+Every response is mapped to the error taxonomy of ``core.errors`` here, in one
+place (``classify``). The client does not retry: the caller's error boundary
+owns the deadline and the backoff. The one exception is the app token: a 401
+fetches a new token once and repeats the call once (reference §3.3).
+
+Response classes:
+
+=========================================  =====================================
+429 ``reach_limit``, 408, 5xx              ``RetryableError`` (``retry_after`` from
+                                           a ``Retry-After`` header, if any)
+429 ``resource_limited`` (plan limit)      ``FatalError(reason="quota_exhausted")``
+403 "message send reach limit"             ``RetryableError`` with ``retry_after``
+                                           = the quota window for the target kind
+other 403 (forbidden operation, banned)    ``FatalError``
+413, 400 "message is too large" / 14007    ``MessageTooLarge`` (split further)
+401 after one refresh                      ``ConfigurationError``
+400, 405, 415                              ``FatalError(reason="bad_request")``
+404                                        ``FatalError(reason="not_found")``
+timeouts, dropped connections              ``RetryableError``
+=========================================  =====================================
+
+Neither the client secret nor a token ever appears in a log line or an
+exception message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import httpx
+from prometheus_client import Counter, Histogram
+
+from imbot.core.errors import ConfigurationError, FatalError, ImbotError, RetryableError
+from imbot.core.retry import retry_after_s
+from imbot.sender.pacing import Pacer
+
+log = logging.getLogger("imbot.sender.easemob")
+
+REQUESTS = Counter(
+    "imbot_easemob_requests_total",
+    "Easemob REST calls by endpoint (token, users, chatgroups, chatrooms) and status class",
+    ["endpoint", "status_class"],
+)
+REQUEST_SECONDS = Histogram(
+    "imbot_easemob_request_seconds",
+    "Easemob REST call latency",
+    ["endpoint"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+TOKEN_REFRESHES = Counter(
+    "imbot_easemob_token_refreshes_total", "App tokens fetched, by cause", ["cause"]
+)
+
+TargetKind = Literal["users", "chatgroups", "chatrooms"]
+_PROVIDER = "easemob"
+_TOO_LARGE_CODE = 14007
+
+# 403 "message send reach limit": how long until the quota window has rolled.
+# 1:1 quotas are per minute (6,000 messages/min), group and chatroom quotas per
+# second (reference §3.8-3.9). Not the full minute for 1:1: the window slides, so
+# some budget comes back well before 60 s, and the caller adds its own backoff.
+DEFAULT_QUOTA_RETRY_AFTER_S: Mapping[str, float] = {
+    "users": 10.0,
+    "chatgroups": 1.0,
+    "chatrooms": 1.0,
+}
+
+
+class MessageTooLarge(FatalError):
+    """413, or 400 "message is too large" (14007): split the part further and resend."""
+
+
+class AnswerLost(RetryableError):
+    """The request reached Easemob but its answer did not come back (a read timeout, a
+    dropped connection, a 200 without a message id): Easemob may have delivered the
+    message. Easemob has no idempotency key, so a resend may show it twice."""
+
+
+def _status_class(status: int) -> str:
+    return f"{status // 100}xx"
+
+
+def _error_fields(response: httpx.Response) -> tuple[str, str, int | None]:
+    """``error``, ``error_description`` and ``error_code`` of an Easemob error body."""
+    try:
+        body = response.json()
+    except ValueError:
+        return "", response.text[:200], None
+    if not isinstance(body, dict):
+        return "", str(body)[:200], None
+    code = body.get("error_code")
+    description = body.get("error_description") or body.get("exception") or ""
+    return (
+        str(body.get("error") or ""),
+        str(description)[:300],
+        int(code) if isinstance(code, int | str) and str(code).isdigit() else None,
+    )
+
+
+def classify(
+    response: httpx.Response, *, kind: str = "users", quota_retry_after_s: float | None = None
+) -> ImbotError:
+    """The error a non-2xx Easemob response to a send stands for (see the module docstring)."""
+    status = response.status_code
+    error, description, error_code = _error_fields(response)
+    kw: dict[str, Any] = {
+        "provider": _PROVIDER,
+        "status": status,
+        "code": str(error_code) if error_code else (error or None),
+    }
+    text = f"Easemob {status} {error}: {description}".strip().rstrip(":")
+    lowered = description.lower()
+    if status == 413 or (
+        status == 400 and (error_code == _TOO_LARGE_CODE or "too large" in lowered)
+    ):
+        return MessageTooLarge(text, reason="bad_request", **kw)
+    if status == 429 and error == "resource_limited":
+        return FatalError(text, reason="quota_exhausted", **kw)
+    if status in (408, 429) or status >= 500:
+        return RetryableError(text, retry_after=retry_after_s(response.headers), **kw)
+    if status == 403 and "reach limit" in lowered:
+        default = quota_retry_after_s or DEFAULT_QUOTA_RETRY_AFTER_S.get(kind, 10.0)
+        return RetryableError(text, retry_after=retry_after_s(response.headers) or default, **kw)
+    if status == 401:
+        return ConfigurationError(f"{text} (after a fresh app token)", **kw)
+    if status == 404:
+        return FatalError(text, reason="not_found", **kw)
+    if status in (400, 405, 415):
+        return FatalError(text, reason="bad_request", **kw)
+    return FatalError(text, **kw)
+
+
+class EasemobClient:
+    """Easemob REST client for one app (``{org}#{app}``).
+
+    ``pacer`` is acquired before every message call (token calls are not paced;
+    they are rare). ``http`` lets a test or a caller share an ``httpx.AsyncClient``
+    (its ``base_url`` must be Easemob's); otherwise the client owns one.
+    ``token_margin_s``: a cached token is replaced this long before it expires.
+    ``quota_retry_after_s``: the ``retry_after`` given with a 403 quota error, per
+    target kind (defaults in ``DEFAULT_QUOTA_RETRY_AFTER_S``).
+    """
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        org: str,
+        app: str,
+        client_id: str,
+        client_secret: str,
+        timeout: float = 10.0,
+        pacer: Pacer | None = None,
+        http: httpx.AsyncClient | None = None,
+        token_margin_s: float = 60.0,
+        quota_retry_after_s: Mapping[str, float] | None = None,
+    ) -> None:
+        self._prefix = f"/{org}/{app}"
+        self._client_id = client_id
+        self._client_secret = client_secret
+        self._http = http or httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            timeout=timeout,
+            headers={"Accept": "application/json"},
+        )
+        self._owns_http = http is None
+        self._pacer = pacer
+        self._margin = token_margin_s
+        self._quota_retry_after = {**DEFAULT_QUOTA_RETRY_AFTER_S, **(quota_retry_after_s or {})}
+        self._token: str | None = None
+        self._expires = 0.0  # time.monotonic() after which the cached token is not used
+        self._refresh: asyncio.Future[str] | None = None
+
+    async def aclose(self) -> None:
+        if self._refresh is not None and not self._refresh.done():
+            self._refresh.cancel()
+        if self._owns_http:
+            await self._http.aclose()
+
+    async def __aenter__(self) -> EasemobClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- app token ------------------------------------------------------------
+
+    async def token(self, *, stale: str | None = None) -> str:
+        """The app token: cached until near expiry, fetched once for all concurrent callers.
+
+        ``stale``: a token the server just rejected with 401 — fetch a new one unless
+        another caller already did.
+        """
+        current = self._token
+        if current is not None and current != stale and time.monotonic() < self._expires:
+            return current
+        if self._refresh is None or self._refresh.done():
+            cause = "rejected" if stale is not None and stale == current else "expired"
+            if current is None:
+                cause = "first"
+            self._refresh = asyncio.ensure_future(self._fetch_token(cause))
+            # If every waiter was cancelled, nobody reads a failure: mark it read.
+            self._refresh.add_done_callback(_consume_exception)
+        # shield: one caller giving up (cancelled) must not cancel the fetch the others await
+        return await asyncio.shield(self._refresh)
+
+    async def _fetch_token(self, cause: str) -> str:
+        if not self._client_id or not self._client_secret:
+            raise ConfigurationError(
+                "Easemob client id / client secret are not set", provider=_PROVIDER
+            )
+        started = time.perf_counter()
+        try:
+            response = await self._http.post(
+                f"{self._prefix}/token",
+                json={
+                    "grant_type": "client_credentials",
+                    "client_id": self._client_id,
+                    "client_secret": self._client_secret,
+                },
+            )
+        except httpx.HTTPError as exc:
+            REQUESTS.labels("token", "error").inc()
+            raise RetryableError(
+                f"Easemob token request failed: {type(exc).__name__}", provider=_PROVIDER
+            ) from None
+        REQUEST_SECONDS.labels("token").observe(time.perf_counter() - started)
+        REQUESTS.labels("token", _status_class(response.status_code)).inc()
+        if response.status_code != 200:
+            error = classify(response)
+            if response.status_code in (400, 401, 403, 404):
+                # invalid_grant, illegal_argument, organization_application_not_found:
+                # the operator's credentials or org/app are wrong; no retry fixes that.
+                raise ConfigurationError(
+                    f"Easemob refused the app's client credentials: {error.message}",
+                    provider=_PROVIDER,
+                    status=response.status_code,
+                    code=error.code,
+                )
+            raise error
+        try:
+            body = response.json()
+            token = str(body["access_token"])
+            ttl = float(body.get("expires_in") or 0)
+        except (ValueError, KeyError, TypeError):
+            raise RetryableError(
+                "Easemob token response without access_token", provider=_PROVIDER, status=200
+            ) from None
+        TOKEN_REFRESHES.labels(cause).inc()
+        now = time.monotonic()
+        # expires_in 0 means a token that never expires (reference §3.3).
+        self._expires = now + max(ttl - self._margin, ttl / 2) if ttl > 0 else float("inf")
+        self._token = token
+        log.info("easemob app token fetched", extra={"cause": cause, "expires_in": ttl})
+        return token
+
+    # -- messages -------------------------------------------------------------
+
+    async def send_text(
+        self,
+        kind: TargetKind,
+        *,
+        sender: str,
+        to: str,
+        text: str,
+        ext: Mapping[str, Any] | None = None,
+        paced: bool = False,
+    ) -> str:
+        """Send one text message to one user, group or chatroom; returns Easemob's message id.
+
+        ``paced``: the caller already took its turn from the pacer (``wait_turn``).
+        """
+        body: dict[str, Any] = {
+            "from": sender,
+            "to": [to],
+            "type": "txt",
+            "body": {"msg": text},
+        }
+        if ext is not None:
+            body["ext"] = dict(ext)  # never null: Easemob answers 400 "ext must be JSONObject"
+        token = await self.token()
+        response = await self._post(kind, body, token, paced=paced)
+        if response.status_code == 401:
+            log.warning("easemob rejected the app token; fetching a new one", extra={"kind": kind})
+            token = await self.token(stale=token)
+            response = await self._post(kind, body, token)
+        if response.status_code != 200:
+            raise classify(response, kind=kind, quota_retry_after_s=self._quota_retry_after[kind])
+        return _message_id(response, to)
+
+    async def wait_turn(self) -> None:
+        """Wait for the pacer's next send slot (the caller then sends with ``paced=True``)."""
+        if self._pacer is not None:
+            await self._pacer.acquire()
+
+    async def _post(
+        self, kind: TargetKind, body: dict[str, Any], token: str, *, paced: bool = False
+    ) -> httpx.Response:
+        if self._pacer is not None and not paced:
+            await self._pacer.acquire()
+        started = time.perf_counter()
+        try:
+            response = await self._http.post(
+                f"{self._prefix}/messages/{kind}",
+                json=body,
+                headers={"Authorization": f"Bearer {token}"},
+            )
+        except (httpx.ConnectTimeout, httpx.PoolTimeout):
+            # The request never left: nothing was delivered.
+            REQUESTS.labels(kind, "timeout").inc()
+            raise RetryableError("Easemob send timed out connecting", provider=_PROVIDER) from None
+        except httpx.TimeoutException:
+            # Easemob has no idempotency key: the message may have been delivered.
+            REQUESTS.labels(kind, "timeout").inc()
+            raise AnswerLost("Easemob send timed out", provider=_PROVIDER) from None
+        except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+            REQUESTS.labels(kind, "error").inc()
+            raise AnswerLost(
+                f"Easemob send failed: {type(exc).__name__}", provider=_PROVIDER
+            ) from None
+        except httpx.HTTPError as exc:
+            REQUESTS.labels(kind, "error").inc()
+            raise RetryableError(
+                f"Easemob send failed: {type(exc).__name__}", provider=_PROVIDER
+            ) from None
+        REQUEST_SECONDS.labels(kind).observe(time.perf_counter() - started)
+        REQUESTS.labels(kind, _status_class(response.status_code)).inc()
+        return response
+
+
+def _consume_exception(future: asyncio.Future[str]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _message_id(response: httpx.Response, to: str) -> str:
+    """The id Easemob gave the message to ``to`` (``data`` maps each target to its id)."""
+    try:
+        data = response.json().get("data")
+    except (ValueError, AttributeError):
+        data = None
+    message_id = data.get(to) if isinstance(data, dict) else None
+    if not message_id:
+        raise AnswerLost(
+            "Easemob answered 200 without a message id", provider=_PROVIDER, status=200
+        )
+    return str(message_id)

@@ -1,0 +1,137 @@
+"""Storage in its own room: every SQL statement of the pipeline, behind named repositories.
+
+- ``DeliveryLedger`` (``storage.deliveries``): reply parts claimed, sent, failed; and
+  the history written once a reply is delivered.
+- ``UsageLedger`` (``storage.usage``): tokens and cost of each model call.
+- ``ModerationAudit`` (``storage.audit``): moderation decisions that were not an allow.
+- ``HistoryWindow`` (``storage.history``): the earlier turns a model is shown.
+- the quota ledger's place: ``storage.quota``.
+
+They share one ``Database`` (engine, SQLite's write lock, group commit;
+``storage.database``), opened by ``open_database`` / ``open_storage``, which refuse
+a database whose migrations are behind. SQLAlchemy's errors never leave this
+package: they become ``core.errors.StorageUnavailable`` (retryable) or
+``StorageError`` (fatal), carrying a description free of user data.
+
+The stages depend on the small protocols below, not on these classes, so they can be
+tested with in-memory fakes (tests/fakes/storage.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from imbot.core.envelope import Completion, Envelope, Turn
+from imbot.storage.audit import AuditEntry, ModerationAudit
+from imbot.storage.database import Database, open_database, upgrade
+from imbot.storage.deliveries import (
+    UNCERTAIN_ANSWER,
+    UNCERTAIN_CLAIM,
+    Claim,
+    DeliveryLedger,
+    LedgerRow,
+    storable_text,
+    unstorable,
+)
+from imbot.storage.errors import describe_db_error, translated
+from imbot.storage.history import HistoryWindow
+from imbot.storage.usage import UsageLedger
+
+
+class AuditLog(Protocol):
+    """Where a stage records moderation decisions (``ModerationAudit``)."""
+
+    async def record_audit(
+        self, msg_id: str, stage: str, entries: Iterable[AuditEntry]
+    ) -> None: ...
+
+
+class UsageRecords(Protocol):
+    """Where the model stage accounts for a paid call (``UsageLedger``)."""
+
+    async def record_usage(self, env: Envelope, c: Completion) -> None: ...
+
+
+class History(Protocol):
+    """The history a route reads and a provider may ask to clear (``HistoryWindow``)."""
+
+    async def history_window(
+        self,
+        conversation_id: str,
+        *,
+        turns: int,
+        token_budget: int,
+        before_msg_id: str | None = None,
+    ) -> tuple[Turn, ...]: ...
+
+    async def clear_history(self, conversation_id: str) -> None: ...
+
+
+class StageStorage(Protocol):
+    """What the stages before the sender use of storage."""
+
+    @property
+    def audit(self) -> AuditLog: ...
+
+    @property
+    def usage(self) -> UsageRecords: ...
+
+    @property
+    def history(self) -> History: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Storage:
+    """The repositories of one process over one ``Database``."""
+
+    database: Database
+    deliveries: DeliveryLedger
+    usage: UsageLedger
+    audit: ModerationAudit
+    history: HistoryWindow
+
+    @classmethod
+    def over(cls, database: Database) -> Storage:
+        return cls(
+            database=database,
+            deliveries=DeliveryLedger(database),
+            usage=UsageLedger(database),
+            audit=ModerationAudit(database),
+            history=HistoryWindow(database),
+        )
+
+    async def close(self) -> None:
+        await self.database.close()
+
+
+async def open_storage(url: str, *, check: bool = True) -> Storage:
+    """The repositories over the database at ``url`` (see ``open_database``)."""
+    return Storage.over(await open_database(url, check=check))
+
+
+__all__ = [
+    "UNCERTAIN_ANSWER",
+    "UNCERTAIN_CLAIM",
+    "AuditEntry",
+    "AuditLog",
+    "Claim",
+    "Database",
+    "DeliveryLedger",
+    "History",
+    "HistoryWindow",
+    "LedgerRow",
+    "ModerationAudit",
+    "StageStorage",
+    "Storage",
+    "UsageLedger",
+    "UsageRecords",
+    "describe_db_error",
+    "open_database",
+    "open_storage",
+    "storable_text",
+    "translated",
+    "unstorable",
+    "upgrade",
+]
