@@ -2,7 +2,9 @@
 
 ``build_catalog(policy.models)`` validates the operator's model catalog and
 returns a ``ModelCatalog``; ``catalog.complete(route.models, request,
-deadline_s=…)`` calls the chain with retry, fallback and circuit breaking.
+deadline_s=…)`` calls the chain with retry, fallback and circuit breaking. A user message may carry
+images (``ChatMessage.images``, ``ImagePart`` bytes); only models with ``vision: true``
+get them (``catalog.vision_models``), each in its provider's format.
 Each provider lives in its own module (``adapters.openai``, ``adapters.anthropic``,
 ``adapters.ernie``, ``adapters.dashscope``, ``adapters.spark``, ``adapters.ollama``,
 ``adapters.demo``).
@@ -15,12 +17,16 @@ from imbot.adapters.base import (
     CompletionResult,
     Delta,
     Done,
+    ImageMediaType,
+    ImagePart,
     StreamEvent,
+    UnsupportedInput,
     Usage,
     UsageEvent,
 )
 from imbot.adapters.catalog import CatalogEntry, ModelCatalog, build_catalog
 from imbot.adapters.config import ModelConfig, Price
+from imbot.adapters.images import estimate_image_tokens, image_from_bytes, request_image_tokens
 from imbot.adapters.resilience import CircuitBreaker, CircuitOpenError
 from imbot.core.envelope import FinishReason
 
@@ -35,11 +41,17 @@ __all__ = [
     "Delta",
     "Done",
     "FinishReason",
+    "ImageMediaType",
+    "ImagePart",
     "ModelCatalog",
     "ModelConfig",
     "Price",
     "StreamEvent",
+    "UnsupportedInput",
     "Usage",
     "UsageEvent",
     "build_catalog",
+    "estimate_image_tokens",
+    "image_from_bytes",
+    "request_image_tokens",
 ]

@@ -6,7 +6,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from imbot.adapters.base import ChatRequest, Delta, Done, StreamEvent, Usage, UsageEvent
+from imbot.adapters.base import (
+    ChatMessage,
+    ChatRequest,
+    Delta,
+    Done,
+    StreamEvent,
+    Usage,
+    UsageEvent,
+)
 from imbot.adapters.config import AnthropicConfig
 from imbot.adapters.http_model import HttpChatModel, Parsed, Prepared, StreamDecoder
 from imbot.adapters.wire import (
@@ -32,16 +40,48 @@ _FINISH: dict[str, FinishReason] = {
 }
 
 
+Content = str | list[dict[str, Any]]
+
+
+def content_of(message: ChatMessage) -> Content:
+    """A plain string, or with images the content blocks: images first, then the text
+    (the order Anthropic recommends), each image inline as base64."""
+    if not message.images:
+        return message.content
+    blocks: list[dict[str, Any]] = [
+        {
+            "type": "image",
+            "source": {"type": "base64", "media_type": i.media_type, "data": i.base64()},
+        }
+        for i in message.images
+    ]
+    if message.content:
+        blocks.append({"type": "text", "text": message.content})
+    return blocks
+
+
+def _blocks(content: Content) -> list[dict[str, Any]]:
+    if isinstance(content, list):
+        return content
+    return [{"type": "text", "text": content}] if content else []
+
+
+def merge_content(first: Content, second: Content) -> Content:
+    """Two neighbouring turns of one role as one (Anthropic wants alternating turns)."""
+    if isinstance(first, str) and isinstance(second, str):
+        return first + "\n\n" + second
+    return _blocks(first) + _blocks(second)
+
+
 def build_body(
     config: AnthropicConfig, model: str, request: ChatRequest, *, stream: bool
 ) -> dict[str, Any]:
-    messages: list[dict[str, str]] = []
+    messages: list[dict[str, Any]] = []
     for m in request.conversation:
-        # Anthropic wants alternating turns: merge neighbours with the same role.
         if messages and messages[-1]["role"] == m.role:
-            messages[-1]["content"] += "\n\n" + m.content
+            messages[-1]["content"] = merge_content(messages[-1]["content"], content_of(m))
         else:
-            messages.append({"role": m.role, "content": m.content})
+            messages.append({"role": m.role, "content": content_of(m)})
     body: dict[str, Any] = {
         "model": model,
         "max_tokens": request.max_output_tokens or config.default_max_tokens,

@@ -26,7 +26,14 @@ import httpx
 from pydantic import ValidationError
 
 from imbot.adapters import metrics
-from imbot.adapters.base import ChatModel, ChatRequest, CompletionResult, Done, StreamEvent
+from imbot.adapters.base import (
+    ChatModel,
+    ChatRequest,
+    CompletionResult,
+    Done,
+    StreamEvent,
+    UnsupportedInput,
+)
 from imbot.adapters.config import (
     AnthropicConfig,
     CatalogConfig,
@@ -40,6 +47,7 @@ from imbot.adapters.config import (
     _ModelEntry,
 )
 from imbot.adapters.demo import DemoChatModel
+from imbot.adapters.images import request_image_tokens
 from imbot.adapters.resilience import (
     CircuitBreaker,
     CircuitBreakerModel,
@@ -203,6 +211,16 @@ class ModelCatalog:
         """One model with its wrappers (no retry, no fallback)."""
         return self.entry(model_id).model
 
+    @property
+    def vision_models(self) -> tuple[str, ...]:
+        """The models declared to take images (``vision: true``), in catalog order."""
+        return tuple(model_id for model_id, e in self._entries.items() if e.config.vision)
+
+    def image_tokens(self, model_id: str, request: ChatRequest) -> int:
+        """Input tokens the request's images would cost on this model (an estimate for the
+        cost reservation; see ``adapters.images``). Add the text's own estimate."""
+        return request_image_tokens(self.entry(model_id).config, request)
+
     def _delay(self, entry: CatalogEntry, attempt: int, error: RetryableError) -> float | None:
         """How long to wait before the next attempt on this model; None: move on."""
         retry = entry.config.retry
@@ -221,8 +239,9 @@ class ModelCatalog:
         attempts = 0
         for position, model_id in enumerate(chain):
             entry = self.entry(model_id)
-            if not entry.breaker.available():
-                last = _circuit_open(entry)
+            skipped = _skipped(entry, request)
+            if skipped is not None:
+                last = skipped
                 metrics.FALLBACKS.labels(model_id).inc()
                 continue
             for attempt in range(entry.config.retry.max_attempts):
@@ -268,8 +287,9 @@ class ModelCatalog:
         attempts = 0
         for position, model_id in enumerate(chain):
             entry = self.entry(model_id)
-            if not entry.breaker.available():
-                last = _circuit_open(entry)
+            skipped = _skipped(entry, request)
+            if skipped is not None:
+                last = skipped
                 metrics.FALLBACKS.labels(model_id).inc()
                 continue
             for attempt in range(entry.config.retry.max_attempts):
@@ -350,6 +370,16 @@ def _with_attempts(event: StreamEvent, attempts: int) -> StreamEvent:
             event.result.model_copy(update={"attempts": attempts}),
         )
     return event
+
+
+def _skipped(entry: CatalogEntry, request: ChatRequest) -> ImbotError | None:
+    """Why the walk passes this model by without calling it, if it does: an open
+    circuit, or images for a model without vision (no call, nothing paid)."""
+    if request.images and not entry.config.vision:
+        return UnsupportedInput(f"model {entry.model_id} does not take images (vision is off)")
+    if not entry.breaker.available():
+        return _circuit_open(entry)
+    return None
 
 
 def _circuit_open(entry: CatalogEntry) -> RetryableError:

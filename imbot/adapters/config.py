@@ -67,6 +67,12 @@ class _ModelEntry(_Frozen):
     retry: RetryConfig = RetryConfig()
     # Extra non-secret request headers (e.g. an OpenAI-Project id).
     headers: dict[str, str] = Field(default_factory=dict)
+    # The model takes images (the route stage sends image messages only to these). Off by
+    # default: an image sent to a text model is refused before any call, never paid for.
+    vision: bool = False
+    # Input tokens to reserve per image; None: the provider's documented estimate
+    # (adapters.images). Set it for a model whose image tiling differs.
+    image_tokens: int | None = Field(default=None, ge=1)
 
     @field_validator("base_url")
     @classmethod
@@ -101,6 +107,8 @@ class OpenAIConfig(_ModelEntry):
     user_field: Literal["safety_identifier", "user"] | None = "safety_identifier"
     # Ask for the usage chunk when streaming (stream_options.include_usage).
     stream_usage: bool = True
+    # image_url.detail: "low" is a fixed 85 tokens per image, "high"/"auto" tile the image.
+    image_detail: Literal["auto", "low", "high"] = "auto"
 
 
 class AnthropicConfig(_ModelEntry):
@@ -122,6 +130,8 @@ class ErnieConfig(_ModelEntry):
     endpoint: str | None = None
     api_key_env: str | None = "QIANFAN_AK"
     secret_key_env: str = "QIANFAN_SK"
+    # The v1 chat endpoints take no image input (reference §15).
+    vision: Literal[False] = False
 
 
 class DashScopeConfig(_ModelEntry):
@@ -131,6 +141,9 @@ class DashScopeConfig(_ModelEntry):
     base_url: str = "https://dashscope.aliyuncs.com/api/v1"
     api_key_env: str | None = "DASHSCOPE_API_KEY"
     path: str = "/services/aigc/text-generation/generation"
+    # Vision models (qwen-vl-*, ``vision: true``) answer only on the multimodal endpoint,
+    # where every message's content is a list of {"text"}/{"image"} parts.
+    multimodal_path: str = "/services/aigc/multimodal-generation/generation"
     # Streamed frames carry only the new fragment (true) or the whole text so far (false).
     incremental_output: bool = True
     workspace: str | None = None
@@ -143,6 +156,8 @@ class SparkConfig(_ModelEntry):
     base_url: str = "https://spark-api-open.xf-yun.com/v1"
     # The APIPassword, or "APIKey:APISecret" for older consoles; sent as a Bearer token.
     api_key_env: str | None = "SPARK_API_PASSWORD"
+    # Spark's image understanding is a separate WebSocket service, not this endpoint.
+    vision: Literal[False] = False
 
 
 class OllamaConfig(_ModelEntry):

@@ -9,7 +9,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from imbot.adapters.base import ChatRequest, Delta, Done, StreamEvent, Usage, UsageEvent
+from imbot.adapters.base import (
+    ChatMessage,
+    ChatRequest,
+    Delta,
+    Done,
+    StreamEvent,
+    Usage,
+    UsageEvent,
+)
 from imbot.adapters.config import DashScopeConfig
 from imbot.adapters.http_model import HttpChatModel, Parsed, Prepared, StreamDecoder
 from imbot.adapters.wire import (
@@ -38,21 +46,38 @@ _FINISH: dict[str, FinishReason] = {
 }
 
 
+def multimodal_message(message: ChatMessage) -> dict[str, Any]:
+    """The multimodal endpoint's message: content is a list of ``{"image": data URL}`` and
+    ``{"text": …}`` parts (images first, as in DashScope's examples), for every role."""
+    parts: list[dict[str, str]] = [{"image": image.data_url()} for image in message.images]
+    parts.append({"text": message.content})
+    return {"role": message.role, "content": parts}
+
+
 def build_body(
     config: DashScopeConfig, model: str, request: ChatRequest, *, stream: bool
 ) -> dict[str, Any]:
-    parameters: dict[str, Any] = {"result_format": "message"}
+    # The multimodal endpoint only answers in the message format; it takes no result_format.
+    parameters: dict[str, Any] = {} if config.vision else {"result_format": "message"}
     if request.max_output_tokens is not None:
         parameters["max_tokens"] = request.max_output_tokens
     if request.temperature is not None:
         parameters["temperature"] = min(request.temperature, 1.99)
     if stream:
         parameters["incremental_output"] = config.incremental_output
-    return {
-        "model": model,
-        "input": {"messages": [{"role": m.role, "content": m.content} for m in request.messages]},
-        "parameters": parameters,
-    }
+    if config.vision:
+        messages = [multimodal_message(m) for m in request.messages]
+    else:
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+    return {"model": model, "input": {"messages": messages}, "parameters": parameters}
+
+
+def text_of(content: object) -> str:
+    """A message's text: a string (text endpoint) or the ``text`` parts of a list
+    (multimodal endpoint)."""
+    if isinstance(content, list):
+        return "".join(as_str(part.get("text")) or "" for part in content if isinstance(part, dict))
+    return as_str(content) or ""
 
 
 def map_error_body(
@@ -103,7 +128,7 @@ def _choice(data: Mapping[str, Any]) -> tuple[str, str | None]:
     choices = output.get("choices")
     if isinstance(choices, list) and choices and isinstance(choices[0], dict):
         message = choices[0].get("message") or {}
-        text = as_str(message.get("content")) or ""
+        text = text_of(message.get("content"))
         raw = as_str(choices[0].get("finish_reason"))
     else:
         text = as_str(output.get("text")) or ""
@@ -198,7 +223,8 @@ class DashScopeChatModel(HttpChatModel):
 
     def __init__(self, name: str, config: DashScopeConfig, *args: Any, **kw: Any) -> None:
         super().__init__(name, config, *args, **kw)
-        self._url = f"{config.base_url}{config.path}"
+        path = config.multimodal_path if config.vision else config.path
+        self._url = f"{config.base_url}{path}"
         headers = {"content-type": "application/json", **config.headers}
         if self.api_key:
             headers["authorization"] = f"Bearer {self.api_key}"

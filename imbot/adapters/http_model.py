@@ -31,6 +31,7 @@ from imbot.adapters.base import (
     StreamEvent,
     Usage,
     UsageEvent,
+    refuse_images,
 )
 from imbot.adapters.config import _ModelEntry
 from imbot.adapters.wire import SseEvent, SseParser, redact
@@ -162,6 +163,7 @@ class HttpChatModel(ABC):
     # -- I/O --------------------------------------------------------------------
 
     async def complete(self, request: ChatRequest) -> CompletionResult:
+        refuse_images(request, model_id=self.name, vision=self.config.vision)
         start = time.perf_counter()
         for auth_attempt in (0, 1):
             prepared = await self.prepare(request, stream=False)
@@ -191,6 +193,7 @@ class HttpChatModel(ABC):
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        refuse_images(request, model_id=self.name, vision=self.config.vision)
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
         for auth_attempt in (0, 1):

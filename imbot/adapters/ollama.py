@@ -8,7 +8,15 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from imbot.adapters.base import ChatRequest, Delta, Done, StreamEvent, Usage, UsageEvent
+from imbot.adapters.base import (
+    ChatMessage,
+    ChatRequest,
+    Delta,
+    Done,
+    StreamEvent,
+    Usage,
+    UsageEvent,
+)
 from imbot.adapters.config import OllamaConfig
 from imbot.adapters.http_model import HttpChatModel, Parsed, Prepared, StreamDecoder
 from imbot.adapters.wire import (
@@ -23,6 +31,14 @@ from imbot.core.envelope import FinishReason
 from imbot.core.errors import ConfigurationError, ImbotError, RetryableError
 
 
+def message_of(message: ChatMessage) -> dict[str, Any]:
+    """Ollama takes a message's images as a list of bare base64 strings beside its text."""
+    out: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.images:
+        out["images"] = [image.base64() for image in message.images]
+    return out
+
+
 def build_body(
     config: OllamaConfig, model: str, request: ChatRequest, *, stream: bool
 ) -> dict[str, Any]:
@@ -35,7 +51,7 @@ def build_body(
         options["num_ctx"] = config.num_ctx
     body: dict[str, Any] = {
         "model": model,
-        "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+        "messages": [message_of(m) for m in request.messages],
         "stream": stream,  # Ollama streams unless told otherwise
     }
     if options:

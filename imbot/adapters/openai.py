@@ -9,7 +9,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from imbot.adapters.base import ChatRequest, Delta, Done, StreamEvent, Usage, UsageEvent
+from imbot.adapters.base import (
+    ChatMessage,
+    ChatRequest,
+    Delta,
+    Done,
+    StreamEvent,
+    Usage,
+    UsageEvent,
+)
 from imbot.adapters.config import OpenAIConfig
 from imbot.adapters.http_model import HttpChatModel, Parsed, Prepared, StreamDecoder
 from imbot.adapters.wire import (
@@ -45,12 +53,28 @@ _CONFIG_CODES = frozenset(
 )
 
 
+def message_of(message: ChatMessage, *, detail: str = "auto") -> dict[str, Any]:
+    """One message; with images, ``content`` becomes a list of text and image_url parts
+    (the image inline as a data URL: the Easemob URL needs our token)."""
+    if not message.images:
+        return {"role": message.role, "content": message.content}
+    parts: list[dict[str, Any]] = []
+    if message.content:
+        parts.append({"type": "text", "text": message.content})
+    for image in message.images:
+        image_url: dict[str, str] = {"url": image.data_url()}
+        if detail != "auto":  # auto is the default; compatible servers need not know it
+            image_url["detail"] = detail
+        parts.append({"type": "image_url", "image_url": image_url})
+    return {"role": message.role, "content": parts}
+
+
 def build_body(
     config: OpenAIConfig, model: str, request: ChatRequest, *, stream: bool
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": model,
-        "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+        "messages": [message_of(m, detail=config.image_detail) for m in request.messages],
     }
     if request.max_output_tokens is not None:
         body[config.max_tokens_field] = request.max_output_tokens

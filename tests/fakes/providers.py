@@ -8,6 +8,11 @@ request is recorded (``fake.requests``) so tests can check what was sent.
 reset the connection (a real TCP RST) after some frames, or stall between frames.
 FakeErnie also scripts its token endpoint (``push_token``).
 
+The vision fakes (OpenAI, Anthropic, DashScope's multimodal endpoint, Ollama) check every
+image part as their provider does before anything else (inline base64 that decodes, a media
+type they take; a URL instead of inline data is refused, since an Easemob URL must never
+reach a provider) and keep what they decoded in ``fake.images`` as (media type, bytes).
+
     async with FakeOpenAI() as fake:
         fake.push(openai_error(429, "Rate limit reached", "requests", "rate_limit_exceeded",
                                headers={"retry-after": "0.1"}))
@@ -19,7 +24,10 @@ Run one as a process (used by the benchmark): ``python -m tests.fakes.providers 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
+import re
 import secrets
 import socket
 import struct
@@ -27,7 +35,7 @@ import sys
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import orjson
 from aiohttp import web
@@ -95,6 +103,41 @@ def plain_error(
 MALFORMED_BODY = b"<html><body>upstream sent an invalid response</body></html>"
 
 
+# The image formats every vision provider takes (Anthropic's documented list).
+IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
+_DATA_URL = re.compile(r"data:(?P<type>[\w/+.-]+);base64,(?P<data>.*)", re.DOTALL)
+
+
+class BadImage(ValueError):
+    """An image part the provider would refuse (the message is the fake's 400 text)."""
+
+
+def decode_base64(data: object) -> bytes:
+    if not isinstance(data, str) or not data:
+        raise BadImage("image data must be a non-empty base64 string")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadImage("image data is not valid base64") from None
+
+
+def decode_data_url(url: object) -> tuple[str, bytes]:
+    """(media type, bytes) of a ``data:<mime>;base64,…`` URL, or BadImage."""
+    match = _DATA_URL.fullmatch(url) if isinstance(url, str) else None
+    if match is None:
+        raise BadImage("only inline data:image/…;base64 URLs are accepted by this fake")
+    if match["type"] not in IMAGE_TYPES:
+        raise BadImage(f"unsupported image media type {match['type']!r}")
+    return match["type"], decode_base64(match["data"])
+
+
+def _messages(rec: Recorded, *path: str) -> list[dict[str, Any]]:
+    node: Any = rec.json if isinstance(rec.json, dict) else {}
+    for key in path:
+        node = node.get(key) if isinstance(node, dict) else None
+    return [m for m in node if isinstance(m, dict)] if isinstance(node, list) else []
+
+
 def sse(frames: Sequence[object], *, space: bool = True, done: bool = True) -> list[bytes]:
     """OpenAI-style ``data: {json}`` frames, optionally ended by ``data: [DONE]``."""
     prefix = b"data: " if space else b"data:"
@@ -113,6 +156,7 @@ class FakeProvider:
         self.host = host
         self.port = port
         self.requests: list[Recorded] = []
+        self.images: list[tuple[str, bytes]] = []  # every image a request carried, decoded
         self.script: deque[Reply] = deque()
         self.reply_text = REPLY_TEXT
         self.reply_parts: Sequence[str] = REPLY_PARTS
@@ -128,14 +172,12 @@ class FakeProvider:
             app.router.add_post(route, self._handle)
         return app
 
-    async def start(self) -> FakeProvider:
+    async def start(self) -> Self:
         self._runner = web.AppRunner(self.app(), handler_cancellation=True, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = int(self._runner.addresses[0][1])
         return self
 
     async def close(self) -> None:
@@ -143,7 +185,7 @@ class FakeProvider:
             await self._runner.cleanup()
             self._runner = None
 
-    async def __aenter__(self) -> FakeProvider:
+    async def __aenter__(self) -> Self:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:
@@ -177,6 +219,10 @@ class FakeProvider:
             body,
         )
         self.requests.append(recorded)
+        try:
+            self.images.extend(self.read_images(recorded))
+        except BadImage as exc:
+            return await self.send(request, self.bad_image(str(exc)))
         reply = self.script.popleft() if self.script else self.default(recorded, request)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -187,6 +233,15 @@ class FakeProvider:
 
     def default(self, rec: Recorded, request: web.Request) -> Reply:
         raise NotImplementedError
+
+    def read_images(self, rec: Recorded) -> list[tuple[str, bytes]]:
+        """The request's images in this provider's format, decoded; BadImage when one is
+        malformed. A provider without image input sees none (the default)."""
+        return []
+
+    def bad_image(self, message: str) -> Reply:
+        """The provider's 400 for a malformed image part."""
+        return json_reply({"error": message}, 400)
 
     def success(self, *, stream: bool) -> Reply:
         """The provider's normal answer, as a Reply a test can alter (drop, stall, delay)."""
@@ -346,6 +401,27 @@ class FakeOpenAI(FakeProvider):
         include = bool((body.get("stream_options") or {}).get("include_usage"))
         return self.success(stream=_wants_stream(rec), model=model, include_usage=include)
 
+    def read_images(self, rec: Recorded) -> list[tuple[str, bytes]]:
+        """``content`` as a list of ``text`` and ``image_url`` parts (reference §15)."""
+        found: list[tuple[str, bytes]] = []
+        for message in _messages(rec, "messages"):
+            content = message.get("content")
+            if not isinstance(content, list):
+                continue
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text" and isinstance(part.get("text"), str):
+                    continue
+                if kind != "image_url" or not isinstance(part.get("image_url"), dict):
+                    raise BadImage(f"invalid content part {kind!r}")
+                if part["image_url"].get("detail", "auto") not in ("auto", "low", "high"):
+                    raise BadImage("image_url.detail must be auto, low or high")
+                found.append(decode_data_url(part["image_url"].get("url")))
+        return found
+
+    def bad_image(self, message: str) -> Reply:
+        return openai_error(400, message, "invalid_request_error", "invalid_image_format")
+
 
 # -- Anthropic ------------------------------------------------------------------
 
@@ -431,6 +507,29 @@ class FakeAnthropic(FakeProvider):
         return events
 
     REQUEST_ID = "req_018EeWyXxfu5pfWkrYcMdjWG"
+
+    def read_images(self, rec: Recorded) -> list[tuple[str, bytes]]:
+        """Content blocks ``image`` (``source.type: base64``) beside ``text`` blocks."""
+        found: list[tuple[str, bytes]] = []
+        for message in _messages(rec, "messages"):
+            content = message.get("content")
+            if not isinstance(content, list):
+                continue
+            for block in content:
+                kind = block.get("type") if isinstance(block, dict) else None
+                if kind == "text" and isinstance(block.get("text"), str):
+                    continue
+                source = block.get("source") if kind == "image" else None
+                if not isinstance(source, dict) or source.get("type") != "base64":
+                    raise BadImage(f"messages: invalid content block {kind!r}")
+                media_type = source.get("media_type")
+                if media_type not in IMAGE_TYPES:
+                    raise BadImage(f"messages: image media_type {media_type!r} not supported")
+                found.append((str(media_type), decode_base64(source.get("data"))))
+        return found
+
+    def bad_image(self, message: str) -> Reply:
+        return anthropic_error(400, "invalid_request_error", message)
 
     def default(self, rec: Recorded, request: web.Request) -> Reply:
         body = rec.json if isinstance(rec.json, dict) else {}
@@ -615,18 +714,47 @@ def dashscope_frames(
 
 
 class FakeDashScope(FakeProvider):
-    routes = ("/api/v1/services/aigc/text-generation/generation",)
+    """The text endpoint, and the multimodal one (qwen-vl), whose messages and answers carry
+    content as a list of ``{"text"}``/``{"image"}`` parts."""
+
+    TEXT_PATH = "/api/v1/services/aigc/text-generation/generation"
+    MULTIMODAL_PATH = "/api/v1/services/aigc/multimodal-generation/generation"
+    routes = (TEXT_PATH, MULTIMODAL_PATH)
     REQUEST_ID = "5b0c2a4e-8c1d-9f0e-a1b2-3c4d5e6f7a8b"
 
     @property
     def base_url(self) -> str:
         return f"{self.root}/api/v1"
 
-    def result_frame(self, text: str, finish: str, output_tokens: int) -> dict[str, object]:
+    def read_images(self, rec: Recorded) -> list[tuple[str, bytes]]:
+        found: list[tuple[str, bytes]] = []
+        for message in _messages(rec, "input", "messages"):
+            content = message.get("content")
+            if rec.path == self.TEXT_PATH:
+                if not isinstance(content, str):
+                    raise BadImage("text-generation takes string content only")
+                continue
+            if not isinstance(content, list):
+                raise BadImage("multimodal-generation takes content as a list of parts")
+            for part in content:
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    continue
+                if not isinstance(part, dict) or "image" not in part:
+                    raise BadImage("content parts are {text} or {image}")
+                found.append(decode_data_url(part["image"]))
+        return found
+
+    def bad_image(self, message: str) -> Reply:
+        return dashscope_error(400, "InvalidParameter", message)
+
+    def result_frame(
+        self, text: str, finish: str, output_tokens: int, *, multimodal: bool = False
+    ) -> dict[str, object]:
+        content: object = [{"text": text}] if multimodal else text
         return {
             "output": {
                 "choices": [
-                    {"message": {"content": text, "role": "assistant"}, "finish_reason": finish}
+                    {"message": {"content": content, "role": "assistant"}, "finish_reason": finish}
                 ]
             },
             "usage": {
@@ -637,15 +765,19 @@ class FakeDashScope(FakeProvider):
             "request_id": self.REQUEST_ID,
         }
 
-    def stream_frames(self, incremental: bool) -> list[tuple[str, int, object]]:
+    def stream_frames(
+        self, incremental: bool, *, multimodal: bool = False
+    ) -> list[tuple[str, int, object]]:
         frames: list[tuple[str, int, object]] = []
         so_far = ""
         for i, part in enumerate(self.reply_parts):
             so_far += part
+            text = part if incremental else so_far
             frames.append(
-                ("result", 200, self.result_frame(part if incremental else so_far, "null", i + 1))
+                ("result", 200, self.result_frame(text, "null", i + 1, multimodal=multimodal))
             )
-        frames.append(("result", 200, self.result_frame("" if incremental else so_far, "stop", 9)))
+        last = "" if incremental else so_far
+        frames.append(("result", 200, self.result_frame(last, "stop", 9, multimodal=multimodal)))
         return frames
 
     def default(self, rec: Recorded, request: web.Request) -> Reply:
@@ -653,17 +785,19 @@ class FakeDashScope(FakeProvider):
         return self.success(
             stream=rec.headers.get("x-dashscope-sse") == "enable",
             incremental=bool(params.get("incremental_output")),
+            multimodal=rec.path == self.MULTIMODAL_PATH,
         )
 
-    def success(self, *, stream: bool, incremental: bool = True) -> Reply:
+    def success(self, *, stream: bool, incremental: bool = True, multimodal: bool = False) -> Reply:
         if stream:
             return Reply(
-                frames=dashscope_frames(self.stream_frames(incremental)),
+                frames=dashscope_frames(self.stream_frames(incremental, multimodal=multimodal)),
                 content_type="text/event-stream;charset=UTF-8",
                 headers={"x-request-id": self.REQUEST_ID},
             )
         return json_reply(
-            self.result_frame(self.reply_text, "stop", 9), headers={"x-request-id": self.REQUEST_ID}
+            self.result_frame(self.reply_text, "stop", 9, multimodal=multimodal),
+            headers={"x-request-id": self.REQUEST_ID},
         )
 
 
@@ -748,6 +882,21 @@ def ollama_error(status: int, message: str) -> Reply:
 
 class FakeOllama(FakeProvider):
     routes = ("/api/chat",)
+
+    def read_images(self, rec: Recorded) -> list[tuple[str, bytes]]:
+        """``images``: bare base64 strings beside a message's text (no media type)."""
+        found: list[tuple[str, bytes]] = []
+        for message in _messages(rec, "messages"):
+            images = message.get("images")
+            if images is None:
+                continue
+            if not isinstance(images, list):
+                raise BadImage("images must be a list of base64 strings")
+            found.extend(("", decode_base64(image)) for image in images)
+        return found
+
+    def bad_image(self, message: str) -> Reply:
+        return ollama_error(400, message)
 
     def final(self, model: str, text: str) -> dict[str, object]:
         return {

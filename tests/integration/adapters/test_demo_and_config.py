@@ -14,17 +14,22 @@ from tests.integration.adapters.helpers import REQUEST, collect
 
 async def test_default_policy_builds_and_the_demo_says_what_it_is() -> None:
     catalog = build_catalog(load_policy(DEFAULT_POLICY_FILE).models, env={})
+    # Every model of the default policy is a demo model (no keys needed); ask each.
     try:
-        result = await catalog.complete(["demo"], REQUEST, deadline_s=5)
+        results = [await catalog.complete([m], REQUEST, deadline_s=5) for m in catalog.model_ids]
     finally:
         await catalog.aclose()
-    assert result.text.startswith("【演示模型 demo】")
-    assert "你好" in result.text  # echoes the question
-    assert result.provider == "demo"
-    assert result.model_id == "demo"
-    assert result.cost == 0
-    assert result.currency == "CNY"
-    assert result.latency_ms < 50
+    assert results
+    for model_id, result in zip(catalog.model_ids, results, strict=True):
+        assert result.text.startswith("【演示模型 demo】")
+        assert "你好" in result.text  # echoes the question
+        assert result.provider == "demo"
+        assert result.model_id == model_id
+        assert result.usage is not None
+        price = catalog.entry(model_id).config.price
+        assert result.cost == price.cost(result.usage.input_tokens, result.usage.output_tokens)
+        assert result.currency == price.currency
+        assert result.latency_ms < 50
 
 
 async def test_demo_summarises_long_questions_and_streams() -> None:
