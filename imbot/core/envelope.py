@@ -64,17 +64,46 @@ class Verdict(_Model):
     score: float = 0.0
 
 
+class ImageRef(_Model):
+    """An image attachment as Easemob describes it: fetched only by the model stage,
+    with the app token and the body's share secret, never stored in a record."""
+
+    url: str
+    secret: str | None = None
+    filename: str | None = None
+
+
 class Turn(_Model):
     role: Role
     content: str
 
 
+class QuotaView(_Model):
+    """Where the user's budgets stood when the route was chosen (the share of the fullest
+    one) and, once the model stage reserved, the reservation."""
+
+    state: Literal["unlimited", "ok", "near", "exhausted"] = "unlimited"
+    share: float = 0.0  # of the fullest budget, reservations in flight included
+    scope: str | None = None  # the fullest (or refusing) budget's label
+    reservation: str | None = None
+    reserved_tokens: int | None = None
+    reserved_micros: int | None = None
+
+
 class RouteDecision(_Model):
-    route: str  # name of the route rule that matched
+    route: str  # name of the route (the bot's persona) that matched
     models: tuple[str, ...]  # model ids to try in order (fallback chain)
     system_prompt: str | None = None
     history: tuple[Turn, ...] = ()
     max_output_tokens: int | None = None
+    # Why these models (imbot trace and replays show it):
+    rule: str = "fixed"  # fixed | level | downgrade | vision | …
+    tier: str | None = None  # the user's tier (from the server side only)
+    level: str | None = None  # the complexity level the score fell in
+    score: float | None = None
+    features: dict[str, float] = Field(default_factory=dict)
+    quota: QuotaView = QuotaView()
+    images: tuple[ImageRef, ...] = ()  # images to fetch and show a vision model
 
 
 class Completion(_Model):
@@ -92,7 +121,14 @@ class Completion(_Model):
 
 
 ReplyKind = Literal[
-    "answer", "blocked_input", "blocked_output", "fallback", "rejected", "unsupported"
+    "answer",
+    "blocked_input",
+    "blocked_output",
+    "fallback",
+    "rejected",
+    "unsupported",
+    "quota",  # the budget is spent: no model was called
+    "command",  # a reset or help command, answered without a model
 ]
 
 

@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from imbot.core.errors import ConfigurationError
 from imbot.core.limits import USER_ID_MAX
+from imbot.core.routing import Routing
 
 DEFAULT_POLICY_FILE = Path(__file__).with_name("default_policy.yaml")
 
@@ -215,8 +216,11 @@ class CallbackPolicy(_Frozen):
     blocked_input_code: str = "IMBOT_BLOCKED"
 
 
-class Route(_Frozen):
-    models: tuple[str, ...]
+class RoutePolicy(_Frozen):
+    """A bot's persona: its prompt and history window, and either a fixed model chain
+    or (with ``routing.tiers``) the chain the user's tier and the question's level pick."""
+
+    models: tuple[str, ...] = ()
     system_prompt: str | None = None
     max_output_tokens: int | None = 1024
     history_turns: int = 10
@@ -229,6 +233,14 @@ class Replies(_Frozen):
     blocked_output: str = "抱歉，这个回答未能通过内容审核。"
     rejected: str = "抱歉，这个问题我无法回答。"
     unsupported: str = "目前我只能阅读文字消息。"
+    quota_exhausted: str = "抱歉，你今天的 AI 额度已用完，请明天再来。"
+    reset_done: str = "好的，之前的对话我已经忘记了，我们重新开始吧。"
+    # {tier}, {daily_tokens_left}, {daily_cost_left}, {monthly_cost_left}, {currency}
+    # ("不限" where no limit is set), {reset} (the first reset word).
+    help: str = (
+        "你的等级：{tier}。今日剩余：{daily_tokens_left} tokens，{daily_cost_left} {currency}；"
+        "本月剩余：{monthly_cost_left} {currency}。发送 {reset} 可清除对话记忆。"
+    )
 
 
 class Policy(_Frozen):
@@ -238,7 +250,10 @@ class Policy(_Frozen):
     # Model catalog and moderation config are validated by their owners
     # (adapters.registry, moderation) so core stays free of their schemas.
     models: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    routes: dict[str, Route] = Field(default_factory=lambda: {"default": Route(models=("demo",))})
+    routes: dict[str, RoutePolicy] = Field(
+        default_factory=lambda: {"default": RoutePolicy(models=("demo",))}
+    )
+    routing: Routing = Routing()
     moderation: dict[str, Any] = Field(default_factory=dict)
     replies: Replies = Replies()
 
@@ -264,13 +279,26 @@ def load_policy(path: Path) -> Policy:
         policy = Policy.model_validate(data)
     except ValidationError as exc:
         raise ConfigurationError(f"policy file {path} is invalid: {exc}") from None
+    check_policy(policy, where=f"policy file {path}")
+    return policy
+
+
+def check_policy(policy: Policy, *, where: str = "policy") -> None:
+    """The rules between sections: every model a route or tier names is in the catalog,
+    and every route has a chain to answer with."""
     for name, route in policy.routes.items():
         for model in route.models:
             if model not in policy.models:
-                raise ConfigurationError(f"route {name!r} names unknown model {model!r}")
+                raise ConfigurationError(f"{where}: routes.{name} names unknown model {model!r}")
+        if not route.models and not policy.routing.enabled:
+            raise ConfigurationError(
+                f"{where}: routes.{name}.models is empty and routing.tiers defines no tiers"
+            )
+    for model in sorted(policy.routing.model_names()):
+        if model not in policy.models:
+            raise ConfigurationError(f"{where}: routing names unknown model {model!r}")
     if "default" not in policy.routes:
-        raise ConfigurationError("policy file needs a route named 'default'")
-    return policy
+        raise ConfigurationError(f"{where}: needs a route named 'default'")
 
 
 def load_settings(**overrides: Any) -> Settings:

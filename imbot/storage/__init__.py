@@ -5,7 +5,9 @@
 - ``UsageLedger`` (``storage.usage``): tokens and cost of each model call.
 - ``ModerationAudit`` (``storage.audit``): moderation decisions that were not an allow.
 - ``HistoryWindow`` (``storage.history``): the earlier turns a model is shown.
-- the quota ledger's place: ``storage.quota``.
+- ``QuotaLedger`` (``storage.quota``): money reserved before a model call, settled
+  after it, expired when its worker died; where each budget stands.
+- ``UserTiers`` (``storage.tiers``): tiers the operator set (``imbot users set-tier``).
 
 They share one ``Database`` (engine, SQLite's write lock, group commit;
 ``storage.database``), opened by ``open_database`` / ``open_storage``, which refuse
@@ -19,11 +21,12 @@ tested with in-memory fakes (tests/fakes/storage.py).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from imbot.core.envelope import Completion, Envelope, Turn
+from imbot.core.routing import QuotaScope
 from imbot.storage.audit import AuditEntry, ModerationAudit
 from imbot.storage.database import Database, open_database, upgrade
 from imbot.storage.deliveries import (
@@ -37,6 +40,8 @@ from imbot.storage.deliveries import (
 )
 from imbot.storage.errors import describe_db_error, translated
 from imbot.storage.history import HistoryWindow
+from imbot.storage.quota import QuotaLedger, Reservation, ScopeState, SpendRow
+from imbot.storage.tiers import UserTiers
 from imbot.storage.usage import UsageLedger
 
 
@@ -64,13 +69,48 @@ class History(Protocol):
         turns: int,
         token_budget: int,
         before_msg_id: str | None = None,
+        skip_providers: frozenset[str] = frozenset(),
     ) -> tuple[Turn, ...]: ...
 
     async def clear_history(self, conversation_id: str) -> None: ...
 
 
+class Quotas(Protocol):
+    """The budgets a call is reserved against and settled in (``QuotaLedger``)."""
+
+    async def reserve(
+        self,
+        *,
+        reservation_id: str,
+        msg_id: str,
+        user_id: str,
+        tier: str,
+        model: str | None,
+        scopes: Sequence[QuotaScope],
+        tokens: int,
+        micros: int,
+        ttl_s: float,
+    ) -> Reservation | str: ...
+
+    async def settle(self, reservation: Reservation, *, tokens: int, micros: int) -> None: ...
+
+    async def states(self, scopes: Sequence[QuotaScope]) -> list[ScopeState]: ...
+
+
+class Tiers(Protocol):
+    """Tiers set by the operator (``UserTiers``)."""
+
+    async def tier_of(self, user_id: str) -> str | None: ...
+
+
 class StageStorage(Protocol):
     """What the stages before the sender use of storage."""
+
+    @property
+    def quota(self) -> Quotas: ...
+
+    @property
+    def tiers(self) -> Tiers: ...
 
     @property
     def audit(self) -> AuditLog: ...
@@ -91,6 +131,8 @@ class Storage:
     usage: UsageLedger
     audit: ModerationAudit
     history: HistoryWindow
+    quota: QuotaLedger
+    tiers: UserTiers
 
     @classmethod
     def over(cls, database: Database) -> Storage:
@@ -100,6 +142,8 @@ class Storage:
             usage=UsageLedger(database),
             audit=ModerationAudit(database),
             history=HistoryWindow(database),
+            quota=QuotaLedger(database),
+            tiers=UserTiers(database),
         )
 
     async def close(self) -> None:
@@ -123,10 +167,17 @@ __all__ = [
     "HistoryWindow",
     "LedgerRow",
     "ModerationAudit",
+    "QuotaLedger",
+    "Quotas",
+    "Reservation",
+    "ScopeState",
+    "SpendRow",
     "StageStorage",
     "Storage",
+    "Tiers",
     "UsageLedger",
     "UsageRecords",
+    "UserTiers",
     "describe_db_error",
     "open_database",
     "open_storage",

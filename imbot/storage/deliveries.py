@@ -98,13 +98,13 @@ _UPSERT_CONVERSATION = sql(
 # 'fallback', and a fallback never replaces anything.
 _INSERT_EXCHANGE = sql(
     "INSERT INTO messages (msg_id, conversation_id, role, author, text, kind, reply_to,"
-    " tokens, created_at) VALUES"
+    " tokens, provider, created_at) VALUES"
     " (:msg_id, :conversation_id, 'user', :sender, :user_text, :content_type, NULL,"
-    " :user_tokens, :now),"
+    " :user_tokens, NULL, :now),"
     " (:reply_id, :conversation_id, 'assistant', :bot, :reply_text, :reply_kind, :msg_id,"
-    " :reply_tokens, :now)"
+    " :reply_tokens, :provider, :now)"
     " ON CONFLICT (msg_id) DO UPDATE SET text = excluded.text, kind = excluded.kind,"
-    " tokens = excluded.tokens"
+    " tokens = excluded.tokens, provider = excluded.provider"
     " WHERE messages.kind = 'fallback' AND excluded.kind <> 'fallback'"
 )
 # A part is claimed before it is sent: inserted as 'sending', or taken over unless it
@@ -303,6 +303,7 @@ class DeliveryLedger:
                 "reply_text": storable_text(reply_text),
                 "reply_kind": reply_kind,
                 "reply_tokens": env.completion.output_tokens if env.completion else None,
+                "provider": env.completion.provider[:64] if env.completion else None,
                 "now": now,
             }
         )

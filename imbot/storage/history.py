@@ -23,13 +23,16 @@ class HistoryWindow:
         turns: int,
         token_budget: int,
         before_msg_id: str | None = None,
+        skip_providers: frozenset[str] = frozenset(),
     ) -> tuple[Turn, ...]:
         """The last ``turns`` messages of a conversation that fit in ``token_budget``, oldest first.
 
         Only exchanges the model really answered count: a question that was blocked,
         rejected by a provider, unsupported or answered by the fallback apology is
         never sent to a model again as history, and neither is anything before a
-        provider asked us to clear the history (``clear_history``).
+        provider asked us to clear the history (``clear_history``). Answers written by
+        ``skip_providers`` (the demo model, when a real one is asked) are left out with
+        their questions.
         Uses the (conversation_id, id) index: one backward range scan.
         """
         if turns <= 0:
@@ -40,8 +43,8 @@ class HistoryWindow:
         picked: list[Turn] = []
         skipped: set[str] = set()  # user messages whose reply was not a model answer
         used = 0
-        for role, content, tokens, msg_id, kind, reply_to in rows:
-            if role == "assistant" and kind != "answer":
+        for role, content, tokens, msg_id, kind, reply_to, provider in rows:
+            if role == "assistant" and (kind != "answer" or provider in skip_providers):
                 if reply_to:
                     skipped.add(reply_to)
                 continue
@@ -63,7 +66,7 @@ class HistoryWindow:
     @staticmethod
     def history_query(
         conversation_id: str, limit: int
-    ) -> Select[tuple[str, str, int | None, str, str, str | None]]:
+    ) -> Select[tuple[str, str, int | None, str, str, str | None, str | None]]:
         """The newest ``limit`` messages of a conversation since its history was last cleared."""
         cleared = (
             select(ConversationRow.history_from_id)
@@ -78,6 +81,7 @@ class HistoryWindow:
                 MessageRow.msg_id,
                 MessageRow.kind,
                 MessageRow.reply_to,
+                MessageRow.provider,
             )
             .where(
                 MessageRow.conversation_id == conversation_id,

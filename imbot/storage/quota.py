@@ -1,10 +1,326 @@
-"""The quota ledger's place (not built yet).
+"""The quota ledger: money reserved before a model call and settled after it.
 
-The routing issue needs money reserved before a model call and settled after it, in
-the database every worker shares (../shared/design.md, "Storage"): a reservation
-row per message (msg_id, tenant or user tier, amount, expiry), settled with the
-cost the usage row records, released when the call fails or the reservation
-expires, and the spend per period that a routing rule checks against its quota.
-Its repository (``QuotaLedger``) and its tables (quota reservations, spend, user
-tiers) go here and into a migration of their own, over the shared ``Database``.
+Every worker shares this database, so the budget is one number however many
+replicas run. A reservation is one transaction: for each scope the call counts
+against (the user's day and month, the tenant's, the group's), one conditional
+``UPDATE … SET reserved = reserved + x WHERE spent + reserved + x <= limit``. The
+check and the reservation are the same statement, so concurrent calls cannot all
+pass the check: the row lock orders them, and PostgreSQL re-evaluates the condition
+on the row as the previous transaction left it. Scopes are updated in key order, so
+two reservations never deadlock. A scope that refuses rolls the whole reservation
+back.
+
+Settling replaces the reservation by the call's real usage (failed, retried and
+fallback calls and streams included: the model stage reports what was spent), and
+is idempotent: a reservation is settled once. A reservation whose worker died is
+expired after its time to live: its amount goes back to the budget (``expire_stale``
+runs before a refused reservation is final, and periodically). Periods are part of
+the key (a new day is a new row), so a budget reset is never a write racing others.
 """
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import DateTime, bindparam, text
+
+from imbot.core.routing import QuotaScope
+from imbot.storage.database import Database, sql
+from imbot.storage.schema import utcnow
+
+_ENSURE = sql(
+    "INSERT INTO quota_counters (key, spent_tokens, spent_micros, reserved_tokens,"
+    " reserved_micros, updated_at) VALUES (:key, 0, 0, 0, 0, :now)"
+    " ON CONFLICT (key) DO NOTHING"
+)
+_RESERVE = sql(
+    "UPDATE quota_counters SET reserved_tokens = reserved_tokens + :tokens,"
+    " reserved_micros = reserved_micros + :micros, updated_at = :now"
+    " WHERE key = :key"
+    " AND (:limit_tokens IS NULL OR spent_tokens + reserved_tokens + :tokens <= :limit_tokens)"
+    " AND (:limit_micros IS NULL OR spent_micros + reserved_micros + :micros <= :limit_micros)"
+)
+_HOLD = sql(
+    "INSERT INTO quota_reservations (id, msg_id, user_id, tier, model, keys, tokens, micros,"
+    " state, created_at, expires_at) VALUES (:id, :msg_id, :user_id, :tier, :model, :keys,"
+    " :tokens, :micros, 'held', :now, :expires_at)",
+    "expires_at",
+)
+_CLOSE = sql(
+    "UPDATE quota_reservations SET state = :state, spent_tokens = :spent_tokens,"
+    " spent_micros = :spent_micros, settled_at = :now WHERE id = :id AND state = 'held'"
+)
+_ADD_SPENT = sql(
+    "UPDATE quota_counters SET spent_tokens = spent_tokens + :spent_tokens,"
+    " spent_micros = spent_micros + :spent_micros, updated_at = :now WHERE key = :key"
+)
+_MOVE = sql(
+    "UPDATE quota_counters SET reserved_tokens = reserved_tokens - :tokens,"
+    " reserved_micros = reserved_micros - :micros,"
+    " spent_tokens = spent_tokens + :spent_tokens,"
+    " spent_micros = spent_micros + :spent_micros, updated_at = :now WHERE key = :key"
+)
+_LATE = sql(
+    "UPDATE quota_reservations SET spent_tokens = :spent_tokens, spent_micros = :spent_micros,"
+    " settled_at = :now WHERE id = :id AND state = 'expired' AND settled_at IS NULL"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    id: str
+    keys: tuple[str, ...]
+    tokens: int
+    micros: int
+
+
+@dataclass(frozen=True, slots=True)
+class ScopeState:
+    """Where one budget stands: spent (settled) and reserved (calls in flight)."""
+
+    scope: QuotaScope
+    spent_tokens: int = 0
+    spent_micros: int = 0
+    reserved_tokens: int = 0
+    reserved_micros: int = 0
+
+    @property
+    def used_tokens(self) -> int:
+        return self.spent_tokens + self.reserved_tokens
+
+    @property
+    def used_micros(self) -> int:
+        return self.spent_micros + self.reserved_micros
+
+    @property
+    def share(self) -> float:
+        """The largest share of a limit in use (0 when the scope has no limit)."""
+        shares = [0.0]
+        if self.scope.tokens is not None:
+            shares.append(self.used_tokens / self.scope.tokens if self.scope.tokens else 1.0)
+        if self.scope.micros is not None:
+            shares.append(self.used_micros / self.scope.micros if self.scope.micros else 1.0)
+        return max(shares)
+
+    def fits(self, tokens: int, micros: int) -> bool:
+        s = self.scope
+        return (s.tokens is None or self.used_tokens + tokens <= s.tokens) and (
+            s.micros is None or self.used_micros + micros <= s.micros
+        )
+
+
+class _Refused(Exception):
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+
+class QuotaLedger:
+    """Reserve, settle, expire; and read where each budget stands."""
+
+    def __init__(self, database: Database) -> None:
+        self._database = database
+
+    async def reserve(
+        self,
+        *,
+        reservation_id: str,
+        msg_id: str,
+        user_id: str,
+        tier: str,
+        model: str | None,
+        scopes: Sequence[QuotaScope],
+        tokens: int,
+        micros: int,
+        ttl_s: float,
+    ) -> Reservation | str:
+        """Hold ``tokens`` and ``micros`` against every scope, or against none.
+
+        Returns the reservation, or the label of the scope that refused it (after
+        expiring reservations whose workers died and trying once more).
+        """
+        outcome = await self._try_reserve(
+            reservation_id, msg_id, user_id, tier, model, scopes, tokens, micros, ttl_s
+        )
+        if isinstance(outcome, str) and await self.expire_stale():
+            outcome = await self._try_reserve(
+                reservation_id, msg_id, user_id, tier, model, scopes, tokens, micros, ttl_s
+            )
+        return outcome
+
+    async def _try_reserve(
+        self,
+        reservation_id: str,
+        msg_id: str,
+        user_id: str,
+        tier: str,
+        model: str | None,
+        scopes: Sequence[QuotaScope],
+        tokens: int,
+        micros: int,
+        ttl_s: float,
+    ) -> Reservation | str:
+        ordered = sorted({s.key: s for s in scopes}.values(), key=lambda s: s.key)
+        now = utcnow()
+        try:
+            async with self._database.writing() as session:
+                await session.execute(_ENSURE, [{"key": s.key, "now": now} for s in ordered])
+                for s in ordered:
+                    result = await session.execute(
+                        _RESERVE,
+                        {
+                            "key": s.key,
+                            "tokens": tokens,
+                            "micros": micros,
+                            "limit_tokens": s.tokens,
+                            "limit_micros": s.micros,
+                            "now": now,
+                        },
+                    )
+                    if result.rowcount != 1:
+                        raise _Refused(s.label)
+                await session.execute(
+                    _HOLD,
+                    {
+                        "id": reservation_id,
+                        "msg_id": msg_id,
+                        "user_id": user_id,
+                        "tier": tier,
+                        "model": model,
+                        "keys": "\n".join(s.key for s in ordered),
+                        "tokens": tokens,
+                        "micros": micros,
+                        "now": now,
+                        "expires_at": now + timedelta(seconds=ttl_s),
+                    },
+                )
+        except _Refused as refused:
+            return refused.label
+        return Reservation(reservation_id, tuple(s.key for s in ordered), tokens, micros)
+
+    async def settle(self, reservation: Reservation, *, tokens: int, micros: int) -> None:
+        """Replace the reservation by what the call really spent (idempotent).
+
+        A reservation already expired (its worker was thought dead) has had its amount
+        returned; the spend is still added, once.
+        """
+        now = utcnow()
+        spent = {"spent_tokens": max(0, tokens), "spent_micros": max(0, micros), "now": now}
+        async with self._database.writing() as session:
+            closed = await session.execute(
+                _CLOSE, {**spent, "id": reservation.id, "state": "settled"}
+            )
+            if closed.rowcount == 1:
+                moves = [
+                    {
+                        **spent,
+                        "key": key,
+                        "tokens": reservation.tokens,
+                        "micros": reservation.micros,
+                    }
+                    for key in reservation.keys
+                ]
+                await session.execute(_MOVE, moves)
+                return
+            late = await session.execute(_LATE, {**spent, "id": reservation.id})
+            if late.rowcount == 1:
+                await session.execute(_ADD_SPENT, [{**spent, "key": k} for k in reservation.keys])
+
+    async def expire_stale(self, *, now: datetime | None = None, limit: int = 200) -> int:
+        """Return the amounts of reservations held past their time to live; how many."""
+        now = now or utcnow()
+        async with self._database.reading() as session:
+            rows = (
+                await session.execute(
+                    text(
+                        "SELECT id, keys, tokens, micros FROM quota_reservations"
+                        " WHERE state = 'held' AND expires_at < :now ORDER BY expires_at LIMIT :n"
+                    ).bindparams(now=now, n=limit)
+                )
+            ).all()
+        expired = 0
+        for row_id, keys, tokens, micros in rows:
+            async with self._database.writing() as session:
+                closed = await session.execute(
+                    _CLOSE,
+                    {
+                        "id": row_id,
+                        "state": "expired",
+                        "spent_tokens": None,
+                        "spent_micros": None,
+                        "now": None,
+                    },
+                )
+                if closed.rowcount != 1:
+                    continue  # settled meanwhile
+                await session.execute(
+                    _MOVE,
+                    [
+                        {
+                            "key": key,
+                            "tokens": tokens,
+                            "micros": micros,
+                            "spent_tokens": 0,
+                            "spent_micros": 0,
+                            "now": now,
+                        }
+                        for key in sorted(keys.split("\n"))
+                    ],
+                )
+                expired += 1
+        return expired
+
+    async def states(self, scopes: Sequence[QuotaScope]) -> list[ScopeState]:
+        """Where each scope stands (a scope never charged reads as zero)."""
+        if not scopes:
+            return []
+        async with self._database.reading() as session:
+            rows = (
+                await session.execute(
+                    text(
+                        "SELECT key, spent_tokens, spent_micros, reserved_tokens, reserved_micros"
+                        " FROM quota_counters WHERE key IN :keys"
+                    ).bindparams(bindparam("keys", expanding=True)),
+                    {"keys": [s.key for s in scopes]},
+                )
+            ).all()
+        found = {row[0]: row[1:] for row in rows}
+        return [ScopeState(s, *found.get(s.key, (0, 0, 0, 0))) for s in scopes]
+
+    async def spend(
+        self, *, user_id: str | None = None, since: datetime | None = None
+    ) -> list[SpendRow]:
+        """Settled spend by user, tier and model (``imbot usage``), most expensive first."""
+        clauses = ["state IN ('settled', 'expired')", "spent_tokens IS NOT NULL"]
+        params: dict[str, object] = {}
+        if user_id is not None:
+            clauses.append("user_id = :user_id")
+            params["user_id"] = user_id
+        if since is not None:
+            clauses.append("created_at >= :since")
+            params["since"] = since
+        query = text(
+            "SELECT user_id, tier, model, count(*), sum(spent_tokens), sum(spent_micros)"
+            " FROM quota_reservations WHERE "
+            + " AND ".join(clauses)
+            + " GROUP BY user_id, tier, model ORDER BY sum(spent_micros) DESC, user_id"
+        )
+        if since is not None:
+            query = query.bindparams(bindparam("since", type_=DateTime(timezone=True)))
+        async with self._database.reading() as session:
+            rows = (await session.execute(query, params)).all()
+        return [
+            SpendRow(u, t, m or "", int(n), int(tok or 0), int(mic or 0))
+            for u, t, m, n, tok, mic in rows
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class SpendRow:
+    user_id: str
+    tier: str
+    model: str
+    calls: int
+    tokens: int
+    micros: int

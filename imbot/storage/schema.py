@@ -72,6 +72,8 @@ class MessageRow(Base):
     kind: Mapped[str] = mapped_column(String(24), default="message")
     reply_to: Mapped[str | None] = mapped_column(String(MSG_ID_LEN), nullable=True)
     tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Who wrote an answer ("demo" for the demo model, whose turns real models never see).
+    provider: Mapped[str | None] = mapped_column(String(PROVIDER_LEN), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     # The router reads "the last N turns of a conversation": newest first by id.
@@ -142,3 +144,47 @@ class CallbackIdRow(Base):
     __tablename__ = "callback_ids"
     call_id: Mapped[str] = mapped_column(String(256), primary_key=True)  # limits.CALL_ID_MAX
     expires_at: Mapped[int] = mapped_column(BigInteger, index=True)
+
+
+class QuotaCounterRow(Base):
+    """Spend and reservations of one budget scope in one period (storage.quota)."""
+
+    __tablename__ = "quota_counters"
+
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    spent_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    spent_micros: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    reserved_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    reserved_micros: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class QuotaReservationRow(Base):
+    __tablename__ = "quota_reservations"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    msg_id: Mapped[str] = mapped_column(String(MSG_ID_LEN))
+    user_id: Mapped[str] = mapped_column(String(ACCOUNT_ID_LEN))
+    tier: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str | None] = mapped_column(String(MODEL_LEN), nullable=True)
+    keys: Mapped[str] = mapped_column(Text)
+    tokens: Mapped[int] = mapped_column(BigInteger)
+    micros: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(String(16))
+    spent_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    spent_micros: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    settled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    __table_args__ = (
+        Index("ix_quota_reservations_state_expires", "state", "expires_at"),
+        Index("ix_quota_reservations_user_created", "user_id", "created_at"),
+    )
+
+
+class UserTierRow(Base):
+    __tablename__ = "user_tiers"
+
+    user_id: Mapped[str] = mapped_column(String(ACCOUNT_ID_LEN), primary_key=True)
+    tier: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -15,18 +15,31 @@ exactly what it uses; ``build`` picks that out of the worker's ``Resources``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import hashlib
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Self
 
 from prometheus_client import Counter
 
 from imbot.adapters import ChatMessage, ChatRequest, ModelCatalog
 from imbot.core import topics
-from imbot.core.envelope import Completion, Envelope, Reply, ReplyKind, RouteDecision, Verdict
+from imbot.core.envelope import (
+    Completion,
+    Envelope,
+    ImageRef,
+    QuotaView,
+    Reply,
+    ReplyKind,
+    RouteDecision,
+    Turn,
+    Verdict,
+)
 from imbot.core.errors import (
     ConfigurationError,
     ContentRejected,
@@ -35,8 +48,21 @@ from imbot.core.errors import (
     StorageUnavailable,
 )
 from imbot.core.retry import Backoff
-from imbot.core.settings import Policy, Replies, Settings
-from imbot.storage import AuditEntry, AuditLog, History, StageStorage, UsageRecords
+from imbot.core.routing import MICROS, QuotaScope, Routing, to_micros
+from imbot.core.settings import Policy, Replies, RoutePolicy, Settings
+from imbot.core.tokens import estimate_tokens
+from imbot.routing.choice import Price, scopes_for, standing, worst_case_micros
+from imbot.routing.complexity import score_complexity
+from imbot.storage import (
+    AuditEntry,
+    AuditLog,
+    History,
+    Quotas,
+    Reservation,
+    StageStorage,
+    Tiers,
+    UsageRecords,
+)
 from imbot.streams import pipeline
 from imbot.streams.boundary import AfterPublish, Emit
 from imbot.streams.pipeline import StageSpec
@@ -51,6 +77,16 @@ MODERATION_DECISIONS = Counter(
     ["stage", "category", "action"],
 )
 REPLIES = Counter("imbot_replies_total", "Replies decided, by kind", ["kind"])
+ROUTE_DECISIONS = Counter(
+    "imbot_route_decisions_total",
+    "Route decisions by rule (level, downgrade, quota_exhausted, fixed, vision, command_*,"
+    " ignored_*, unsupported) and user tier",
+    ["rule", "tier"],
+)
+QUOTA_SETTLE_LOST = Counter(
+    "imbot_quota_settle_failures_total",
+    "Reservations whose settlement could not be written (they expire instead)",
+)
 USAGE_LOST = Counter(
     "imbot_usage_write_failures_total", "Model calls whose usage row could not be written"
 )
@@ -198,37 +234,288 @@ class ModerateIn(PipelineStage, stage="moderate-in"):
         return [Emit(self.forward, env.stamped(self.name, moderation_in=verdict))]
 
 
+class TierBook:
+    """A user's tier from server-side sources only: the tiers table (``imbot users
+    set-tier``), then the policy's ``routing.users``, then ``routing.default_tier``;
+    never the message's ``ext``. Table answers are cached ``routing.tier_cache_s``."""
+
+    def __init__(self, routing: Routing, tiers: Tiers) -> None:
+        self._routing = routing
+        self._tiers = tiers
+        self._cache: dict[str, tuple[float, str | None]] = {}
+
+    async def tier_of(self, user: str) -> str:
+        now = time.monotonic()
+        hit = self._cache.get(user)
+        if hit is not None and hit[0] > now:
+            stored = hit[1]
+        else:
+            stored = await self._tiers.tier_of(user)
+            if len(self._cache) >= 100_000:
+                self._cache.clear()
+            self._cache[user] = (now + self._routing.tier_cache_s, stored)
+        if stored in self._routing.tiers:
+            return stored
+        return self._routing.users.get(user, self._routing.default_tier)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Budgets:
+    """The quota arithmetic both the route and the model stage do, over the policy."""
+
+    policy: Policy
+    prices: dict[str, Price]
+    tenant: str
+
+    @classmethod
+    def of(cls, settings: Settings) -> Budgets:
+        return cls(settings.policy, policy_prices(settings.policy), tenant_of(settings))
+
+    def scopes(self, env: Envelope, tier: str) -> list[QuotaScope]:
+        group = env.to if env.chat_type.value != "chat" else None
+        return scopes_for(
+            self.policy.routing,
+            tier,
+            user=env.sender,
+            tenant=self.tenant,
+            group=group,
+            now=datetime.now(UTC),
+        )
+
+    def worst_case(self, chain: Sequence[str], input_tokens: int, max_output: int | None) -> int:
+        return worst_case_micros(self.prices, chain, input_tokens, max_output or DEFAULT_OUTPUT_CAP)
+
+    def spent_micros(self, model: str | None, completion: Completion | None) -> int:
+        """What a finished call cost, in micro-units of the policy's currency."""
+        if completion is None:
+            return 0
+        if completion.cost is not None and completion.currency == self.policy.routing.currency:
+            return to_micros(completion.cost)
+        price = self.prices.get(model or "")
+        if price is None:
+            return 0
+        return price.micros(completion.input_tokens or 0, completion.output_tokens or 0)
+
+
+DEFAULT_OUTPUT_CAP = 1024  # output tokens reserved for a route without max_output_tokens
+
+
+def tenant_of(settings: Settings) -> str:
+    """The tenant a tenant quota counts: the Easemob app."""
+    return f"{settings.easemob_org}#{settings.easemob_app}"
+
+
+def policy_prices(policy: Policy) -> dict[str, Price]:
+    """Each catalog model's price in the policy's currency (the routing budgets' one)."""
+    prices = {}
+    for name, entry in policy.models.items():
+        price = entry.get("price")
+        if not isinstance(price, dict):
+            continue
+        if price.get("currency", policy.routing.currency) != policy.routing.currency:
+            raise ConfigurationError(
+                f"models.{name}.price is in {price.get('currency')}, the budgets in"
+                f" {policy.routing.currency} (routing.currency): one currency per policy"
+            )
+        prices[name] = Price(float(price.get("input", 0)), float(price.get("output", 0)))
+    return prices
+
+
+def is_demo(policy: Policy, model: str) -> bool:
+    return bool(policy.models.get(model, {}).get("provider") == "demo")
+
+
 class Route(PipelineStage, stage="route"):
-    def __init__(self, policy: Policy, history: History) -> None:
+    """Which model answers, and why: message type, commands, the user's tier, the
+    question's complexity, the budgets' standing. Every decision is written on the
+    envelope (``RouteDecision``), so trace and replay say why."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        history: History,
+        *,
+        tiers: TierBook,
+        quota: Quotas,
+        budgets: Budgets,
+    ) -> None:
         self.policy = policy
+        self.routing = policy.routing
         self.replies = policy.replies
         self.history = history
+        self.tiers = tiers
+        self.quota = quota
+        self.budgets = budgets
 
     @classmethod
     def build(cls, r: Resources) -> Self:
-        return cls(r.policy, r.storage.history)
+        store = r.storage
+        return cls(
+            r.policy,
+            store.history,
+            tiers=TierBook(r.policy.routing, store.tiers),
+            quota=store.quota,
+            budgets=Budgets.of(r.settings),
+        )
 
     async def handle(self, env: Envelope, *, deadline: float) -> Sequence[Emit]:
-        policy = self.policy
-        if env.content.type not in ("txt", "combine") or not env.user_text:
-            return [_answer(env, self.name, policy.replies.unsupported, "unsupported")]
+        kind = env.content.type
+        text = env.user_text
+        images: tuple[ImageRef, ...] = ()
+        if kind == "img":
+            action = self.routing.message_types.img
+            if action == "vision" and self.routing.vision_models:
+                images = _image_refs(env)
+            if not images:
+                return self._non_text(env, "ignore" if action == "ignore" else "reply")
+        elif kind not in ("txt", "combine"):
+            return self._non_text(env, getattr(self.routing.message_types, kind, "reply"))
+        elif not text.strip():
+            return self._ignore(env, "empty")
+        command = self.routing.command(text) if not images else None
+        if command == "reset":
+            await self.history.clear_history(env.conversation_id)
+            ROUTE_DECISIONS.labels("command_reset", "").inc()
+            return [_answer(env, self.name, self.replies.reset_done, "command")]
+        tier = await self.tiers.tier_of(env.sender) if self.routing.enabled else None
+        if command == "help":
+            ROUTE_DECISIONS.labels("command_help", tier or "").inc()
+            return [_answer(env, self.name, await self._help(env, tier), "command")]
+        return [await self._route(env, text, tier, images)]
+
+    async def _route(
+        self, env: Envelope, text: str, tier: str | None, images: tuple[ImageRef, ...]
+    ) -> Emit:
+        policy, routing = self.policy, self.routing
         bot = policy.bot(env.bot)
         route_name = bot.route if bot is not None and bot.route in policy.routes else "default"
         route = policy.routes[route_name]
-        history = await self.history.history_window(
+        user_tier = routing.tiers.get(tier) if tier is not None else None
+        max_output = (user_tier.max_output_tokens if user_tier else None) or route.max_output_tokens
+        # The window a candidate chain would be shown (the demo's turns left out of a
+        # real model's), read once for the chain we start from.
+        rule, level, complexity = "fixed", None, None
+        if images:
+            chain, rule = routing.vision_models, "vision"
+        elif route.models or user_tier is None:
+            chain = route.models
+        else:
+            complexity = score_complexity(text, turns=0)
+            level = routing.level_for(complexity.score).name
+            chain, rule = user_tier.models[level], "level"
+        history = await self._history(env, route, chain)
+        if complexity is not None and history:
+            complexity = score_complexity(text, turns=len(history))
+            level = routing.level_for(complexity.score).name
+            assert user_tier is not None
+            chain = user_tier.models[level]
+        quota = QuotaView()
+        if tier is not None:
+            prompt = (
+                estimate_tokens(route.system_prompt or "")
+                + estimate_tokens(text)
+                + sum(estimate_tokens(t.content) for t in history)
+            )
+            scopes = self.budgets.scopes(env, tier)
+            states = await self.quota.states(scopes)
+            used = [(s.scope, s.used_tokens, s.used_micros) for s in states]
+            tokens = prompt + (max_output or DEFAULT_OUTPUT_CAP)
+            now = standing(used, tokens, self.budgets.worst_case(chain, prompt, max_output))
+            assert user_tier is not None
+            quota = now.view(user_tier.downgrade_at, limited=bool(scopes))
+            if quota.state in ("near", "exhausted") and rule == "level":
+                cheapest = user_tier.models[routing.levels[0].name]
+                if tuple(cheapest) != tuple(chain):
+                    chain, rule, level = cheapest, "downgrade", routing.levels[0].name
+                    micros = self.budgets.worst_case(chain, prompt, max_output)
+                    quota = standing(used, tokens, micros).view(
+                        user_tier.downgrade_at, limited=True
+                    )
+            if quota.state == "exhausted":
+                ROUTE_DECISIONS.labels("quota_exhausted", tier).inc()
+                decision = RouteDecision(
+                    route=route_name, models=(), rule="quota_exhausted", tier=tier, quota=quota
+                )
+                return _answer(
+                    env, self.name, self.replies.quota_exhausted, "quota", route=decision
+                )
+        ROUTE_DECISIONS.labels(rule, tier or "").inc()
+        decision = RouteDecision(
+            route=route_name,
+            models=tuple(chain),
+            system_prompt=route.system_prompt,
+            history=history,
+            max_output_tokens=max_output,
+            rule=rule,
+            tier=tier,
+            level=level,
+            score=None if complexity is None else round(complexity.score, 4),
+            features={} if complexity is None else dict(complexity.features),
+            quota=quota,
+            images=images,
+        )
+        return Emit(self.forward, env.stamped(self.name, route=decision))
+
+    async def _history(
+        self, env: Envelope, route: RoutePolicy, chain: Sequence[str]
+    ) -> tuple[Turn, ...]:
+        real = bool(chain) and not is_demo(self.policy, chain[0])
+        return await self.history.history_window(
             env.conversation_id,
             turns=route.history_turns,
             token_budget=route.history_token_budget,
             before_msg_id=env.msg_id,
+            skip_providers=DEMO_PROVIDERS if real else frozenset(),
         )
-        decision = RouteDecision(
-            route=route_name,
-            models=route.models,
-            system_prompt=route.system_prompt,
-            history=history,
-            max_output_tokens=route.max_output_tokens,
+
+    def _non_text(self, env: Envelope, action: str) -> list[Emit]:
+        if action == "ignore":
+            return self._ignore(env, env.content.type)
+        ROUTE_DECISIONS.labels("unsupported", "").inc()
+        return [_answer(env, self.name, self.replies.unsupported, "unsupported")]
+
+    def _ignore(self, env: Envelope, why: str) -> list[Emit]:
+        """Nothing to answer (empty text, a type the policy ignores): acknowledged and
+        counted, never sent on."""
+        ROUTE_DECISIONS.labels(f"ignored_{why}", "").inc()
+        log.info("message ignored", extra={"msg_id": env.msg_id, "reason": why})
+        return []
+
+    async def _help(self, env: Envelope, tier: str | None) -> str:
+        left = {"daily_tokens_left": "不限", "daily_cost_left": "不限", "monthly_cost_left": "不限"}
+        if tier is not None:
+            for state in await self.quota.states(self.budgets.scopes(env, tier)):
+                scope = state.scope
+                if not scope.label.startswith("user "):
+                    continue
+                period = scope.label.removeprefix("user ")
+                if scope.tokens is not None and period == "daily":
+                    left["daily_tokens_left"] = str(max(0, scope.tokens - state.used_tokens))
+                if scope.micros is not None:
+                    money = max(0, scope.micros - state.used_micros) / MICROS
+                    left[f"{period}_cost_left"] = f"{money:.2f}"
+        reset = self.routing.commands.reset[0] if self.routing.commands.reset else ""
+        return self.replies.help.format_map(
+            {**left, "tier": tier or "-", "currency": self.routing.currency, "reset": reset}
         )
-        return [Emit(self.forward, env.stamped(self.name, route=decision))]
+
+
+DEMO_PROVIDERS = frozenset({"demo"})
+
+
+def _image_refs(env: Envelope) -> tuple[ImageRef, ...]:
+    url = env.content.body.get("url")
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        return ()
+    secret = env.content.body.get("secret")
+    filename = env.content.body.get("filename")
+    return (
+        ImageRef(
+            url=url[:2048],
+            secret=secret[:256] if isinstance(secret, str) else None,
+            filename=filename[:256] if isinstance(filename, str) else None,
+        ),
+    )
 
 
 def chat_request(env: Envelope) -> ChatRequest:
@@ -247,6 +534,10 @@ def chat_request(env: Envelope) -> ChatRequest:
 
 
 class CallModel(PipelineStage, stage="model"):
+    """The model call, paid for in advance: the worst case it may cost is reserved in the
+    shared quota ledger before any provider is called (refused: the quota reply, no
+    call), and settled with the real usage as soon as the call returns or fails."""
+
     def __init__(
         self,
         policy: Policy,
@@ -255,29 +546,61 @@ class CallModel(PipelineStage, stage="model"):
         audit: AuditLog,
         history: History,
         usage: UsageRecords,
+        quota: Quotas,
+        budgets: Budgets,
     ) -> None:
         self.replies = policy.replies
+        self.routing = policy.routing
         self.catalog = catalog
         self.audit = audit
         self.history = history
         self.usage = usage
+        self.quota = quota
+        self.budgets = budgets
 
     @classmethod
     def build(cls, r: Resources) -> Self:
         store = r.storage
-        return cls(r.policy, r.catalog, audit=store.audit, history=store.history, usage=store.usage)
+        return cls(
+            r.policy,
+            r.catalog,
+            audit=store.audit,
+            history=store.history,
+            usage=store.usage,
+            quota=store.quota,
+            budgets=Budgets.of(r.settings),
+        )
 
     async def handle(self, env: Envelope, *, deadline: float) -> Sequence[Emit | AfterPublish]:
-        if env.route is None:
+        route = env.route
+        if route is None or not route.models:
             return [self._fallback(env)]
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise RetryableError("no time left for the model call")
-        try:
-            result = await self.catalog.complete(
-                env.route.models, chat_request(env), deadline_s=remaining
+        request = chat_request(env)
+        held = await self._reserve(env, route, request)
+        if isinstance(held, QuotaView):
+            ROUTE_DECISIONS.labels("quota_refused", route.tier or "").inc()
+            refused = route.model_copy(update={"quota": held})
+            return [_answer(env, self.name, self.replies.quota_exhausted, "quota", route=refused)]
+        if held is not None:
+            route = route.model_copy(
+                update={
+                    "quota": route.quota.model_copy(
+                        update={
+                            "reservation": held.id,
+                            "reserved_tokens": held.tokens,
+                            "reserved_micros": held.micros,
+                        }
+                    )
+                }
             )
+            env = env.model_copy(update={"route": route})
+        try:
+            result = await self.catalog.complete(route.models, request, deadline_s=remaining)
         except ContentRejected as exc:
+            await self._settle(env, held, None)
             # The provider's safety system refused: audited like our own moderation.
             # The audit row (and the history clear a provider may ask for) is written
             # after the reply is published, like the usage row: a database hiccup here
@@ -287,6 +610,11 @@ class CallModel(PipelineStage, stage="model"):
                 _answer(env, self.name, self.replies.rejected, "rejected"),
                 AfterPublish(functools.partial(self._record_refusal, env, exc)),
             ]
+        except BaseException:
+            # Failed calls are not billed by the providers we speak to (an error status,
+            # a broken connection before the answer): the reservation is released.
+            await self._settle(env, held, None)
+            raise
         completion = Completion(
             text=result.text,
             finish_reason=result.finish_reason,
@@ -300,6 +628,9 @@ class CallModel(PipelineStage, stage="model"):
             provider_request_id=result.provider_request_id,
             attempts=result.attempts,
         )
+        # Settled before the completion goes on: a crash after this point re-runs the
+        # call, and that second call is paid (and reserved, and settled) again.
+        await self._settle(env, held, completion)
         # The usage row is written once the completion is on its way to the next
         # stage, and before this record is acknowledged: durable, but off the path
         # the user waits on (a commit costs milliseconds).
@@ -307,6 +638,52 @@ class CallModel(PipelineStage, stage="model"):
             Emit(self.forward, env.stamped(self.name, completion=completion)),
             AfterPublish(functools.partial(self._record_usage, env, completion)),
         ]
+
+    async def _reserve(
+        self, env: Envelope, route: RouteDecision, request: ChatRequest
+    ) -> Reservation | QuotaView | None:
+        """The reservation for this call; a ``QuotaView`` saying which budget refused it;
+        None when the user's tier has no budget to count against."""
+        if route.tier is None:
+            return None
+        scopes = self.budgets.scopes(env, route.tier)
+        if not scopes:
+            return None
+        prompt = sum(estimate_tokens(m.content) for m in request.messages)
+        cap = route.max_output_tokens or DEFAULT_OUTPUT_CAP
+        outcome = await self.quota.reserve(
+            reservation_id=uuid.uuid4().hex,
+            msg_id=env.msg_id,
+            user_id=env.sender,
+            tier=route.tier,
+            model=route.models[0],
+            scopes=scopes,
+            tokens=prompt + cap,
+            micros=self.budgets.worst_case(route.models, prompt, cap),
+            ttl_s=self.routing.reservation_ttl_s,
+        )
+        if isinstance(outcome, str):
+            return QuotaView(state="exhausted", share=1.0, scope=outcome)
+        return outcome
+
+    async def _settle(
+        self, env: Envelope, held: Reservation | None, completion: Completion | None
+    ) -> None:
+        """Replace the reservation by the real spend. Never raises: after a paid call a
+        raise would make the boundary pay for it again. Unwritten, the reservation
+        expires after its time to live (and the spend is lost, and counted)."""
+        if held is None:
+            return
+        tokens = 0
+        if completion is not None:
+            tokens = (completion.input_tokens or 0) + (completion.output_tokens or 0)
+        micros = self.budgets.spent_micros(completion.model if completion else None, completion)
+        if not await _after_call_write(
+            "quota settlement",
+            env,
+            functools.partial(self.quota.settle, held, tokens=tokens, micros=micros),
+        ):
+            QUOTA_SETTLE_LOST.inc()
 
     async def _record_usage(self, env: Envelope, completion: Completion) -> None:
         """Account for the paid call now; a database hiccup must not buy it twice."""

@@ -6,12 +6,13 @@ wrote so a unit test can read it back in microseconds.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from imbot.core.envelope import Completion, Envelope, Turn
 from imbot.core.errors import StorageUnavailable
-from imbot.storage import AuditEntry
+from imbot.core.routing import QuotaScope
+from imbot.storage import AuditEntry, Reservation, ScopeState
 
 
 @dataclass
@@ -51,6 +52,7 @@ class FakeHistory:
         turns: int,
         token_budget: int,
         before_msg_id: str | None = None,
+        skip_providers: frozenset[str] = frozenset(),
     ) -> tuple[Turn, ...]:
         self.asked.append((conversation_id, turns, token_budget, before_msg_id))
         return self.windows.get(conversation_id, ())[-turns:] if turns > 0 else ()
@@ -65,3 +67,67 @@ class FakeStorage:
     audit: FakeAudit = field(default_factory=FakeAudit)
     usage: FakeUsage = field(default_factory=FakeUsage)
     history: FakeHistory = field(default_factory=FakeHistory)
+    quota: FakeQuota = field(default_factory=lambda: FakeQuota())
+    tiers: FakeTiers = field(default_factory=lambda: FakeTiers())
+
+
+@dataclass
+class FakeQuota:
+    """The quota ledger's arithmetic in memory (the real one is tested on PostgreSQL
+    and SQLite in tests/integration/test_quota_ledger.py)."""
+
+    counters: dict[str, list[int]] = field(default_factory=dict)  # key → [t, µ, rt, rµ]
+    held: dict[str, Reservation] = field(default_factory=dict)
+    settled: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def _row(self, key: str) -> list[int]:
+        return self.counters.setdefault(key, [0, 0, 0, 0])
+
+    async def reserve(
+        self,
+        *,
+        reservation_id: str,
+        msg_id: str,
+        user_id: str,
+        tier: str,
+        model: str | None,
+        scopes: Sequence[QuotaScope],
+        tokens: int,
+        micros: int,
+        ttl_s: float,
+    ) -> Reservation | str:
+        for s in scopes:
+            spent_t, spent_m, res_t, res_m = self._row(s.key)
+            if s.tokens is not None and spent_t + res_t + tokens > s.tokens:
+                return s.label
+            if s.micros is not None and spent_m + res_m + micros > s.micros:
+                return s.label
+        for s in scopes:
+            row = self._row(s.key)
+            row[2] += tokens
+            row[3] += micros
+        held = Reservation(reservation_id, tuple(s.key for s in scopes), tokens, micros)
+        self.held[reservation_id] = held
+        return held
+
+    async def settle(self, reservation: Reservation, *, tokens: int, micros: int) -> None:
+        if self.held.pop(reservation.id, None) is None:
+            return
+        for key in reservation.keys:
+            row = self._row(key)
+            row[0] += tokens
+            row[1] += micros
+            row[2] -= reservation.tokens
+            row[3] -= reservation.micros
+        self.settled[reservation.id] = (tokens, micros)
+
+    async def states(self, scopes: Sequence[QuotaScope]) -> list[ScopeState]:
+        return [ScopeState(s, *self._row(s.key)) for s in scopes]
+
+
+@dataclass
+class FakeTiers:
+    tiers: dict[str, str] = field(default_factory=dict)
+
+    async def tier_of(self, user_id: str) -> str | None:
+        return self.tiers.get(user_id)

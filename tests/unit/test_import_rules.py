@@ -8,11 +8,13 @@ repository's top): what of ours it may import.
     adapters    core
     moderation  core (so the gateway's fast path can use it)
     storage     core (the database room)
+    routing     core (the route stage's pure decisions: complexity score, choice of models)
     simulator   core (the local Easemob; it signs callbacks with core.signature)
     sender      core, storage
     gateway     core, moderation
-    streams     core, adapters, moderation, sender, storage: streams *is* the pipeline, its
-                stages run the moderator, the model catalog and the sender's delivery
+    streams     core, adapters, moderation, routing, sender, storage: streams *is* the
+                pipeline, its stages run the moderator, the router, the model catalog and
+                the sender's delivery
     devtools    core, moderation (development and test infrastructure: the embedded broker,
                 child processes, the PII corpus shared by a test and a benchmark)
     cli         every package above (the composition root: the imbot command, the dev stack)
@@ -40,17 +42,28 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 SERVICE = frozenset(
-    {"core", "adapters", "moderation", "storage", "simulator", "sender", "gateway", "streams"}
+    {
+        "core",
+        "adapters",
+        "moderation",
+        "routing",
+        "storage",
+        "simulator",
+        "sender",
+        "gateway",
+        "streams",
+    }
 )
 MAY_IMPORT: Mapping[str, frozenset[str]] = {
     "core": frozenset(),
     "adapters": frozenset({"core"}),
     "moderation": frozenset({"core"}),
     "storage": frozenset({"core"}),
+    "routing": frozenset({"core"}),
     "simulator": frozenset({"core"}),
     "sender": frozenset({"core", "storage"}),
     "gateway": frozenset({"core", "moderation"}),
-    "streams": frozenset({"core", "adapters", "moderation", "sender", "storage"}),
+    "streams": frozenset({"core", "adapters", "moderation", "routing", "sender", "storage"}),
     "devtools": frozenset({"core", "moderation"}),
     "cli": SERVICE | {"devtools"},
     "tests": SERVICE | {"devtools", "cli"},

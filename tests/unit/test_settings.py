@@ -24,7 +24,12 @@ def test_secrets_are_not_shown_in_the_settings_repr(monkeypatch: pytest.MonkeyPa
 def test_the_default_policy_is_valid() -> None:
     policy = load_policy(DEFAULT_POLICY_FILE)
     assert "ai_bot" in policy.bot_ids
-    assert policy.routes["default"].models == ("demo",)
+    # The tiers pick the models: a cheap and a strong demo model, labelled as demo.
+    assert policy.routes["default"].models == ()
+    assert policy.routing.enabled
+    free = policy.routing.tiers[policy.routing.default_tier]
+    assert set(free.models) == {level.name for level in policy.routing.levels}
+    assert all(policy.models[m]["provider"] == "demo" for m in policy.routing.model_names())
 
 
 def test_route_naming_an_unknown_model_is_a_configuration_error(tmp_path: Path) -> None:

@@ -13,10 +13,10 @@ from imbot.adapters import ChatRequest, CompletionResult, ModelCatalog, StreamEv
 from imbot.core import topics
 from imbot.core.envelope import Content, Envelope, RouteDecision, Turn
 from imbot.core.errors import ContentRejected
-from imbot.core.settings import DEFAULT_POLICY_FILE, Settings, load_settings
+from imbot.core.settings import DEFAULT_POLICY_FILE, Settings, load_policy, load_settings
 from imbot.moderation import Moderator
 from imbot.streams.boundary import AfterPublish, Emit
-from imbot.streams.stages import CallModel, ModerateIn, ModerateOut, Route
+from imbot.streams.stages import Budgets, CallModel, ModerateIn, ModerateOut, Route, TierBook
 from tests.envelopes import direct_envelope
 from tests.fakes.storage import FakeStorage
 
@@ -33,14 +33,29 @@ def store() -> FakeStorage:
 
 def _call_model(settings: Settings, store: FakeStorage, catalog: ModelCatalog) -> CallModel:
     return CallModel(
-        settings.policy, catalog, audit=store.audit, history=store.history, usage=store.usage
+        settings.policy,
+        catalog,
+        audit=store.audit,
+        history=store.history,
+        usage=store.usage,
+        quota=store.quota,
+        budgets=Budgets.of(settings),
+    )
+
+
+def _route(settings: Settings, store: FakeStorage) -> Route:
+    return Route(
+        settings.policy,
+        store.history,
+        tiers=TierBook(settings.policy.routing, store.tiers),
+        quota=store.quota,
+        budgets=Budgets.of(settings),
     )
 
 
 def _demo_catalog() -> ModelCatalog:
-    return build_catalog(
-        {"demo": {"provider": "demo", "price": {"input": 0, "output": 0, "currency": "CNY"}}}
-    )
+    """The default policy's demo models (a cheap and a strong one)."""
+    return build_catalog(load_policy(DEFAULT_POLICY_FILE).models)
 
 
 def _moderator(settings: Settings) -> Moderator:
@@ -88,12 +103,15 @@ async def test_route_sends_the_history_window_with_the_question(
         Turn(role="assistant", content="之前的回答"),
     )
     store.history.windows[env.conversation_id] = earlier
-    [out] = await Route(settings.policy, store.history).handle(env, deadline=_deadline())
+    [out] = await _route(settings, store).handle(env, deadline=_deadline())
     assert isinstance(out, Emit)
     assert out.topic == topics.ROUTED
     assert out.envelope.route is not None
     assert out.envelope.route.history == earlier
-    assert out.envelope.route.models == settings.policy.routes["default"].models
+    # The default policy routes by tier and level: small talk goes to the light chain.
+    free = settings.policy.routing.tiers["free"]
+    assert out.envelope.route.models == free.models["light"]
+    assert (out.envelope.route.tier, out.envelope.route.level) == ("free", "light")
     [(conversation, _, _, before)] = store.history.asked
     assert (conversation, before) == (env.conversation_id, env.msg_id)
 
@@ -102,7 +120,7 @@ async def test_route_answers_a_message_it_cannot_send_to_a_model(
     settings: Settings, store: FakeStorage
 ) -> None:
     env = _env().model_copy(update={"content": Content(type="img")})
-    [out] = await Route(settings.policy, store.history).handle(env, deadline=_deadline())
+    [out] = await _route(settings, store).handle(env, deadline=_deadline())
     assert isinstance(out, Emit)
     assert out.topic == topics.OUTBOUND
     assert out.envelope.reply is not None
@@ -111,7 +129,7 @@ async def test_route_answers_a_message_it_cannot_send_to_a_model(
 
 
 async def _routed(settings: Settings, store: FakeStorage) -> Envelope:
-    [out] = await Route(settings.policy, store.history).handle(_env(), deadline=_deadline())
+    [out] = await _route(settings, store).handle(_env(), deadline=_deadline())
     assert isinstance(out, Emit)
     return out.envelope
 
@@ -201,7 +219,7 @@ async def test_a_refusal_is_audited_after_publishing_so_a_database_hiccup_calls_
 ) -> None:
     demo = _demo_catalog()
     refuser = RefusingModel()
-    entry = demo.entry("demo")
+    entry = demo.entry("demo-lite")
     catalog = ModelCatalog({"demo": dataclasses.replace(entry, model=refuser)})
     store.audit.failures = 2  # the database refuses the audit row twice
     env = _env().model_copy(update={"route": RouteDecision(route="default", models=("demo",))})
