@@ -39,8 +39,10 @@ _RESERVE = sql(
     "UPDATE quota_counters SET reserved_tokens = reserved_tokens + :tokens,"
     " reserved_micros = reserved_micros + :micros, updated_at = :now"
     " WHERE key = :key"
-    " AND (:limit_tokens IS NULL OR spent_tokens + reserved_tokens + :tokens <= :limit_tokens)"
-    " AND (:limit_micros IS NULL OR spent_micros + reserved_micros + :micros <= :limit_micros)"
+    " AND (CAST(:limit_tokens AS BIGINT) IS NULL"
+    " OR spent_tokens + reserved_tokens + :tokens <= :limit_tokens)"
+    " AND (CAST(:limit_micros AS BIGINT) IS NULL"
+    " OR spent_micros + reserved_micros + :micros <= :limit_micros)"
 )
 _HOLD = sql(
     "INSERT INTO quota_reservations (id, msg_id, user_id, tier, model, keys, tokens, micros,"
