@@ -1,4 +1,4 @@
-"""Easemob server REST API: the app token and text messages (reference §3).
+"""Easemob server REST API: the app token, text messages and message files (reference §3).
 
 Every response is mapped to the error taxonomy of ``core.errors`` here, in one
 place (``classify``). The client does not retry: the caller's error boundary
@@ -23,6 +23,13 @@ timeouts, dropped connections              ``RetryableError``
 
 Neither the client secret nor a token ever appears in a log line or an
 exception message.
+
+``download_file`` fetches a message's attachment (an image for a vision model,
+reference §3.6a): only from this app's own ``/{org}/{app}/chatfiles/{uuid}`` on the
+configured Easemob host, whatever host the message body names, so the app token never
+goes anywhere else; bounded in bytes (``AttachmentTooLarge``) and in time
+(``RetryableError(code="download_timeout")``); 403/404 (wrong ``secret``, expired or
+unknown file) are ``AttachmentUnavailable``.
 """
 
 from __future__ import annotations
@@ -31,7 +38,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import httpx
 from prometheus_client import Counter, Histogram
@@ -44,7 +53,8 @@ log = logging.getLogger("imbot.sender.easemob")
 
 REQUESTS = Counter(
     "imbot_easemob_requests_total",
-    "Easemob REST calls by endpoint (token, users, chatgroups, chatrooms) and status class",
+    "Easemob REST calls by endpoint (token, users, chatgroups, chatrooms, chatfiles) and "
+    "status class",
     ["endpoint", "status_class"],
 )
 REQUEST_SECONDS = Histogram(
@@ -74,6 +84,30 @@ DEFAULT_QUOTA_RETRY_AFTER_S: Mapping[str, float] = {
 
 class MessageTooLarge(FatalError):
     """413, or 400 "message is too large" (14007): split the part further and resend."""
+
+
+# Easemob's default upload limit (reference §3.8): no attachment is larger unless raised.
+DEFAULT_MAX_FILE_BYTES = 10 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """A downloaded message file: its bytes and the Content-Type Easemob served."""
+
+    data: bytes
+    content_type: str
+
+    def __repr__(self) -> str:  # the bytes are user content: never in a log line
+        return f"Attachment({self.content_type}, {len(self.data)} bytes)"
+
+
+class AttachmentTooLarge(FatalError):
+    """The file is larger than the caller's limit; reading stopped there."""
+
+
+class AttachmentUnavailable(FatalError):
+    """The file cannot be had: not this app's file URL, a wrong or missing ``secret``
+    (403), or expired/unknown (404, ``file_expired`` after the default 7 days)."""
 
 
 class AnswerLost(RetryableError):
@@ -294,6 +328,87 @@ class EasemobClient:
             raise classify(response, kind=kind, quota_retry_after_s=self._quota_retry_after[kind])
         return _message_id(response, to)
 
+    async def download_file(
+        self,
+        url: str,
+        *,
+        secret: str | None = None,
+        max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+        timeout_s: float = 10.0,
+    ) -> Attachment:
+        """Download a message's file (an ``img``/``audio``/``video``/``file`` body's ``url``)
+        with the app token and, when the body has one, its ``secret`` as ``share-secret``.
+
+        The URL's path must be this app's ``/{org}/{app}/chatfiles/{uuid}``; it is fetched
+        from the configured Easemob host (a body naming another host is not followed).
+        ``max_bytes``: stop reading and raise ``AttachmentTooLarge`` beyond it;
+        ``timeout_s``: the whole download (token included), else
+        ``RetryableError(code="download_timeout")``. A 401 fetches a new token once.
+        """
+        path = self._chatfile_path(url)
+        headers = {"Accept": "application/octet-stream"}
+        if secret:
+            headers["share-secret"] = secret
+        try:
+            async with asyncio.timeout(timeout_s):
+                token = await self.token()
+                fetched = await self._get_file(path, headers, token, max_bytes)
+                if fetched is None:  # 401: the token went stale
+                    token = await self.token(stale=token)
+                    fetched = await self._get_file(path, headers, token, max_bytes)
+        except (TimeoutError, httpx.TimeoutException):
+            REQUESTS.labels("chatfiles", "timeout").inc()
+            raise RetryableError(
+                f"Easemob file download took longer than {timeout_s:g} s",
+                provider=_PROVIDER,
+                code="download_timeout",
+            ) from None
+        except httpx.HTTPError as exc:
+            REQUESTS.labels("chatfiles", "error").inc()
+            raise RetryableError(
+                f"Easemob file download failed: {type(exc).__name__}", provider=_PROVIDER
+            ) from None
+        if fetched is None:
+            raise ConfigurationError(
+                "Easemob refused the app token for a file download (after a fresh token)",
+                provider=_PROVIDER,
+                status=401,
+            )
+        return fetched
+
+    def _chatfile_path(self, url: str) -> str:
+        """The path of this app's file URL; ``AttachmentUnavailable`` for any other URL."""
+        path = urlsplit(url).path
+        uuid = path.removeprefix(f"{self._prefix}/chatfiles/")
+        if uuid == path or not uuid or "/" in uuid:
+            raise AttachmentUnavailable(
+                "not a file URL of this Easemob app", reason="bad_request", provider=_PROVIDER
+            )
+        return path
+
+    async def _get_file(
+        self, path: str, headers: Mapping[str, str], token: str, max_bytes: int
+    ) -> Attachment | None:
+        """One GET of the file, read up to ``max_bytes``; None on 401 (refresh the token)."""
+        started = time.perf_counter()
+        request = self._http.build_request(
+            "GET", path, headers={**headers, "Authorization": f"Bearer {token}"}
+        )
+        response = await self._http.send(request, stream=True)
+        try:
+            REQUESTS.labels("chatfiles", _status_class(response.status_code)).inc()
+            if response.status_code == 401:
+                return None
+            if response.status_code != 200:
+                await response.aread()
+                raise _file_error(response)
+            data = await _read_bounded(response, max_bytes)
+        finally:
+            await response.aclose()
+        REQUEST_SECONDS.labels("chatfiles").observe(time.perf_counter() - started)
+        content_type = response.headers.get("content-type", "application/octet-stream")
+        return Attachment(data, content_type.split(";")[0].strip())
+
     async def wait_turn(self) -> None:
         """Wait for the pacer's next send slot (the caller then sends with ``paced=True``)."""
         if self._pacer is not None:
@@ -332,6 +447,47 @@ class EasemobClient:
         REQUEST_SECONDS.labels(kind).observe(time.perf_counter() - started)
         REQUESTS.labels(kind, _status_class(response.status_code)).inc()
         return response
+
+
+async def _read_bounded(response: httpx.Response, max_bytes: int) -> bytes:
+    """The body, or ``AttachmentTooLarge`` as soon as it (or its declared length) passes
+    ``max_bytes``: nothing beyond the limit is held in memory."""
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(max_bytes)
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in response.aiter_bytes():
+        total += len(chunk)
+        if total > max_bytes:
+            raise _too_large(max_bytes)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(max_bytes: int) -> AttachmentTooLarge:
+    return AttachmentTooLarge(
+        f"Easemob file is larger than {max_bytes} bytes",
+        reason="bad_request",
+        provider=_PROVIDER,
+        code="file_too_large",
+    )
+
+
+def _file_error(response: httpx.Response) -> ImbotError:
+    """A download's non-2xx answer: 403/404 say this file cannot be had; 429/5xx/408 are
+    retryable as for a send (``classify``)."""
+    status = response.status_code
+    if status in (403, 404):
+        error, description, _ = _error_fields(response)
+        return AttachmentUnavailable(
+            f"Easemob {status} {error}: {description}".strip().rstrip(":"),
+            reason="not_found" if status == 404 else "bad_request",
+            provider=_PROVIDER,
+            status=status,
+            code=error or None,
+        )
+    return classify(response)
 
 
 def _consume_exception(future: asyncio.Future[str]) -> None:

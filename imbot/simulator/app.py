@@ -8,6 +8,13 @@ Real HTTP, the documented wire format (reference §3):
   (expired → 401 ``unauthorized``, unknown → 401 ``auth_bad_access_token``), the
   body validated like Easemob (400 ``message_send_error`` texts), body + ext above
   the size limit → 400 14007 (or 413), ``data`` maps each target to a fresh id.
+- ``POST /{org}/{app}/chatfiles``: upload as Easemob takes it (multipart/form-data, field
+  ``file``, Bearer token; with a ``restrict-access`` header the answer's
+  ``entities[0]["share-secret"]`` is then required to download); above 10 MiB → 413.
+- ``GET /{org}/{app}/chatfiles/{uuid}``: the file with its Content-Type (reference §3.6a);
+  Bearer token checked as for sends; a restricted file needs ``share-secret`` (header or
+  ``?share-secret=``): missing or wrong → 403 ``forbidden_op`` (Easemob's exact answer to a
+  wrong secret is undocumented); unknown uuid → 404 ``entity_not_found``.
 
 The admin API under ``/_sim`` (JSON):
 
@@ -21,6 +28,8 @@ The admin API under ``/_sim`` (JSON):
       {"quota": {"messages": 6000, "window_s": 60}}   above → 403 "message send reach limit"
       {"token_ttl_s": 2}           expires_in of tokens issued from now on
       {"expire_tokens": true}      every issued token is now expired → 401
+      {"file_delay_ms": 500}       a download sends its headers, then waits this long
+      {"file_chunked": true}       downloads are chunked, without Content-Length
 
   ``status``/``count`` queue the next ``count`` answers of that status
   (``after``: let that many sends succeed first); 401 also expires the token used.
@@ -42,6 +51,7 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from uuid import uuid4
 
 import aiohttp
 import orjson
@@ -103,6 +113,8 @@ class Behaviour:
     token_ttl_s: int = 3600
     quota_messages: int | None = None
     quota_window_s: float = 60.0
+    file_delay_s: float = 0.0
+    file_chunked: bool = False
 
     @classmethod
     def from_config(cls, config: SimulatorConfig) -> Behaviour:
@@ -114,12 +126,20 @@ class Behaviour:
         )
 
 
+@dataclass(frozen=True)
+class StoredFile:
+    data: bytes
+    content_type: str
+    share_secret: str | None  # None: uploaded without restrict-access
+
+
 @dataclass
 class SimulatorState:
     config: SimulatorConfig
     behaviour: Behaviour
     tokens: dict[str, float] = field(default_factory=dict)  # token -> expiry (monotonic)
     messages: list[dict[str, Any]] = field(default_factory=list)
+    files: dict[str, StoredFile] = field(default_factory=dict)  # uuid -> file (kept by reset)
     token_requests: int = 0
     send_requests: int = 0
     answers: Counter[str] = field(default_factory=Counter)  # "token 200", "users 429", ...
@@ -313,6 +333,84 @@ async def send(request: web.Request) -> web.Response:
     )
 
 
+# Easemob's default attachment limit (reference §3.8).
+MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+_FILE_CHUNK = 64 * 1024
+
+
+async def upload_file(request: web.Request) -> web.Response:
+    """``POST /{org}/{app}/chatfiles`` (multipart ``file``), answered as Easemob does."""
+    state = request.app[STATE]
+    if (wrong := _ours(request)) is not None:
+        return wrong
+    refused, _ = _unauthorized(request)
+    if refused is not None:
+        return refused
+    if request.content_length is not None and request.content_length > MAX_UPLOAD_BYTES:
+        return wire.error_response(413)
+    try:
+        form = await request.post()
+    except ValueError:
+        return wire.invalid_body()
+    upload = form.get("file")
+    if not isinstance(upload, web.FileField):
+        return wire.error_response(400, "file must be provided.", error="illegal_argument")
+    data = upload.file.read()
+    if len(data) > MAX_UPLOAD_BYTES:
+        return wire.error_response(413)
+    uuid = str(uuid4())
+    restricted = "restrict-access" in request.headers
+    secret = secrets.token_urlsafe(24) if restricted else None
+    state.files[uuid] = StoredFile(data, upload.content_type or "application/octet-stream", secret)
+    entity: dict[str, Any] = {"uuid": uuid, "type": "chatfile"}
+    if secret is not None:
+        entity["share-secret"] = secret
+    cfg = state.config
+    return web.json_response(
+        {
+            "action": "post",
+            "application": "sim-app-uuid",
+            "path": "/chatfiles",
+            "uri": f"{request.scheme}://{request.host}/{cfg.org}/{cfg.app}/chatfiles",
+            "entities": [entity],
+            "timestamp": int(time.time() * 1000),
+            "organization": cfg.org,
+            "applicationName": cfg.app,
+        }
+    )
+
+
+async def download_file(request: web.Request) -> web.StreamResponse:
+    """``GET /{org}/{app}/chatfiles/{uuid}`` (see the module docstring)."""
+    state = request.app[STATE]
+    if (wrong := _ours(request)) is not None:
+        return wrong
+    refused, _ = _unauthorized(request)
+    if refused is not None:
+        return refused
+    stored = state.files.get(request.match_info["uuid"])
+    if stored is None:
+        return wire.error_response(404, "file not found", error="entity_not_found")
+    presented = request.headers.get("share-secret") or request.query.get("share-secret")
+    if stored.share_secret is not None and not (
+        presented and secrets.compare_digest(presented, stored.share_secret)
+    ):
+        return wire.error_response(
+            403, "share-secret is missing or does not match", error="forbidden_op"
+        )
+    behaviour = state.behaviour
+    response = web.StreamResponse(headers={"Content-Type": stored.content_type})
+    if not behaviour.file_chunked:
+        response.content_length = len(stored.data)
+    await response.prepare(request)
+    if behaviour.file_delay_s:
+        await asyncio.sleep(behaviour.file_delay_s)
+    for start in range(0, len(stored.data), _FILE_CHUNK):
+        await response.write(stored.data[start : start + _FILE_CHUNK])
+    await response.write_eof()
+    return response
+
+
 def _counted(endpoint: str, handler: Handler) -> Handler:
     async def wrapped(request: web.Request) -> web.StreamResponse:
         response = await handler(request)
@@ -436,6 +534,10 @@ async def inject(request: web.Request) -> web.Response:
             b.quota_window_s = float(quota.get("window_s", 60)) if quota else 60.0
         if "token_ttl_s" in body:
             b.token_ttl_s = int(body["token_ttl_s"])
+        if "file_delay_ms" in body:
+            b.file_delay_s = float(body["file_delay_ms"] or 0) / 1000
+        if "file_chunked" in body:
+            b.file_chunked = bool(body["file_chunked"])
     except (TypeError, ValueError, KeyError) as exc:
         return _admin_error(f"bad value: {exc}")
     if body.get("expire_tokens"):
@@ -535,13 +637,16 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(config: SimulatorConfig) -> web.Application:
-    app = web.Application()
+    # Uploads up to Easemob's attachment limit (aiohttp's default body cap is 1 MiB).
+    app = web.Application(client_max_size=MAX_UPLOAD_BYTES + _FILE_CHUNK)
     app[STATE] = SimulatorState(config, Behaviour.from_config(config))
     app.cleanup_ctx.append(_resources)
     app.router.add_post("/{org}/{app}/token", _counted("token", token))
     app.router.add_post(
         "/{org}/{app}/messages/{kind:users|chatgroups|chatrooms}", _counted("messages", send)
     )
+    app.router.add_post("/{org}/{app}/chatfiles", _counted("chatfiles", upload_file))
+    app.router.add_get("/{org}/{app}/chatfiles/{uuid}", _counted("chatfiles", download_file))
     app.router.add_get("/_sim/messages", list_messages)
     app.router.add_get("/_sim/wait", wait_messages)
     app.router.add_get("/_sim/stats", stats)
