@@ -16,16 +16,11 @@ from imbot.adapters.base import (
     UsageEvent,
 )
 from imbot.adapters.config import AnthropicConfig
-from imbot.adapters.http_model import HttpChatModel, Parsed, Prepared, StreamDecoder
-from imbot.adapters.wire import (
-    SseEvent,
-    anthropic_reset_s,
-    as_int,
-    as_str,
-    classify_status,
-    loads_object,
-    refine_fatal,
-)
+from imbot.adapters.http_model import HttpChatModel, Parsed, StreamDecoder
+from imbot.adapters.json_fields import as_int, as_str, loads_object
+from imbot.adapters.provider_errors import classify_status, refine_fatal
+from imbot.adapters.rate_limit_headers import anthropic_reset_s
+from imbot.adapters.sse import SseEvent
 from imbot.core.envelope import FinishReason
 from imbot.core.errors import FatalError, ImbotError, RetryableError
 
@@ -205,23 +200,17 @@ class AnthropicStreamDecoder(StreamDecoder):
 
 class AnthropicChatModel(HttpChatModel):
     provider = "anthropic"
+    path = "/messages"
+    auth_header = "x-api-key"
+    auth_prefix = ""
     request_id_headers = ("request-id",)
     config: AnthropicConfig
 
-    def __init__(self, name: str, config: AnthropicConfig, *args: Any, **kw: Any) -> None:
-        super().__init__(name, config, *args, **kw)
-        self._url = f"{config.base_url}/messages"
-        self._headers = {
-            "content-type": "application/json",
-            "anthropic-version": config.anthropic_version,
-            **config.headers,
-        }
-        if self.api_key:
-            self._headers["x-api-key"] = self.api_key
+    def fixed_headers(self) -> dict[str, str]:
+        return {"anthropic-version": self.config.anthropic_version}
 
-    async def prepare(self, request: ChatRequest, *, stream: bool) -> Prepared:
-        body = build_body(self.config, self.model, request, stream=stream)
-        return Prepared(self._url, self._headers, self.json_body(body))
+    def build_body(self, request: ChatRequest, *, stream: bool) -> dict[str, Any]:
+        return build_body(self.config, self.model, request, stream=stream)
 
     def parse(self, status: int, headers: Mapping[str, str], body: bytes) -> Parsed:
         return parse_completion(headers, body)

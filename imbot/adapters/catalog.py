@@ -17,15 +17,16 @@ import logging
 import os
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import httpx
 from pydantic import ValidationError
 
 from imbot.adapters import metrics
+from imbot.adapters.anthropic import AnthropicChatModel
 from imbot.adapters.base import (
     ChatModel,
     ChatRequest,
@@ -46,8 +47,13 @@ from imbot.adapters.config import (
     SparkConfig,
     _ModelEntry,
 )
+from imbot.adapters.dashscope import DashScopeChatModel
 from imbot.adapters.demo import DemoChatModel
+from imbot.adapters.ernie import ErnieChatModel
+from imbot.adapters.http_model import HttpChatModel
 from imbot.adapters.images import request_image_tokens
+from imbot.adapters.ollama import OllamaChatModel
+from imbot.adapters.openai import OpenAIChatModel
 from imbot.adapters.resilience import (
     CircuitBreaker,
     CircuitBreakerModel,
@@ -55,6 +61,7 @@ from imbot.adapters.resilience import (
     ConcurrencyLimitedModel,
     InstrumentedModel,
 )
+from imbot.adapters.spark import SparkChatModel
 from imbot.core.errors import ConfigurationError, ContentRejected, ImbotError, RetryableError
 from imbot.core.retry import Backoff, Deadline, retries_spent
 
@@ -83,54 +90,25 @@ class CatalogEntry:
     breaker: CircuitBreaker
 
 
-def _secret(
-    env: Mapping[str, str], var: str | None, model_id: str, *, required: bool
-) -> str | None:
-    if not var:
-        return None
-    value = env.get(var)
-    if not value:
-        if required:
-            raise ConfigurationError(
-                f"model {model_id!r} needs the environment variable {var} (its API key)"
-            )
-        return None
-    return value
+# Which class serves each provider's entries (the demo model needs no HTTP client).
+_HTTP_MODELS: Mapping[type[_ModelEntry], type[HttpChatModel]] = {
+    OpenAIConfig: OpenAIChatModel,
+    AnthropicConfig: AnthropicChatModel,
+    ErnieConfig: ErnieChatModel,
+    DashScopeConfig: DashScopeChatModel,
+    SparkConfig: SparkChatModel,
+    OllamaConfig: OllamaChatModel,
+}
 
 
 def _provider_model(
     model_id: str, cfg: ModelConfig, client: httpx.AsyncClient | None, env: Mapping[str, str]
 ) -> ChatModel:
-    from imbot.adapters.anthropic import AnthropicChatModel
-    from imbot.adapters.dashscope import DashScopeChatModel
-    from imbot.adapters.ernie import ErnieChatModel
-    from imbot.adapters.ollama import OllamaChatModel
-    from imbot.adapters.openai import OpenAIChatModel
-    from imbot.adapters.spark import SparkChatModel
-
     if isinstance(cfg, DemoConfig):
         return DemoChatModel(model_id, cfg)
-    assert client is not None
-    if isinstance(cfg, OpenAIConfig):
-        key = _secret(env, cfg.api_key_env, model_id, required=True)
-        return OpenAIChatModel(model_id, cfg, client, api_key=key)
-    if isinstance(cfg, AnthropicConfig):
-        key = _secret(env, cfg.api_key_env, model_id, required=True)
-        return AnthropicChatModel(model_id, cfg, client, api_key=key)
-    if isinstance(cfg, ErnieConfig):
-        ak = _secret(env, cfg.api_key_env, model_id, required=True)
-        sk = _secret(env, cfg.secret_key_env, model_id, required=True)
-        return ErnieChatModel(model_id, cfg, client, api_key=ak, secret_key=sk or "")
-    if isinstance(cfg, DashScopeConfig):
-        key = _secret(env, cfg.api_key_env, model_id, required=True)
-        return DashScopeChatModel(model_id, cfg, client, api_key=key)
-    if isinstance(cfg, SparkConfig):
-        key = _secret(env, cfg.api_key_env, model_id, required=True)
-        return SparkChatModel(model_id, cfg, client, api_key=key)
-    if isinstance(cfg, OllamaConfig):
-        key = _secret(env, cfg.api_key_env, model_id, required=False)
-        return OllamaChatModel(model_id, cfg, client, api_key=key)
-    raise ConfigurationError(f"model {model_id!r}: unsupported provider")  # pragma: no cover
+    if client is None:  # pragma: no cover - build_catalog gives every HTTP provider one
+        raise ConfigurationError(f"model {model_id!r}: no HTTP client")
+    return _HTTP_MODELS[type(cfg)].from_config(model_id, cfg, client, env)
 
 
 def build_catalog(
@@ -234,7 +212,57 @@ class ModelCatalog:
     async def complete(
         self, chain: Sequence[str], request: ChatRequest, *, deadline_s: float
     ) -> CompletionResult:
+        async def call(entry: CatalogEntry, timeout_s: float) -> CompletionResult:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    return await entry.model.complete(request)
+            except TimeoutError:
+                raise RetryableError(
+                    f"model {entry.model_id} did not answer in time", code="timeout"
+                ) from None
+
+        won = await self._walk(chain, request, Deadline.after(deadline_s), call)
+        if won.attempts > 1:
+            return won.value.model_copy(update={"attempts": won.attempts})
+        return won.value
+
+    async def stream(
+        self, chain: Sequence[str], request: ChatRequest, *, deadline_s: float
+    ) -> AsyncIterator[StreamEvent]:
+        """Stream one reply. Retry and fallback happen only before the first event;
+        after it, an error is raised to the caller (who holds partial text)."""
         deadline = Deadline.after(deadline_s)
+
+        async def call(entry: CatalogEntry, timeout_s: float) -> _Opened:
+            return await _first_event(entry, request, timeout_s)
+
+        won = await self._walk(chain, request, deadline, call)
+        opened, attempts = won.value, won.attempts
+        async with aclosing(opened.events) as events:
+            yield _with_attempts(opened.first, attempts)
+            while True:
+                try:
+                    async with asyncio.timeout_at(_loop_time(deadline.at)):
+                        event = await anext(events)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise RetryableError(
+                        f"model {won.model_id} stream passed the deadline", code="timeout"
+                    ) from None
+                yield _with_attempts(event, attempts)
+
+    async def _walk(
+        self,
+        chain: Sequence[str],
+        request: ChatRequest,
+        deadline: Deadline,
+        call: Callable[[CatalogEntry, float], Awaitable[T]],
+    ) -> _Won[T]:
+        """The one chain walk of ``complete`` and ``stream``: skip the models that cannot
+        take the call (open circuit, images without vision), give each attempt
+        ``min(timeout_s, time left)``, retry retryable errors on the same model with
+        backoff, fall back on the rest, raise ContentRejected at once."""
         last: ImbotError | None = None
         attempts = 0
         for position, model_id in enumerate(chain):
@@ -250,86 +278,17 @@ class ModelCatalog:
                     raise _deadline_error(last, model_id, attempts)
                 attempts += 1
                 try:
-                    async with asyncio.timeout(min(remaining, entry.config.timeout_s)):
-                        result = await entry.model.complete(request)
+                    value = await call(entry, min(remaining, entry.config.timeout_s))
                 except ContentRejected:
                     raise
-                except TimeoutError:
-                    error: ImbotError = RetryableError(
-                        f"model {model_id} did not answer in time", code="timeout"
-                    )
                 except ImbotError as exc:
-                    error = exc
+                    last = exc
                 else:
-                    if attempts > 1:
-                        result = result.model_copy(update={"attempts": attempts})
-                    return result
-                last = error
-                _log_failure(model_id, attempt, error)
-                if not isinstance(error, RetryableError):
+                    return _Won(value, attempts, model_id)
+                _log_failure(model_id, attempt, last)
+                if not isinstance(last, RetryableError):
                     break  # fatal or configuration for this model: fall back
-                delay = self._delay(entry, attempt, error)
-                if delay is None or not deadline.allows(delay):
-                    break
-                metrics.MODEL_RETRIES.labels(model_id).inc()
-                await asyncio.sleep(delay)
-            if position + 1 < len(chain):
-                metrics.FALLBACKS.labels(model_id).inc()
-        raise _exhausted(last, attempts)
-
-    async def stream(
-        self, chain: Sequence[str], request: ChatRequest, *, deadline_s: float
-    ) -> AsyncIterator[StreamEvent]:
-        """Stream one reply. Retry and fallback happen only before the first event;
-        after it, an error is raised to the caller (who holds partial text)."""
-        deadline = Deadline.after(deadline_s)
-        last: ImbotError | None = None
-        attempts = 0
-        for position, model_id in enumerate(chain):
-            entry = self.entry(model_id)
-            skipped = _skipped(entry, request)
-            if skipped is not None:
-                last = skipped
-                metrics.FALLBACKS.labels(model_id).inc()
-                continue
-            for attempt in range(entry.config.retry.max_attempts):
-                remaining = deadline.remaining()
-                if remaining <= 0:
-                    raise _deadline_error(last, model_id, attempts)
-                attempts += 1
-                async with aclosing(_closable(entry.model.stream(request))) as events:
-                    try:
-                        async with asyncio.timeout(min(remaining, entry.config.timeout_s)):
-                            first = await anext(events)
-                    except ContentRejected:
-                        raise
-                    except TimeoutError:
-                        error: ImbotError = RetryableError(
-                            f"model {model_id} sent nothing in time", code="timeout"
-                        )
-                    except StopAsyncIteration:
-                        error = RetryableError(f"model {model_id} sent an empty stream")
-                    except ImbotError as exc:
-                        error = exc
-                    else:
-                        yield _with_attempts(first, attempts)
-                        while True:
-                            try:
-                                async with asyncio.timeout_at(_loop_time(deadline.at)):
-                                    event = await anext(events)
-                            except StopAsyncIteration:
-                                return
-                            except TimeoutError:
-                                raise RetryableError(
-                                    f"model {model_id} stream passed the deadline",
-                                    code="timeout",
-                                ) from None
-                            yield _with_attempts(event, attempts)
-                last = error
-                _log_failure(model_id, attempt, error)
-                if not isinstance(error, RetryableError):
-                    break
-                delay = self._delay(entry, attempt, error)
+                delay = self._delay(entry, attempt, last)
                 if delay is None or not deadline.allows(delay):
                     break
                 metrics.MODEL_RETRIES.labels(model_id).inc()
@@ -342,6 +301,47 @@ class ModelCatalog:
         for client in self._clients:
             await client.aclose()
         self._clients.clear()
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class _Won(Generic[T]):
+    """What a chain walk ends with: the call's value, attempts made, the model that gave it."""
+
+    value: T
+    attempts: int
+    model_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Opened:
+    """A stream whose first event arrived (the point after which nothing falls back)."""
+
+    events: AsyncGenerator[StreamEvent, None]
+    first: StreamEvent
+
+
+async def _first_event(entry: CatalogEntry, request: ChatRequest, timeout_s: float) -> _Opened:
+    """Open the model's stream and wait for its first event; on any failure the stream is
+    closed before the error goes to the walk."""
+    events = _closable(entry.model.stream(request))
+    try:
+        async with asyncio.timeout(timeout_s):
+            first = await anext(events)
+    except TimeoutError:
+        await events.aclose()
+        raise RetryableError(
+            f"model {entry.model_id} sent nothing in time", code="timeout"
+        ) from None
+    except StopAsyncIteration:
+        await events.aclose()
+        raise RetryableError(f"model {entry.model_id} sent an empty stream") from None
+    except BaseException:
+        await events.aclose()
+        raise
+    return _Opened(events, first)
 
 
 def _closable(events: AsyncIterator[StreamEvent]) -> AsyncGenerator[StreamEvent, None]:

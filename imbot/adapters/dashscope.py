@@ -7,7 +7,7 @@ moderation as an error (``DataInspectionFailed``) even mid-stream under HTTP 200
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from imbot.adapters.base import (
     ChatMessage,
@@ -19,15 +19,10 @@ from imbot.adapters.base import (
     UsageEvent,
 )
 from imbot.adapters.config import DashScopeConfig
-from imbot.adapters.http_model import HttpChatModel, Parsed, Prepared, StreamDecoder
-from imbot.adapters.wire import (
-    SseEvent,
-    as_int,
-    as_str,
-    classify_status,
-    loads_object,
-    refine_fatal,
-)
+from imbot.adapters.http_model import HttpChatModel, Parsed, StreamDecoder
+from imbot.adapters.json_fields import as_int, as_str, loads_object
+from imbot.adapters.provider_errors import classify_status, refine_fatal
+from imbot.adapters.sse import SseEvent
 from imbot.core.envelope import FinishReason
 from imbot.core.errors import (
     ConfigurationError,
@@ -218,32 +213,28 @@ class DashScopeStreamDecoder(StreamDecoder):
 
 class DashScopeChatModel(HttpChatModel):
     provider = "dashscope"
+    stream_headers: ClassVar[Mapping[str, str]] = {
+        "x-dashscope-sse": "enable",
+        "accept": "text/event-stream",
+    }
     request_id_headers = ("x-request-id",)
     config: DashScopeConfig
 
-    def __init__(self, name: str, config: DashScopeConfig, *args: Any, **kw: Any) -> None:
-        super().__init__(name, config, *args, **kw)
-        path = config.multimodal_path if config.vision else config.path
-        self._url = f"{config.base_url}{path}"
-        headers = {"content-type": "application/json", **config.headers}
-        if self.api_key:
-            headers["authorization"] = f"Bearer {self.api_key}"
-        if config.workspace:
-            headers["x-dashscope-workspace"] = config.workspace
-        self._headers = headers
-        self._stream_headers = {
-            **headers,
-            "x-dashscope-sse": "enable",
-            "accept": "text/event-stream",
-        }
-        # "Longer backoff" for a period quota: the longest wait this model's retry
-        # policy allows (a value over max_retry_after_s would skip to the fallback).
-        self._allocation_wait_s = config.retry.max_delay_s or None
+    def endpoint(self) -> str:
+        return self.config.multimodal_path if self.config.vision else self.config.path
 
-    async def prepare(self, request: ChatRequest, *, stream: bool) -> Prepared:
-        body = build_body(self.config, self.model, request, stream=stream)
-        headers = self._stream_headers if stream else self._headers
-        return Prepared(self._url, headers, self.json_body(body))
+    def fixed_headers(self) -> dict[str, str]:
+        workspace = self.config.workspace
+        return {"x-dashscope-workspace": workspace} if workspace else {}
+
+    @property
+    def _allocation_wait_s(self) -> float | None:
+        """ "Longer backoff" for a period quota: the longest wait this model's retry policy
+        allows (a value over max_retry_after_s would skip to the fallback)."""
+        return self.config.retry.max_delay_s or None
+
+    def build_body(self, request: ChatRequest, *, stream: bool) -> dict[str, Any]:
+        return build_body(self.config, self.model, request, stream=stream)
 
     def parse(self, status: int, headers: Mapping[str, str], body: bytes) -> Parsed:
         return parse_completion(headers, body)

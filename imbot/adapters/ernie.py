@@ -11,16 +11,25 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Self
 from urllib.parse import urlencode
 
 import httpx
 import orjson
 
 from imbot.adapters.base import ChatRequest, Delta, Done, StreamEvent, Usage, UsageEvent
-from imbot.adapters.config import ErnieConfig
-from imbot.adapters.http_model import AuthExpired, HttpChatModel, Parsed, Prepared, StreamDecoder
-from imbot.adapters.wire import SseEvent, as_int, as_str, classify_status, loads_object
+from imbot.adapters.config import ErnieConfig, _ModelEntry
+from imbot.adapters.http_model import (
+    AuthExpired,
+    HttpChatModel,
+    Parsed,
+    Prepared,
+    StreamDecoder,
+    secret_from_env,
+)
+from imbot.adapters.json_fields import as_int, as_str, loads_object
+from imbot.adapters.provider_errors import classify_status
+from imbot.adapters.sse import SseEvent
 from imbot.core.envelope import FinishReason
 from imbot.core.errors import (
     ConfigurationError,
@@ -232,7 +241,11 @@ class ErnieStreamDecoder(StreamDecoder):
 
 
 class ErnieChatModel(HttpChatModel):
+    """The API key is not a header here: AK/SK are exchanged for an access token that
+    goes in the query string (``prepare``), so ERNIE keeps a constructor for that state."""
+
     provider = "ernie"
+    auth_header = None
     config: ErnieConfig
     # Renew this long before the token's stated expiry.
     REFRESH_MARGIN_S = 24 * 3600.0
@@ -248,11 +261,22 @@ class ErnieChatModel(HttpChatModel):
     ) -> None:
         super().__init__(name, config, client, api_key=api_key, secrets=(secret_key,))
         self._secret_key = secret_key
-        self._chat_url = f"{config.base_url}/{config.endpoint or self.model}"
-        self._headers = {"content-type": "application/json", **config.headers}
         self._token: str | None = None
         self._token_expires = 0.0
         self._token_lock: asyncio.Lock | None = None
+
+    @classmethod
+    def from_config(
+        cls, name: str, config: _ModelEntry, client: httpx.AsyncClient, env: Mapping[str, str]
+    ) -> Self:
+        if not isinstance(config, ErnieConfig):
+            raise TypeError(f"ERNIE model {name!r} needs an ErnieConfig")
+        api_key = secret_from_env(env, config.api_key_env, name, required=True)
+        secret_key = secret_from_env(env, config.secret_key_env, name, required=True)
+        return cls(name, config, client, api_key=api_key, secret_key=secret_key or "")
+
+    def endpoint(self) -> str:
+        return f"/{self.config.endpoint or self.model}"
 
     async def access_token(self) -> str:
         if self._token is not None and time.monotonic() < self._token_expires:
@@ -294,12 +318,13 @@ class ErnieChatModel(HttpChatModel):
         self._token = None
         await self.access_token()
 
+    def build_body(self, request: ChatRequest, *, stream: bool) -> dict[str, Any]:
+        return build_body(request, stream=stream)
+
     async def prepare(self, request: ChatRequest, *, stream: bool) -> Prepared:
-        token = await self.access_token()
-        body = build_body(request, stream=stream)
-        return Prepared(
-            f"{self._chat_url}?access_token={token}", self._headers, self.json_body(body)
-        )
+        prepared = await super().prepare(request, stream=stream)
+        prepared.url = f"{prepared.url}?access_token={await self.access_token()}"
+        return prepared
 
     def parse(self, status: int, headers: Mapping[str, str], body: bytes) -> Parsed:
         return parse_completion(headers, body)

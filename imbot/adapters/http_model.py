@@ -1,7 +1,8 @@
 """The common shape of a provider that speaks HTTP.
 
 A provider module supplies pure functions (build the body, parse the reply, map
-an error, decode stream lines); ``HttpChatModel`` does the I/O around them:
+an error, decode stream lines) and declares its endpoint and auth as class
+attributes; ``HttpChatModel`` does the I/O around them:
 one POST on the shared keep-alive client, timing, cost, transport errors, and
 assembling a stream into a final ``CompletionResult``.
 
@@ -16,9 +17,10 @@ from __future__ import annotations
 import asyncio
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
+from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar, Self
 
 import httpx
 import orjson
@@ -30,11 +32,11 @@ from imbot.adapters.base import (
     Done,
     StreamEvent,
     Usage,
-    UsageEvent,
     refuse_images,
 )
 from imbot.adapters.config import _ModelEntry
-from imbot.adapters.wire import SseEvent, SseParser, redact
+from imbot.adapters.provider_errors import redact
+from imbot.adapters.sse import SseEvent, SseParser
 from imbot.core.envelope import FinishReason
 from imbot.core.errors import ConfigurationError, ImbotError, RetryableError
 
@@ -98,8 +100,35 @@ class StreamDecoder(ABC):
         raise RetryableError("stream ended before the provider finished", code="incomplete_stream")
 
 
+def secret_from_env(
+    env: Mapping[str, str], var: str | None, model_id: str, *, required: bool
+) -> str | None:
+    """The value of the environment variable an entry names for a secret (None when the
+    entry names none); a named but unset variable is a ConfigurationError when required."""
+    if not var:
+        return None
+    value = env.get(var)
+    if not value and required:
+        raise ConfigurationError(
+            f"model {model_id!r} needs the environment variable {var} (its API key)"
+        )
+    return value or None
+
+
 class HttpChatModel(ABC):
+    """One provider's model over HTTP. A provider is declared, not constructed: its class
+    says where the call goes (``path`` under the entry's ``base_url``), how the API key
+    travels (``auth_header`` + ``auth_prefix``; None: not in a header), which headers a
+    stream adds, and supplies the pure hooks (``build_body``, ``parse``, ``map_error``,
+    ``decoder``). The one constructor builds the URL and headers from that."""
+
     provider: ClassVar[str]
+    path: ClassVar[str] = ""
+    auth_header: ClassVar[str | None] = "authorization"
+    auth_prefix: ClassVar[str] = "Bearer "
+    # False: the key is optional (a local server, or one behind an auth proxy).
+    api_key_required: ClassVar[bool] = True
+    stream_headers: ClassVar[Mapping[str, str]] = {}
     # Response headers carrying the provider's request id, preferred to the body's id
     # (that is the id the provider's support asks for).
     request_id_headers: ClassVar[tuple[str, ...]] = ()
@@ -129,11 +158,37 @@ class HttpChatModel(ABC):
             read=max(self._first_byte_s, self._idle_s) + 1.0,
         )
         self._price = config.price
+        self.url = f"{config.base_url}{self.endpoint()}"
+        headers = {"content-type": "application/json", **self.fixed_headers(), **config.headers}
+        if api_key and self.auth_header:
+            headers[self.auth_header] = f"{self.auth_prefix}{api_key}"
+        self.headers = headers
+        self._stream_headers = {**headers, **self.stream_headers}
+
+    @classmethod
+    def from_config(
+        cls, name: str, config: _ModelEntry, client: httpx.AsyncClient, env: Mapping[str, str]
+    ) -> Self:
+        """The model of a catalog entry, its API key read from the environment."""
+        key = secret_from_env(env, config.api_key_env, name, required=cls.api_key_required)
+        return cls(name, config, client, api_key=key)
 
     # -- provider hooks ---------------------------------------------------------
 
+    def endpoint(self) -> str:
+        """The path under ``base_url`` (``path`` unless the entry decides it)."""
+        return self.path
+
+    def fixed_headers(self) -> dict[str, str]:
+        """Headers every call of this provider sends besides auth (entry headers win)."""
+        return {}
+
     @abstractmethod
-    async def prepare(self, request: ChatRequest, *, stream: bool) -> Prepared: ...
+    def build_body(self, request: ChatRequest, *, stream: bool) -> dict[str, Any]: ...
+
+    async def prepare(self, request: ChatRequest, *, stream: bool) -> Prepared:
+        headers = self._stream_headers if stream else self.headers
+        return Prepared(self.url, headers, self.json_body(self.build_body(request, stream=stream)))
 
     @abstractmethod
     def parse(self, status: int, headers: Mapping[str, str], body: bytes) -> Parsed:
@@ -195,80 +250,30 @@ class HttpChatModel(ABC):
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         refuse_images(request, model_id=self.name, vision=self.config.vision)
         start = time.perf_counter()
-        loop = asyncio.get_running_loop()
         for auth_attempt in (0, 1):
             prepared = await self.prepare(request, stream=True)
-            built = self.client.build_request(
-                "POST",
-                prepared.url,
-                content=prepared.body,
-                headers=prepared.headers,
-                timeout=self._stream_timeout,
-            )
-            first_byte_at = loop.time() + self._first_byte_s
-            try:
-                async with asyncio.timeout_at(first_byte_at):
-                    response = await self.client.send(built, stream=True)
-            except TimeoutError:
-                raise self._tag(self._first_byte_error()) from None
-            except httpx.TransportError as exc:
-                raise self._transport_error(exc) from None
-            status, headers = response.status_code, response.headers
+            response, first_byte_at = await self._open_stream(prepared)
+            headers = response.headers
             decoder: StreamDecoder | None = None
             try:
-                if status >= 300 or self.stream_error_body(headers):
-                    body = await response.aread()
-                    if status >= 300:
-                        raise self.map_error(status, headers, body)
-                    self.parse(status, headers, body)  # raises the error it carries
-                    raise RetryableError("provider answered a stream request without a stream")
+                await self._refuse_error_answer(response)
                 decoder = self.decoder(headers)
                 parts: list[str] = []
                 usage: Usage | None = None
                 first_token_ms: float | None = None
                 done: Done | None = None
-                lines = response.aiter_lines()
-                timer_at = first_byte_at
-                started = False
-                while done is None:
-                    # Only the wait for the next line is timed, never a yield: a
-                    # timeout must not fire while the consumer holds the event.
-                    try:
-                        async with asyncio.timeout_at(timer_at):
-                            line = await anext(lines)
-                    except StopAsyncIteration:
-                        break
-                    except TimeoutError:
-                        if not started:
-                            raise self._first_byte_error() from None
-                        raise RetryableError(
-                            f"{self.name} sent nothing for {self._idle_s:g} s mid-stream",
-                            code="idle_timeout",
-                        ) from None
-                    started = True
-                    timer_at = loop.time() + self._idle_s
-                    for event in decoder.feed(line):
+                async with aclosing(self._events(response, decoder, first_byte_at)) as events:
+                    async for event in events:
+                        if isinstance(event, Done):
+                            done = event
+                            break
                         if isinstance(event, Delta):
                             if first_token_ms is None:
                                 first_token_ms = (time.perf_counter() - start) * 1000
                             parts.append(event.text)
-                            yield event
-                        elif isinstance(event, UsageEvent):
-                            usage = event.usage
-                            yield event
                         else:
-                            done = event
-                            break
-                if done is None:
-                    for event in decoder.end():
-                        if isinstance(event, Delta):
-                            parts.append(event.text)
-                            yield event
-                        elif isinstance(event, UsageEvent):
                             usage = event.usage
-                            yield event
-                        else:
-                            done = event
+                        yield event
                 if done is None:  # pragma: no cover - decoders raise instead
                     raise RetryableError("stream ended without a final frame")
                 parsed = Parsed(
@@ -295,6 +300,72 @@ class HttpChatModel(ABC):
                 raise self._transport_error(exc, mid_stream=True) from None
             finally:
                 await response.aclose()
+
+    async def _open_stream(self, prepared: Prepared) -> tuple[httpx.Response, float]:
+        """Send the request; the response (headers read) and when the first byte is due.
+        The first-byte timer covers the wait for the headers too."""
+        built = self.client.build_request(
+            "POST",
+            prepared.url,
+            content=prepared.body,
+            headers=prepared.headers,
+            timeout=self._stream_timeout,
+        )
+        first_byte_at = asyncio.get_running_loop().time() + self._first_byte_s
+        try:
+            async with asyncio.timeout_at(first_byte_at):
+                return await self.client.send(built, stream=True), first_byte_at
+        except TimeoutError:
+            raise self._tag(self._first_byte_error()) from None
+        except httpx.TransportError as exc:
+            raise self._transport_error(exc) from None
+
+    async def _refuse_error_answer(self, response: httpx.Response) -> None:
+        """Raise the error an answer carries instead of a stream (an error status, or a
+        2xx plain error body for providers that send those)."""
+        status, headers = response.status_code, response.headers
+        if status < 300 and not self.stream_error_body(headers):
+            return
+        body = await response.aread()
+        if status >= 300:
+            raise self.map_error(status, headers, body)
+        self.parse(status, headers, body)  # raises the error it carries
+        raise RetryableError("provider answered a stream request without a stream")
+
+    async def _events(
+        self, response: httpx.Response, decoder: StreamDecoder, first_byte_at: float
+    ) -> AsyncGenerator[StreamEvent, None]:
+        """The decoder's events, line by line, until a ``Done``; at the end of the body
+        whatever ``decoder.end()`` makes of it. Only the wait for the next line is timed
+        (first byte, then idle), never a yield: a timer must not fire while the consumer
+        holds an event."""
+        loop = asyncio.get_running_loop()
+        lines = response.aiter_lines()
+        timer_at = first_byte_at
+        started = False
+        while True:
+            try:
+                async with asyncio.timeout_at(timer_at):
+                    line = await anext(lines)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                if not started:
+                    raise self._first_byte_error() from None
+                raise RetryableError(
+                    f"{self.name} sent nothing for {self._idle_s:g} s mid-stream",
+                    code="idle_timeout",
+                ) from None
+            started = True
+            timer_at = loop.time() + self._idle_s
+            for event in decoder.feed(line):
+                yield event
+                if isinstance(event, Done):
+                    return
+        for event in decoder.end():
+            yield event
+            if isinstance(event, Done):
+                return
 
     def _first_byte_error(self) -> RetryableError:
         return RetryableError(

@@ -19,16 +19,11 @@ from imbot.adapters.base import (
     UsageEvent,
 )
 from imbot.adapters.config import OpenAIConfig
-from imbot.adapters.http_model import HttpChatModel, Parsed, Prepared, StreamDecoder
-from imbot.adapters.wire import (
-    SseEvent,
-    as_int,
-    as_str,
-    classify_status,
-    loads_object,
-    openai_reset_s,
-    refine_fatal,
-)
+from imbot.adapters.http_model import HttpChatModel, Parsed, StreamDecoder
+from imbot.adapters.json_fields import as_int, as_str, loads_object
+from imbot.adapters.provider_errors import classify_status, refine_fatal
+from imbot.adapters.rate_limit_headers import openai_reset_s
+from imbot.adapters.sse import SseEvent
 from imbot.core.envelope import FinishReason
 from imbot.core.errors import (
     ConfigurationError,
@@ -261,19 +256,12 @@ class OpenAIStreamDecoder(StreamDecoder):
 
 class OpenAIChatModel(HttpChatModel):
     provider = "openai"
+    path = "/chat/completions"
     request_id_headers = ("x-request-id",)
     config: OpenAIConfig
 
-    def __init__(self, name: str, config: OpenAIConfig, *args: Any, **kw: Any) -> None:
-        super().__init__(name, config, *args, **kw)
-        self._url = f"{config.base_url}/chat/completions"
-        self._headers = {"content-type": "application/json", **config.headers}
-        if self.api_key:
-            self._headers["authorization"] = f"Bearer {self.api_key}"
-
-    async def prepare(self, request: ChatRequest, *, stream: bool) -> Prepared:
-        body = build_body(self.config, self.model, request, stream=stream)
-        return Prepared(self._url, self._headers, self.json_body(body))
+    def build_body(self, request: ChatRequest, *, stream: bool) -> dict[str, Any]:
+        return build_body(self.config, self.model, request, stream=stream)
 
     def parse(self, status: int, headers: Mapping[str, str], body: bytes) -> Parsed:
         return parse_completion(headers, body)

@@ -9,9 +9,11 @@ from typing import Any
 
 from imbot.adapters.base import ChatRequest, Delta, Done, StreamEvent, UsageEvent
 from imbot.adapters.config import SparkConfig
-from imbot.adapters.http_model import HttpChatModel, Parsed, Prepared, StreamDecoder
+from imbot.adapters.http_model import HttpChatModel, Parsed, StreamDecoder
+from imbot.adapters.json_fields import as_int, as_str, loads_object
 from imbot.adapters.openai import map_finish, parse_usage
-from imbot.adapters.wire import SseEvent, as_int, as_str, classify_status, loads_object
+from imbot.adapters.provider_errors import classify_status
+from imbot.adapters.sse import SseEvent
 from imbot.core.envelope import FinishReason
 from imbot.core.errors import (
     ConfigurationError,
@@ -189,19 +191,11 @@ class SparkStreamDecoder(StreamDecoder):
 
 class SparkChatModel(HttpChatModel):
     provider = "spark"
+    path = "/chat/completions"
     config: SparkConfig
 
-    def __init__(self, name: str, config: SparkConfig, *args: Any, **kw: Any) -> None:
-        super().__init__(name, config, *args, **kw)
-        self._url = f"{config.base_url}/chat/completions"
-        self._headers = {"content-type": "application/json", **config.headers}
-        if self.api_key:
-            self._headers["authorization"] = f"Bearer {self.api_key}"
-
-    async def prepare(self, request: ChatRequest, *, stream: bool) -> Prepared:
-        return Prepared(
-            self._url, self._headers, self.json_body(build_body(self.model, request, stream=stream))
-        )
+    def build_body(self, request: ChatRequest, *, stream: bool) -> dict[str, Any]:
+        return build_body(self.model, request, stream=stream)
 
     def parse(self, status: int, headers: Mapping[str, str], body: bytes) -> Parsed:
         return parse_completion(headers, body)
