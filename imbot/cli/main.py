@@ -102,9 +102,8 @@ Try:  .venv/bin/imbot simulate "介绍一下你自己"      Stop: Ctrl-C
 
 def _demo_only() -> bool:
     policy = load_settings().policy
-    return all(
-        policy.models[m].get("provider") == "demo" for r in policy.routes.values() for m in r.models
-    )
+    names = {m for r in policy.routes.values() for m in r.models} | policy.routing.model_names()
+    return all(policy.models[m].get("provider") == "demo" for m in names)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -269,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--since", help="scan from this time (ISO 8601, ms epoch, or 15m/2h)")
     trace.add_argument("--until", help="scan records stamped before this time")
     trace.set_defaults(func=cmd_trace)
+    from imbot.cli.routing import add_parsers
+
+    add_parsers(sub)
     return parser
 
 

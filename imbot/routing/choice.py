@@ -98,7 +98,7 @@ def standing(states: Sequence[tuple[QuotaScope, int, int]], tokens: int, micros:
             if limit is None:
                 continue
             s = used / limit if limit else 1.0
-            if s >= share:
+            if s > share:
                 share, fullest = s, scope.label
             if used + extra > limit and refusing is None:
                 refusing = scope.label
