@@ -143,24 +143,37 @@ def build_catalog(
         if cfg.model == "":
             cfg = cfg.model_copy(update={"model": model_id})
         inner = _provider_model(model_id, cfg, client, env)
-        breaker = CircuitBreaker(
-            model_id,
-            failure_threshold=cfg.circuit.failure_threshold,
-            cooldown_s=cfg.circuit.cooldown_s,
-        )
+        limiter: asyncio.Semaphore | None = None
         if cfg.concurrency_group:
             limiter = groups.get(cfg.concurrency_group)
             if limiter is None:
                 limiter = groups[cfg.concurrency_group] = asyncio.Semaphore(
                     group_limits[cfg.concurrency_group]
                 )
-        else:
-            limiter = asyncio.Semaphore(cfg.max_concurrency)
-        wrapped: ChatModel = ConcurrencyLimitedModel(
-            CircuitBreakerModel(InstrumentedModel(inner, cfg.provider), breaker), limiter
-        )
-        entries[model_id] = CatalogEntry(model_id, cfg, wrapped, breaker)
+        entries[model_id] = catalog_entry(model_id, cfg, inner, cfg.provider, limiter=limiter)
     return ModelCatalog(entries, list(clients.values()), seed=seed)
+
+
+def catalog_entry(
+    model_id: str,
+    config: _ModelEntry,
+    model: ChatModel,
+    provider: str,
+    *,
+    limiter: asyncio.Semaphore | None = None,
+) -> CatalogEntry:
+    """One model with the catalog's wrappers (metrics → circuit breaker → concurrency
+    limit, ``config.max_concurrency`` unless a shared ``limiter`` is given)."""
+    breaker = CircuitBreaker(
+        model_id,
+        failure_threshold=config.circuit.failure_threshold,
+        cooldown_s=config.circuit.cooldown_s,
+    )
+    wrapped: ChatModel = ConcurrencyLimitedModel(
+        CircuitBreakerModel(InstrumentedModel(model, provider), breaker),
+        limiter or asyncio.Semaphore(config.max_concurrency),
+    )
+    return CatalogEntry(model_id, config, wrapped, breaker)
 
 
 class ModelCatalog:
