@@ -75,7 +75,13 @@ class History(Protocol):
     async def clear_history(self, conversation_id: str) -> None: ...
 
 
-class Quotas(Protocol):
+class QuotaStates(Protocol):
+    """Where budgets stand (``QuotaLedger.states``): what the route stage reads."""
+
+    async def states(self, scopes: Sequence[QuotaScope]) -> list[ScopeState]: ...
+
+
+class Quotas(QuotaStates, Protocol):
     """The budgets a call is reserved against and settled in (``QuotaLedger``)."""
 
     async def reserve(
@@ -94,7 +100,7 @@ class Quotas(Protocol):
 
     async def settle(self, reservation: Reservation, *, tokens: int, micros: int) -> None: ...
 
-    async def states(self, scopes: Sequence[QuotaScope]) -> list[ScopeState]: ...
+    async def expire_stale(self) -> int: ...
 
 
 class Tiers(Protocol):
@@ -168,6 +174,7 @@ __all__ = [
     "LedgerRow",
     "ModerationAudit",
     "QuotaLedger",
+    "QuotaStates",
     "Quotas",
     "Reservation",
     "ScopeState",

@@ -24,7 +24,7 @@ from typing import Final, Literal
 
 from imbot.core import topics
 
-Resource = Literal["moderator", "catalog", "sender", "storage"]
+Resource = Literal["moderator", "catalog", "sender", "storage", "easemob"]
 Process = Literal["worker", "sender"]
 
 
@@ -82,7 +82,8 @@ def _chained(*rows: StageSpec) -> tuple[StageSpec, ...]:
 PIPELINE: Final = _chained(
     _row("moderate-in", topics.INBOUND, needs=("moderator", "storage"), early=(topics.OUTBOUND,)),
     _row("route", topics.MODERATED, needs=("storage",), early=(topics.OUTBOUND,)),
-    _row("model", topics.ROUTED, needs=("catalog", "storage"), early=(topics.OUTBOUND,)),
+    # easemob: the image messages' files, downloaded for a vision model.
+    _row("model", topics.ROUTED, needs=("catalog", "storage", "easemob"), early=(topics.OUTBOUND,)),
     _row("moderate-out", topics.COMPLETED, needs=("moderator", "storage")),
     # No fallback: it would go through this very stage.
     _row(

@@ -15,6 +15,7 @@ exactly what it uses; ``build`` picks that out of the worker's ``Resources``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -23,11 +24,18 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 from prometheus_client import Counter
 
-from imbot.adapters import ChatMessage, ChatRequest, ModelCatalog
+from imbot.adapters import (
+    ChatMessage,
+    ChatRequest,
+    ImagePart,
+    ModelCatalog,
+    UnsupportedInput,
+    image_from_bytes,
+)
 from imbot.core import topics
 from imbot.core.envelope import (
     Completion,
@@ -43,6 +51,7 @@ from imbot.core.envelope import (
 from imbot.core.errors import (
     ConfigurationError,
     ContentRejected,
+    FatalError,
     RetryableError,
     StorageError,
     StorageUnavailable,
@@ -58,6 +67,7 @@ from imbot.storage import (
     AuditLog,
     History,
     Quotas,
+    QuotaStates,
     Reservation,
     StageStorage,
     Tiers,
@@ -69,6 +79,7 @@ from imbot.streams.pipeline import StageSpec
 
 if TYPE_CHECKING:  # loaded only by the workers that run these stages
     from imbot.moderation import ModerationResult, Moderator
+    from imbot.sender.easemob import Attachment, EasemobClient
     from imbot.sender.service import ReplySender
 
 MODERATION_DECISIONS = Counter(
@@ -107,6 +118,7 @@ class Resources:
         moderator: Moderator | None = None,
         catalog: ModelCatalog | None = None,
         sender: ReplySender | None = None,
+        easemob: EasemobClient | None = None,
     ) -> None:
         self.settings = settings
         self.policy: Policy = settings.policy
@@ -115,6 +127,7 @@ class Resources:
             "moderator": moderator,
             "catalog": catalog,
             "sender": sender,
+            "easemob": easemob,
         }
 
     def _part(self, name: pipeline.Resource) -> Any:
@@ -141,6 +154,11 @@ class Resources:
     @property
     def sender(self) -> ReplySender:
         part: ReplySender = self._part("sender")
+        return part
+
+    @property
+    def easemob(self) -> EasemobClient:
+        part: EasemobClient = self._part("easemob")
         return part
 
 
@@ -234,6 +252,14 @@ class ModerateIn(PipelineStage, stage="moderate-in"):
         return [Emit(self.forward, env.stamped(self.name, moderation_in=verdict))]
 
 
+class Files(Protocol):
+    """Where the model stage fetches an image message's file (``EasemobClient``)."""
+
+    async def download_file(
+        self, url: str, *, secret: str | None = None, max_bytes: int, timeout_s: float
+    ) -> Attachment: ...
+
+
 class TierBook:
     """A user's tier from server-side sources only: the tiers table (``imbot users
     set-tier``), then the policy's ``routing.users``, then ``routing.default_tier``;
@@ -297,6 +323,7 @@ class Budgets:
         return price.micros(completion.input_tokens or 0, completion.output_tokens or 0)
 
 
+SWEEP_EVERY_S = 30.0  # how often a model worker looks for reservations of dead workers
 DEFAULT_OUTPUT_CAP = 1024  # output tokens reserved for a route without max_output_tokens
 
 
@@ -336,7 +363,7 @@ class Route(PipelineStage, stage="route"):
         history: History,
         *,
         tiers: TierBook,
-        quota: Quotas,
+        quota: QuotaStates,
         budgets: Budgets,
     ) -> None:
         self.policy = policy
@@ -518,14 +545,14 @@ def _image_refs(env: Envelope) -> tuple[ImageRef, ...]:
     )
 
 
-def chat_request(env: Envelope) -> ChatRequest:
+def chat_request(env: Envelope, images: Sequence[ImagePart] = ()) -> ChatRequest:
     route = env.route
     assert route is not None
     messages: list[ChatMessage] = []
     if route.system_prompt:
         messages.append(ChatMessage(role="system", content=route.system_prompt))
     messages.extend(ChatMessage(role=t.role, content=t.content) for t in route.history)
-    messages.append(ChatMessage(role="user", content=env.user_text))
+    messages.append(ChatMessage(role="user", content=env.user_text, images=tuple(images)))
     # Providers get an opaque id for abuse tracking, never the Easemob user id.
     user_hash = hashlib.sha256(env.sender.encode()).hexdigest()[:16]
     return ChatRequest(
@@ -548,9 +575,12 @@ class CallModel(PipelineStage, stage="model"):
         usage: UsageRecords,
         quota: Quotas,
         budgets: Budgets,
+        files: Files | None = None,
     ) -> None:
         self.replies = policy.replies
         self.routing = policy.routing
+        self.files = files
+        self._next_sweep = 0.0
         self.catalog = catalog
         self.audit = audit
         self.history = history
@@ -569,6 +599,7 @@ class CallModel(PipelineStage, stage="model"):
             usage=store.usage,
             quota=store.quota,
             budgets=Budgets.of(r.settings),
+            files=r.easemob,
         )
 
     async def handle(self, env: Envelope, *, deadline: float) -> Sequence[Emit | AfterPublish]:
@@ -578,7 +609,17 @@ class CallModel(PipelineStage, stage="model"):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise RetryableError("no time left for the model call")
-        request = chat_request(env)
+        try:
+            images = await self._images(route)
+        except (UnsupportedInput, FatalError) as exc:
+            # A file Easemob no longer has, one too large, a format no provider reads.
+            log.info(
+                "image not sent to a model",
+                extra={"msg_id": env.msg_id, "error": type(exc).__name__},
+            )
+            return [_answer(env, self.name, self.replies.unsupported, "unsupported")]
+        request = chat_request(env, images)
+        await self._sweep()
         held = await self._reserve(env, route, request)
         if isinstance(held, QuotaView):
             ROUTE_DECISIONS.labels("quota_refused", route.tier or "").inc()
@@ -650,6 +691,8 @@ class CallModel(PipelineStage, stage="model"):
         if not scopes:
             return None
         prompt = sum(estimate_tokens(m.content) for m in request.messages)
+        if route.images:
+            prompt += max(self.catalog.image_tokens(m, request) for m in route.models)
         cap = route.max_output_tokens or DEFAULT_OUTPUT_CAP
         outcome = await self.quota.reserve(
             reservation_id=uuid.uuid4().hex,
@@ -665,6 +708,35 @@ class CallModel(PipelineStage, stage="model"):
         if isinstance(outcome, str):
             return QuotaView(state="exhausted", share=1.0, scope=outcome)
         return outcome
+
+    async def _images(self, route: RouteDecision) -> list[ImagePart]:
+        """The route's images, downloaded from Easemob (bounded in size and time)."""
+        if not route.images:
+            return []
+        if self.files is None:
+            raise UnsupportedInput("no Easemob client to fetch images with", code="no_files")
+        parts = []
+        for ref in route.images:
+            file: Attachment = await self.files.download_file(
+                ref.url,
+                secret=ref.secret,
+                max_bytes=self.routing.image_max_bytes,
+                timeout_s=self.routing.image_timeout_s,
+            )
+            parts.append(image_from_bytes(file.data))
+        return parts
+
+    async def _sweep(self) -> None:
+        """Now and then, return the reservations of workers that died (a refused
+        reservation also does it at once, see ``QuotaLedger.reserve``)."""
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + SWEEP_EVERY_S
+        with contextlib.suppress(StorageUnavailable, StorageError):
+            expired = await self.quota.expire_stale()
+            if expired:
+                log.info("reservations expired", extra={"count": expired})
 
     async def _settle(
         self, env: Envelope, held: Reservation | None, completion: Completion | None

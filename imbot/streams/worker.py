@@ -30,6 +30,7 @@ from imbot.streams.stages import STAGES, Resources
 if TYPE_CHECKING:  # each loaded only by the workers whose stages need it
     from imbot.adapters import ModelCatalog
     from imbot.moderation import Moderator
+    from imbot.sender.easemob import EasemobClient
     from imbot.sender.service import ReplySender
     from imbot.storage import Storage
 
@@ -68,12 +69,29 @@ async def _open_sender(runtime: Runtime) -> ReplySender:
     return sender
 
 
+async def _open_easemob(runtime: Runtime) -> EasemobClient:
+    from imbot.sender.easemob import EasemobClient
+
+    s = runtime.settings
+    client = EasemobClient(
+        base_url=s.easemob_base_url,
+        org=s.easemob_org,
+        app=s.easemob_app,
+        client_id=s.easemob_client_id,
+        client_secret=s.easemob_client_secret.get_secret_value(),
+        timeout=s.easemob_timeout_s,
+    )
+    runtime.closers.append(client.aclose)
+    return client
+
+
 # How each resource a row may name (``StageSpec.needs``) is opened, in this order.
 OPENERS: dict[Resource, Callable[[Runtime], Awaitable[object]]] = {
     "storage": _open_storage,
     "moderator": _open_moderator,
     "catalog": _open_catalog,
     "sender": _open_sender,
+    "easemob": _open_easemob,
 }
 
 

@@ -124,6 +124,9 @@ class FakeQuota:
     async def states(self, scopes: Sequence[QuotaScope]) -> list[ScopeState]:
         return [ScopeState(s, *self._row(s.key)) for s in scopes]
 
+    async def expire_stale(self) -> int:
+        return 0  # nothing dies in memory
+
 
 @dataclass
 class FakeTiers:
