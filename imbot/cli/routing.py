@@ -17,7 +17,7 @@ from imbot.core.errors import ConfigurationError, StorageError, StorageUnavailab
 from imbot.core.routing import MICROS, QuotaScope
 from imbot.core.settings import Settings, load_settings
 from imbot.routing.complexity import score_complexity
-from imbot.storage import Reservation, ScopeState, Storage, open_storage
+from imbot.storage import ScopeState, Storage, open_storage
 from imbot.streams.stages import Budgets, Route, TierBook
 
 
@@ -36,12 +36,6 @@ class _Offline:
 
     async def states(self, scopes: Sequence[QuotaScope]) -> list[ScopeState]:
         return [ScopeState(s) for s in scopes]
-
-    async def reserve(self, **_: Any) -> Reservation | str:  # pragma: no cover - never called
-        raise NotImplementedError("route --explain reserves nothing")
-
-    async def settle(self, reservation: Reservation, *, tokens: int, micros: int) -> None:
-        raise NotImplementedError("route --explain settles nothing")  # pragma: no cover
 
 
 async def _open(settings: Settings) -> tuple[Storage | None, str]:
