@@ -145,6 +145,15 @@ class Delivery(_Model):
     duplicate: bool = False  # every part had already been sent before
 
 
+class ReplayMark(_Model):
+    """Set by ``imbot replay`` on the records it re-produces. ``sandbox``: the reply goes
+    to ``imbot.sandbox`` instead of to the user (the default; ``--deliver`` turns it off)."""
+
+    id: str  # the replay run
+    sandbox: bool = True
+    at: float = Field(default_factory=now_ms)
+
+
 class Envelope(_Model):
     schema_version: int = SCHEMA_VERSION
     msg_id: str  # Easemob's id of the user's message: the idempotency key end to end
@@ -165,6 +174,7 @@ class Envelope(_Model):
     moderation_out: Verdict | None = None
     reply: Reply | None = None
     delivery: Delivery | None = None
+    replay: ReplayMark | None = None
 
     def stamped(self, stage: str, **changes: Any) -> Envelope:
         """A copy with ``changes`` applied and ``stage``'s completion time recorded."""

@@ -11,9 +11,11 @@ COMPLETED: Final = "imbot.completed"
 OUTBOUND: Final = "imbot.outbound"
 DELIVERED: Final = "imbot.delivered"
 DLQ: Final = "imbot.dlq"
+# Replies of sandboxed replays (``imbot replay`` without --deliver): recorded, never delivered.
+SANDBOX: Final = "imbot.sandbox"
 
 # What ``ensure_topics`` creates, in the order a message meets them. The stages that
 # read and write them are declared in streams.pipeline (core imports nothing above it),
 # and tests/unit/test_pipeline_table.py checks this list against that table. A topic
 # name under a prefix is ``Settings.topic``.
-ALL: Final = (INBOUND, MODERATED, ROUTED, COMPLETED, OUTBOUND, DELIVERED, DLQ)
+ALL: Final = (INBOUND, MODERATED, ROUTED, COMPLETED, OUTBOUND, DELIVERED, SANDBOX, DLQ)

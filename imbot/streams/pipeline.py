@@ -102,9 +102,11 @@ STAGE_NAMES: Final = tuple(BY_NAME)
 PROCESSING_STAGES: Final = tuple(row.name for row in PIPELINE if row.process == "worker")
 # What ``imbot sender`` runs.
 SENDER_STAGES: Final = tuple(row.name for row in PIPELINE if row.process == "sender")
-# Every topic of the pipeline in the order a message meets them, the DLQ last.
+# Every topic of the pipeline in the order a message meets them, then the sandbox (where
+# the send stage puts a sandboxed replay's reply instead of delivering it), the DLQ last.
 TOPICS: Final = (
     *dict.fromkeys(t for row in PIPELINE for t in (row.input, row.forward)),
+    topics.SANDBOX,
     topics.DLQ,
 )
 

@@ -94,6 +94,9 @@ ROUTE_DECISIONS = Counter(
     " ignored_*, unsupported) and user tier",
     ["rule", "tier"],
 )
+SANDBOXED = Counter(
+    "imbot_sandboxed_replies_total", "Replies of sandboxed replays kept in imbot.sandbox"
+)
 QUOTA_SETTLE_LOST = Counter(
     "imbot_quota_settle_failures_total",
     "Reservations whose settlement could not be written (they expire instead)",
@@ -852,6 +855,10 @@ class Send(PipelineStage, stage="send"):
         return cls(r.sender, deadline_s=r.settings.sender_deadline_s)
 
     async def handle(self, env: Envelope, *, deadline: float) -> Sequence[Emit]:
+        if env.replay is not None and env.replay.sandbox:
+            # A sandboxed replay: its reply is recorded for trace, never sent to a user.
+            SANDBOXED.inc()
+            return [Emit(topics.SANDBOX, env.stamped(self.name))]
         delivery = await self.sender.deliver(env, deadline=deadline)
         return [Emit(self.forward, env.stamped(self.name, delivery=delivery))]
 

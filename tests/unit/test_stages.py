@@ -238,3 +238,23 @@ async def test_a_refusal_is_audited_after_publishing_so_a_database_hiccup_calls_
     finally:
         await catalog.aclose()
         await demo.aclose()
+
+
+class _NoDelivery:
+    """A sender that must not be used: a sandboxed reply is never delivered."""
+
+    async def deliver(self, env: Envelope, *, deadline: float) -> None:
+        raise AssertionError("a sandboxed replay reached the sender")
+
+
+async def test_a_sandboxed_replay_s_reply_goes_to_the_sandbox_not_to_the_user() -> None:
+    from imbot.core.envelope import ReplayMark, Reply
+    from imbot.streams.stages import Send
+
+    env = _env().model_copy(
+        update={"reply": Reply(text="答"), "replay": ReplayMark(id="r1", sandbox=True)}
+    )
+    stage = Send(_NoDelivery(), deadline_s=5)  # type: ignore[arg-type]
+    [out] = await stage.handle(env, deadline=_deadline())
+    assert out.topic == topics.SANDBOX
+    assert out.envelope.delivery is None
