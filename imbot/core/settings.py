@@ -110,6 +110,7 @@ class Settings(BaseSettings):
     stage_stop_grace_s: float = 20.0
     worker_metrics_port: int = 0  # 0: no metrics server (imbot dev picks ports)
     worker_metrics_host: str = "127.0.0.1"  # where a worker's metrics server listens
+    worker_lag_interval_s: float = 15.0  # how often a worker reads its group's consumer lag
     worker_group: str = ""  # consumer group; default derived from the stages run
 
     # -- storage --------------------------------------------------------------

@@ -43,29 +43,14 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import httpx
-from prometheus_client import Counter, Histogram
 
 from imbot.core.errors import ConfigurationError, FatalError, ImbotError, RetryableError
 from imbot.core.retry import retry_after_s
+from imbot.sender.metrics import REQUEST_SECONDS, REQUESTS, TOKEN_REFRESHES
 from imbot.sender.pacing import Pacer
 
 log = logging.getLogger("imbot.sender.easemob")
 
-REQUESTS = Counter(
-    "imbot_easemob_requests_total",
-    "Easemob REST calls by endpoint (token, users, chatgroups, chatrooms, chatfiles) and "
-    "status class",
-    ["endpoint", "status_class"],
-)
-REQUEST_SECONDS = Histogram(
-    "imbot_easemob_request_seconds",
-    "Easemob REST call latency",
-    ["endpoint"],
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-)
-TOKEN_REFRESHES = Counter(
-    "imbot_easemob_token_refreshes_total", "App tokens fetched, by cause", ["cause"]
-)
 
 TargetKind = Literal["users", "chatgroups", "chatrooms"]
 _PROVIDER = "easemob"

@@ -10,13 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from prometheus_client import Histogram
-
-PACING_WAIT = Histogram(
-    "imbot_easemob_pacing_wait_seconds",
-    "Time a send waited for the Easemob rate limit (queueing included)",
-    buckets=(0.0, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-)
+from imbot.sender.metrics import PACING_WAIT
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]

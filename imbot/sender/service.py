@@ -48,26 +48,17 @@ import logging
 import time
 import uuid
 
-from prometheus_client import Counter
-
 from imbot.core.envelope import ChatType, Delivery, Envelope
 from imbot.core.errors import FatalError, RetryableError
 from imbot.core.settings import Settings
 from imbot.sender.easemob import AnswerLost, EasemobClient, MessageTooLarge, TargetKind
+from imbot.sender.metrics import PARTS_SENT, UNCERTAIN_PARTS
 from imbot.sender.pacing import Pacer
 from imbot.sender.split import part_end, split_reply
 from imbot.storage import UNCERTAIN_ANSWER, DeliveryLedger, unstorable
 
 log = logging.getLogger("imbot.sender")
 
-PARTS_SENT = Counter("imbot_sender_parts_total", "Reply parts by outcome", ["outcome"])
-UNCERTAIN_PARTS = Counter(
-    "imbot_sender_uncertain_parts_total",
-    "Parts sent again although Easemob may already have shown them, by cause: a claim"
-    " never resolved (a sender died between Easemob's answer and the ledger commit) or"
-    " an answer lost on the way (timeout, dropped connection)",
-    ["cause"],
-)
 
 # Below this a 413 is not about our part size any more (ext or Easemob's limit).
 _MIN_PART_BYTES = 256

@@ -33,7 +33,6 @@ from typing import Any, Protocol, TypeVar
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
-from prometheus_client import Counter, Histogram
 
 from imbot.core import topics
 from imbot.core.envelope import DlqRecord, Envelope, decode_envelope, encode_envelope
@@ -48,22 +47,10 @@ from imbot.core.errors import (
 from imbot.core.retry import Backoff, Deadline, spent_attempts
 from imbot.core.settings import Settings
 from imbot.storage import translated
+from imbot.streams.metrics import DLQ_RECORDS, PROCESSED, STAGE_RETRIES, STAGE_SECONDS
 
 log = logging.getLogger("imbot.boundary")
 _T = TypeVar("_T")
-
-PROCESSED = Counter(
-    "imbot_stage_messages_total", "Records handled by a stage, by outcome", ["stage", "outcome"]
-)
-STAGE_RETRIES = Counter(
-    "imbot_stage_retries_total", "Retries inside the boundary", ["stage", "error"]
-)
-STAGE_SECONDS = Histogram(
-    "imbot_stage_seconds",
-    "Time from a stage receiving a record to its outputs being acknowledged",
-    ["stage"],
-    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +229,10 @@ class Boundary:
                 text = value.decode("utf-8")
             except UnicodeDecodeError:
                 b64 = base64.b64encode(value).decode()
+        reason = exc.reason if isinstance(exc, FatalError) and exc.reason else None
+        DLQ_RECORDS.labels(
+            self.stage.name, reason or (exc.kind if isinstance(exc, ImbotError) else "unexpected")
+        ).inc()
         record = DlqRecord(
             stage=self.stage.name,
             topic=where["topic"],

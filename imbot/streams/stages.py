@@ -26,8 +26,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
-from prometheus_client import Counter
-
 from imbot.adapters import (
     ChatMessage,
     ChatRequest,
@@ -60,6 +58,7 @@ from imbot.core.retry import Backoff
 from imbot.core.routing import MICROS, QuotaScope, Routing, to_micros
 from imbot.core.settings import Policy, Replies, RoutePolicy, Settings
 from imbot.core.tokens import estimate_tokens
+from imbot.moderation.metrics import MODERATION_DECISIONS
 from imbot.routing.choice import Price, scopes_for, standing, worst_case_micros
 from imbot.routing.complexity import score_complexity
 from imbot.storage import (
@@ -75,6 +74,7 @@ from imbot.storage import (
 )
 from imbot.streams import pipeline
 from imbot.streams.boundary import AfterPublish, Emit
+from imbot.streams.metrics import QUOTA_SETTLE_LOST, REPLIES, ROUTE_DECISIONS, SANDBOXED, USAGE_LOST
 from imbot.streams.pipeline import StageSpec
 
 if TYPE_CHECKING:  # loaded only by the workers that run these stages
@@ -82,28 +82,6 @@ if TYPE_CHECKING:  # loaded only by the workers that run these stages
     from imbot.sender.easemob import Attachment, EasemobClient
     from imbot.sender.service import ReplySender
 
-MODERATION_DECISIONS = Counter(
-    "imbot_moderation_decisions_total",
-    "Moderation decisions that were not a plain allow",
-    ["stage", "category", "action"],
-)
-REPLIES = Counter("imbot_replies_total", "Replies decided, by kind", ["kind"])
-ROUTE_DECISIONS = Counter(
-    "imbot_route_decisions_total",
-    "Route decisions by rule (level, downgrade, quota_exhausted, fixed, vision, command_*,"
-    " ignored_*, unsupported) and user tier",
-    ["rule", "tier"],
-)
-SANDBOXED = Counter(
-    "imbot_sandboxed_replies_total", "Replies of sandboxed replays kept in imbot.sandbox"
-)
-QUOTA_SETTLE_LOST = Counter(
-    "imbot_quota_settle_failures_total",
-    "Reservations whose settlement could not be written (they expire instead)",
-)
-USAGE_LOST = Counter(
-    "imbot_usage_write_failures_total", "Model calls whose usage row could not be written"
-)
 
 log = logging.getLogger("imbot.stages")
 

@@ -16,14 +16,15 @@ from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 import faust
-from prometheus_client import start_http_server
 
 from imbot.core.errors import ConfigurationError
 from imbot.core.kafka import ensure_topics, new_producer
 from imbot.core.settings import Settings
 from imbot.streams.boundary import Boundary, Outputs
 from imbot.streams.faust_app import StageApp, create_app
+from imbot.streams.health import LagReporter, serve
 from imbot.streams.lanes import KeyedLanes
+from imbot.streams.metrics import BUDGET_DAILY_COST, IN_FLIGHT
 from imbot.streams.pipeline import PROCESSING_STAGES, Resource, needs_of
 from imbot.streams.stages import STAGES, Resources
 
@@ -155,15 +156,24 @@ class Runtime:
         self.closers.clear()
 
 
+def consumer_group(settings: Settings, stages: Sequence[str]) -> str:
+    """The consumer group of a worker running ``stages`` (KEDA's ScaledObjects name it)."""
+    return settings.worker_group or settings.topic(
+        "imbot-stages" if tuple(stages) == PROCESSING_STAGES else "imbot-" + "-".join(stages)
+    )
+
+
 def build(settings: Settings, stages: Sequence[str]) -> tuple[StageApp, Runtime]:
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ConfigurationError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
-    group = settings.worker_group or settings.topic(
-        "imbot-stages" if tuple(stages) == PROCESSING_STAGES else "imbot-" + "-".join(stages)
-    )
+    group = consumer_group(settings, stages)
     app = create_app(settings, group)
     runtime = Runtime(settings, stages)
+    lag = LagReporter(settings, group, [(s, settings.topic(STAGES[s].input_topic)) for s in stages])
+    budget = settings.policy.routing.tenant_quota.daily.cost
+    if budget is not None:
+        BUDGET_DAILY_COST.labels("tenant").set(budget)
 
     for stage_name in stages:
         stage_cls = STAGES[stage_name]
@@ -178,12 +188,26 @@ def build(settings: Settings, stages: Sequence[str]) -> tuple[StageApp, Runtime]
                 grace=settings.stage_revoke_grace_s,
             )
             app.lanes.append(lanes)
+            IN_FLIGHT.labels(stage_cls.name).set_function(lambda: lanes.in_flight)
             try:
                 await lanes.consume(stream)
             finally:
                 app.lanes.remove(lanes)
 
         app.agent(topic, name=f"imbot.stage.{stage_name}")(agent)
+
+    @app.timer(settings.worker_lag_interval_s)  # type: ignore[untyped-decorator]
+    async def _report_lag() -> None:
+        await lag.report()
+
+    @app.task  # type: ignore[untyped-decorator]
+    async def _serve_http() -> None:
+        if settings.worker_metrics_port:
+            runtime.closers.insert(
+                0, (await serve(settings, lambda: runtime.resources is not None)).cleanup
+            )
+
+    runtime.closers.append(lag.close)
 
     @app.on_before_shutdown.connect
     async def _close(app_: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
@@ -211,8 +235,6 @@ def main(settings: Settings, stages: Sequence[str]) -> None:
     # code 2, not later inside an agent where Faust would restart it in a loop.
     asyncio.run(_check_database(settings.database_url))
     app, _ = build(settings, stages)
-    if settings.worker_metrics_port:
-        start_http_server(settings.worker_metrics_port, addr=settings.worker_metrics_host)
     # Logging is configured once, by ``core.logs.configure_logging`` (the CLI does it
     # before this runs): mode's Worker would otherwise replace the root handlers with
     # its own plain-text one, so every line came out twice (text and JSON, the JSON

@@ -28,6 +28,11 @@ async def simulator() -> AsyncIterator[str]:
     await runner.cleanup()
 
 
+# An Easemob address nothing listens on: for a stage that must have a client (its row
+# needs one) in a test that never makes it send or download anything.
+UNUSED = "http://127.0.0.1:9"
+
+
 def new_easemob_client(base_url: str, **options: Any) -> EasemobClient:
     """An Easemob REST client with the simulator's credentials (override any of them)."""
     kwargs: dict[str, Any] = {

@@ -32,6 +32,7 @@ from tests.integration.adapters.conftest import (
     openai_fake2,
 )
 from tests.integration.adapters.helpers import REQUEST, entry_for
+from tests.integration.conftest import UNUSED, new_easemob_client
 
 __all__ = ["make_catalog", "openai_fake", "openai_fake2"]  # fixtures used below
 
@@ -83,7 +84,9 @@ async def test_a_provider_that_always_fails_is_called_no_more_than_the_documente
         }
     )
     settings = outputs.settings
-    stage = CallModel.build(Resources(settings, storage=store, catalog=catalog))
+    stage = CallModel.build(
+        Resources(settings, storage=store, catalog=catalog, easemob=new_easemob_client(UNUSED))
+    )
     env = _env(("primary", "secondary"))
 
     outcome = await Boundary(stage, outputs, settings).process(
@@ -130,7 +133,9 @@ async def test_a_chain_whose_circuits_are_all_open_is_tried_again_after_the_cool
         await catalog.complete(["primary"], REQUEST, deadline_s=2)
     assert catalog.entry("primary").breaker.state == "open"
     settings = outputs.settings
-    stage = CallModel.build(Resources(settings, storage=store, catalog=catalog))
+    stage = CallModel.build(
+        Resources(settings, storage=store, catalog=catalog, easemob=new_easemob_client(UNUSED))
+    )
     env = _env(("primary",))
 
     outcome = await Boundary(stage, outputs, settings).process(

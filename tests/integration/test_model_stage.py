@@ -18,6 +18,7 @@ from tests.envelopes import direct_envelope
 from tests.fakes.providers import FakeErnie
 from tests.integration.adapters.conftest import CatalogFactory, ernie_fake, make_catalog
 from tests.integration.adapters.helpers import entry_for
+from tests.integration.conftest import UNUSED, new_easemob_client
 from tests.rows import count_rows
 
 __all__ = ["ernie_fake", "make_catalog"]  # fixtures used below
@@ -54,7 +55,9 @@ async def test_a_provider_asking_to_clear_history_gets_it_cleared_and_audited(
     ernie_fake.extra = {"need_clear_history": True, "ban_round": -1, "result": "抱歉，我无法回答。"}
     settings = make_settings()
     catalog = make_catalog({"ernie": entry_for(ernie_fake)})
-    stage = CallModel.build(Resources(settings, storage=store, catalog=catalog))
+    stage = CallModel.build(
+        Resources(settings, storage=store, catalog=catalog, easemob=new_easemob_client(UNUSED))
+    )
     env = _env(conv, user)
     emit, after = await stage.handle(env, deadline=time.monotonic() + 10)
 
@@ -83,7 +86,9 @@ async def test_a_completed_call_is_accounted_for_once_it_is_published(
     user = f"u{uuid.uuid4().hex[:8]}"
     settings = make_settings()
     catalog = make_catalog({"ernie": entry_for(ernie_fake)})
-    stage = CallModel.build(Resources(settings, storage=store, catalog=catalog))
+    stage = CallModel.build(
+        Resources(settings, storage=store, catalog=catalog, easemob=new_easemob_client(UNUSED))
+    )
     env = _env(f"chat:ai_bot:{user}", user)
     emit, after = await stage.handle(env, deadline=time.monotonic() + 10)
     assert isinstance(emit, Emit)

@@ -1,0 +1,31 @@
+"""The gateway room's Prometheus metrics, in one list (README, "Metrics")."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+CALLBACKS = Counter(
+    "imbot_gateway_callbacks_total", "Before-send callbacks by outcome", ["outcome"]
+)
+
+CALLBACK_SECONDS = Histogram(
+    "imbot_gateway_callback_seconds",
+    "Time to answer a callback, by outcome",
+    ["outcome"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
+)
+
+PUBLISH_FAILURES = Counter(
+    "imbot_gateway_publish_failures_total", "Publishes that missed the deadline or failed", ["why"]
+)
+
+REPLAY_STORE_FAILURES = Counter(
+    "imbot_gateway_replay_store_failures_total",
+    "AI messages answered by the fail policy because the callId store did not answer",
+    ["why"],
+)
+
+LATE_ACKS = Counter(
+    "imbot_gateway_late_acks_total",
+    "Records acked after their deadline: answered by the fail policy, yet on the topic",
+)
