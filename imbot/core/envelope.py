@@ -104,6 +104,7 @@ class RouteDecision(_Model):
     features: dict[str, float] = Field(default_factory=dict)
     quota: QuotaView = QuotaView()
     images: tuple[ImageRef, ...] = ()  # images to fetch and show a vision model
+    stream: bool = False  # call the model as a stream (routes.<name>.stream)
 
 
 class Completion(_Model):

@@ -226,6 +226,9 @@ class RoutePolicy(_Frozen):
     max_output_tokens: int | None = 1024
     history_turns: int = 10
     history_token_budget: int = 2000
+    # Call the model as a stream (the provider starts answering sooner; a stream that
+    # breaks is settled with what it produced).
+    stream: bool = False
 
 
 class Replies(_Frozen):

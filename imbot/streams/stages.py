@@ -29,9 +29,13 @@ from typing import TYPE_CHECKING, Any, Protocol, Self
 from imbot.adapters import (
     ChatMessage,
     ChatRequest,
+    CompletionResult,
+    Delta,
     ImagePart,
     ModelCatalog,
     UnsupportedInput,
+    Usage,
+    UsageEvent,
     image_from_bytes,
 )
 from imbot.core import topics
@@ -304,6 +308,25 @@ class Budgets:
         return price.micros(completion.input_tokens or 0, completion.output_tokens or 0)
 
 
+class _PaidFailure(Exception):
+    """A failed call whose reservation is already settled with what it produced."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _partial(model: str, usage: Usage) -> Completion:
+    """What a broken stream is settled with (priced at the chain's first model)."""
+    return Completion(
+        text="",
+        finish_reason="error",
+        model=model,
+        provider="",
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+    )
+
+
 SWEEP_EVERY_S = 30.0  # how often a model worker looks for reservations of dead workers
 DEFAULT_OUTPUT_CAP = 1024  # output tokens reserved for a route without max_output_tokens
 
@@ -461,6 +484,7 @@ class Route(PipelineStage, stage="route"):
             features={} if complexity is None else dict(complexity.features),
             quota=quota,
             images=images,
+            stream=route.stream,
         )
         return Emit(self.forward, env.stamped(self.name, route=decision))
 
@@ -620,7 +644,10 @@ class CallModel(PipelineStage, stage="model"):
             )
             env = env.model_copy(update={"route": route})
         try:
-            result = await self.catalog.complete(route.models, request, deadline_s=remaining)
+            if route.stream:
+                result = await self._streamed(env, route, request, remaining, held)
+            else:
+                result = await self.catalog.complete(route.models, request, deadline_s=remaining)
         except ContentRejected as exc:
             await self._settle(env, held, None)
             # The provider's safety system refused: audited like our own moderation.
@@ -632,6 +659,8 @@ class CallModel(PipelineStage, stage="model"):
                 _answer(env, self.name, self.replies.rejected, "rejected"),
                 AfterPublish(functools.partial(self._record_refusal, env, exc)),
             ]
+        except _PaidFailure as failed:
+            raise failed.error from None  # settled with what the stream had produced
         except BaseException:
             # Failed calls are not billed by the providers we speak to (an error status,
             # a broken connection before the answer): the reservation is released.
@@ -689,6 +718,39 @@ class CallModel(PipelineStage, stage="model"):
         if isinstance(outcome, str):
             return QuotaView(state="exhausted", share=1.0, scope=outcome)
         return outcome
+
+    async def _streamed(
+        self,
+        env: Envelope,
+        route: RouteDecision,
+        request: ChatRequest,
+        remaining: float,
+        held: Reservation | None,
+    ) -> CompletionResult:
+        """The call as a stream (``routes.<name>.stream``), assembled. A stream that
+        breaks after its first event was partly produced, and providers bill what they
+        produced: it is settled with the last usage the provider reported, else with
+        an estimate of the prompt and the text received, before the error goes on."""
+        text: list[str] = []
+        usage: Usage | None = None
+        try:
+            async for event in self.catalog.stream(route.models, request, deadline_s=remaining):
+                if isinstance(event, Delta):
+                    text.append(event.text)
+                elif isinstance(event, UsageEvent):
+                    usage = event.usage
+                elif event.result is not None:
+                    return event.result
+        except Exception as exc:
+            if not text and usage is None:
+                raise  # nothing was produced: released like any failed call
+            partial = usage or Usage(
+                input_tokens=sum(estimate_tokens(m.content) for m in request.messages),
+                output_tokens=estimate_tokens("".join(text)),
+            )
+            await self._settle(env, held, _partial(route.models[0], partial))
+            raise _PaidFailure(exc) from None
+        raise RetryableError("the model's stream ended without its end event", code="stream_cut")
 
     async def _images(self, route: RouteDecision) -> list[ImagePart]:
         """The route's images, downloaded from Easemob (bounded in size and time)."""
