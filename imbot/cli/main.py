@@ -136,55 +136,6 @@ def cmd_moderate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_replay(args: argparse.Namespace) -> int:
-    import asyncio
-
-    from imbot.streams.replay import Bounds, parse_time, print_json, replay
-
-    settings = _settings()
-    bounds = Bounds(
-        partition=args.partition,
-        from_offset=args.from_offset,
-        to_offset=args.to_offset,
-        since_ms=parse_time(args.since) if args.since else None,
-        until_ms=parse_time(args.until) if args.until else None,
-    )
-    summary = asyncio.run(
-        replay(
-            settings,
-            args.topic,
-            bounds,
-            conversation=args.conversation,
-            msg_id=args.msg_id,
-            to_stage=args.to_stage,
-            dry_run=args.dry_run,
-            limit=args.limit,
-        )
-    )
-    print_json(summary.as_json())
-    return 0
-
-
-def cmd_trace(args: argparse.Namespace) -> int:
-    import asyncio
-
-    from imbot.streams.replay import parse_time, print_json, trace
-
-    settings = _settings()
-    result = asyncio.run(
-        trace(
-            settings,
-            args.msg_id,
-            since_ms=parse_time(args.since) if args.since else None,
-            until_ms=parse_time(args.until) if args.until else None,
-        )
-    )
-    for view in result.views:
-        print_json(view)
-    print_json(result.summary())
-    return 0 if result.views else 1
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imbot", description="LLMs behind an Easemob IM app")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -219,58 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", action="store_true", help="review as a model answer (moderate-out)"
     )
     moderate.set_defaults(func=cmd_moderate)
-    replay = sub.add_parser(
-        "replay",
-        help="re-produce a slice of a topic (or DLQ records) to a stage's input",
-        description=(
-            "Read a slice of one pipeline topic (no consumer group, nothing committed) and"
-            " re-produce each selected record with its original key to the input topic of a"
-            " stage: by default the topic itself (the stage that reads it runs again), and for"
-            " an imbot.dlq record the input of the stage that failed it, with the original"
-            " bytes. Replaying is safe: every stage and the sender are idempotent per msg_id,"
-            " and the sender's delivery ledger never sends a part twice, nor a second reply"
-            " to a message already answered (a replay after a fallback reply is recorded in"
-            " imbot.delivered as a duplicate, not delivered). Replaying through the model"
-            " stage calls the model again. Prints one JSON line per record, then a summary."
-        ),
-    )
-    replay.add_argument("--topic", required=True, help="base topic name, e.g. imbot.dlq")
-    replay.add_argument("--partition", type=int, help="only this partition")
-    replay.add_argument("--from-offset", type=int, help="first offset (inclusive)")
-    replay.add_argument("--to-offset", type=int, help="last offset (inclusive)")
-    replay.add_argument(
-        "--since", help="records stamped at or after: ISO 8601 (local time), ms epoch, or 15m/2h"
-    )
-    replay.add_argument("--until", help="records stamped before (same forms as --since)")
-    replay.add_argument("--conversation", help="only records keyed by this conversation id")
-    replay.add_argument("--msg-id", help="only records of this Easemob msg_id")
-    replay.add_argument(
-        "--to-stage",
-        choices=STAGE_NAMES,
-        help="replay into this stage's input topic instead",
-    )
-    replay.add_argument(
-        "--dry-run", action="store_true", help="print what would be replayed, produce nothing"
-    )
-    replay.add_argument("--limit", type=int, help="replay at most this many records")
-    replay.set_defaults(func=cmd_replay)
-    trace = sub.add_parser(
-        "trace",
-        help="print every record of one msg_id on every topic, DLQ included, in time order",
-        description=(
-            "Scan every pipeline topic for one Easemob msg_id and print each stage's view as"
-            " a JSON line in time order (topic, offset, stamps, verdicts, route, completion,"
-            " reply length, delivery, DLQ error; never the user's text), then a summary."
-            " Exit status 1 when nothing was found."
-        ),
-    )
-    trace.add_argument("msg_id")
-    trace.add_argument("--since", help="scan from this time (ISO 8601, ms epoch, or 15m/2h)")
-    trace.add_argument("--until", help="scan records stamped before this time")
-    trace.set_defaults(func=cmd_trace)
+    from imbot.cli.ops import add_parsers as add_ops_parsers
     from imbot.cli.routing import add_parsers
 
     add_parsers(sub)
+    add_ops_parsers(sub)
     return parser
 
 

@@ -1,4 +1,9 @@
-"""``imbot replay`` and ``imbot trace`` against the real embedded broker."""
+"""``imbot replay`` and ``imbot trace`` against the real embedded broker.
+
+A replay is sandboxed unless ``deliver``: every replayed envelope carries the run's
+``ReplayMark``, so these tests compare what was re-produced with the original after
+taking the mark off, and check the mark itself.
+"""
 
 from __future__ import annotations
 
@@ -23,16 +28,20 @@ from imbot.core.envelope import (
     Delivery,
     DlqRecord,
     Envelope,
+    ReplayMark,
     Reply,
     RouteDecision,
     Verdict,
+    decode_envelope,
     encode_envelope,
 )
 from imbot.core.errors import ConfigurationError
 from imbot.core.kafka import ensure_topics, new_producer
 from imbot.core.settings import Settings
 from imbot.devtools.broker import consume_all
-from imbot.streams.replay import Bounds, parse_time, replay, trace
+from imbot.streams.reader import Bounds, parse_time
+from imbot.streams.replay import replay
+from imbot.streams.trace import trace
 from tests.envelopes import direct_envelope
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,6 +49,18 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _env(msg_id: str, user: str = "alice", **changes: Any) -> Envelope:
     return direct_envelope(user=user, msg_id=msg_id, **changes)
+
+
+def _unmark(raw: bytes | None) -> tuple[Envelope, ReplayMark | None]:
+    """A replayed envelope without its replay mark, and the mark."""
+    env = decode_envelope(raw)
+    return env.model_copy(update={"replay": None}), env.replay
+
+
+def _replayed(
+    records: list[tuple[bytes | None, bytes | None]],
+) -> list[tuple[bytes | None, Envelope, ReplayMark | None]]:
+    return [(key, *_unmark(value)) for key, value in records]
 
 
 class Topics:
@@ -102,7 +123,18 @@ async def test_offset_range_is_replayed_with_original_keys_and_bytes(kafka: Topi
     # and the tool stopped at the end it started from instead of reading its own output.
     records = await kafka.read(topics.ROUTED)
     assert len(records) == 8
-    assert records[5:] == [(b"chat:ai_bot:alice", encode_envelope(e)) for e in envs[1:4]]
+    assert records[:5] == [(b"chat:ai_bot:alice", encode_envelope(e)) for e in envs]
+    replayed = _replayed(records[5:])
+    assert [(key, env) for key, env, _ in replayed] == [
+        (b"chat:ai_bot:alice", e) for e in envs[1:4]
+    ]
+    # Sandboxed by default: each carries this run's mark, so no user gets the reply.
+    marks = [mark for _, _, mark in replayed]
+    assert all(m is not None and m.sandbox for m in marks)
+    assert {m.id for m in marks if m} == {summary.replay_id}
+    assert summary.sandbox
+    assert summary.marked == 3
+    assert all(line["marked"] and line["sandbox"] for line in lines)
     assert [(line["offset"], line["msg_id"]) for line in lines] == [
         (where[i][1], f"m{i}") for i in (1, 2, 3)
     ]
@@ -148,8 +180,9 @@ async def test_conversation_filter_into_another_stage(kafka: Topics) -> None:
         out=lines.append,
     )
 
-    moderated = await kafka.read(topics.MODERATED)
-    assert moderated == [(b"chat:ai_bot:bob", encode_envelope(e)) for e in bob]
+    moderated = _replayed(await kafka.read(topics.MODERATED))
+    assert [(key, env) for key, env, _ in moderated] == [(b"chat:ai_bot:bob", e) for e in bob]
+    assert all(mark and mark.sandbox and mark.id == summary.replay_id for *_, mark in moderated)
     assert [line["msg_id"] for line in lines] == ["b0", "b1", "b2"]
     assert summary.targets == {kafka.settings.topic(topics.MODERATED): 3}
     assert len(await kafka.read(topics.COMPLETED)) == 6  # the source is untouched
@@ -206,7 +239,11 @@ async def test_dlq_records_go_back_to_the_failed_stage_with_the_original_bytes(
     lines: list[dict[str, Any]] = []
     summary = await replay(s, topics.DLQ, out=lines.append)
 
-    assert await kafka.read(topics.ROUTED) == [(b"chat:ai_bot:alice", failed)]
+    [(key, env, mark)] = _replayed(await kafka.read(topics.ROUTED))
+    assert (key, encode_envelope(env)) == (b"chat:ai_bot:alice", failed)
+    assert mark is not None
+    assert mark.sandbox
+    # Bytes that are no envelope go back byte for byte, unmarked, and are counted.
     assert await kafka.read(topics.OUTBOUND) == [(b"group:g1", poison)]
     assert await kafka.read(topics.MODERATED) == []
     by_stage = {line["stage"]: line for line in lines}  # keys on 3 partitions: any order
@@ -218,10 +255,13 @@ async def test_dlq_records_go_back_to_the_failed_stage_with_the_original_bytes(
     assert "skipped" not in by_stage["send"]
     assert "no payload" in by_stage["route"]["skipped"]
     assert (summary.replayed, summary.skipped) == (2, 1)
+    assert (summary.marked, summary.unmarked) == (1, 1)
+    assert by_stage["send"]["marked"] is False
 
     # --to-stage overrides where a DLQ record goes.
     await replay(s, topics.DLQ, msg_id="m-model", to_stage="moderate-out", out=lambda _: None)
-    assert await kafka.read(topics.COMPLETED) == [(b"chat:ai_bot:alice", failed)]
+    [(key, env, _)] = _replayed(await kafka.read(topics.COMPLETED))
+    assert (key, encode_envelope(env)) == (b"chat:ai_bot:alice", failed)
 
 
 async def test_time_and_msg_id_filters_select_exactly_and_dry_run_produces_nothing(
@@ -334,8 +374,22 @@ async def test_replay_command_line(kafka: Topics) -> None:
     assert done.returncode == 0, done.stderr
     lines = [orjson.loads(line) for line in done.stdout.splitlines()]
     assert lines[0]["target"] == s.topic(topics.MODERATED)
-    assert lines[-1]["summary"]["replayed"] == 1
-    assert await kafka.read(topics.MODERATED) == [(b"chat:ai_bot:alice", original)]
+    summary = lines[-1]["summary"]
+    assert (summary["replayed"], summary["sandbox"]) == (1, True)
+    [(key, env, mark)] = _replayed(await kafka.read(topics.MODERATED))
+    assert (key, encode_envelope(env)) == (b"chat:ai_bot:alice", original)
+    assert mark == ReplayMark(id=summary["replay_id"], sandbox=True, at=mark.at)
+
+    # --deliver is explicit, and really delivers: the mark says the record is no sandbox.
+    done = await asyncio.to_thread(
+        _cli, s, "replay", "--topic", "imbot.dlq", "--msg-id", "m-cli", "--deliver"
+    )
+    assert done.returncode == 0, done.stderr
+    assert orjson.loads(done.stdout.splitlines()[-1])["summary"]["sandbox"] is False
+    [_, (_, env, mark)] = _replayed(await kafka.read(topics.MODERATED))
+    assert mark is not None
+    assert mark.sandbox is False
+    assert encode_envelope(env) == original
 
 
 async def test_trace_tells_the_story_of_one_msg_id_in_time_order(kafka: Topics) -> None:
