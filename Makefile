@@ -65,6 +65,8 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.moderation_throughput
 	$(BIN)/python -m bench.pii_accuracy
 	$(BIN)/python -m bench.sender_throughput
+	$(BIN)/python -m bench.routing
+	$(BIN)/python -m bench.quota
 
 clean:
 	rm -rf $(VENV) .imbot .mypy_cache .ruff_cache
