@@ -1,18 +1,13 @@
-"""Pure wire helpers: SSE framing, Retry-After, status classes, redaction."""
+"""Pure wire helpers (adapters.sse, .rate_limit_headers, .provider_errors): SSE framing,
+Retry-After, status classes, redaction."""
 
 from __future__ import annotations
 
 import pytest
 
-from imbot.adapters.wire import (
-    SseParser,
-    anthropic_reset_s,
-    classify_status,
-    duration_s,
-    openai_reset_s,
-    redact,
-    refine_fatal,
-)
+from imbot.adapters.provider_errors import classify_status, redact, refine_fatal
+from imbot.adapters.rate_limit_headers import anthropic_reset_s, duration_s, openai_reset_s
+from imbot.adapters.sse import SseParser
 from imbot.core.errors import ConfigurationError, FatalError, RetryableError
 from imbot.core.retry import retry_after_s
 
