@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import os
 import subprocess
 import sys
@@ -39,7 +40,7 @@ from imbot.core.errors import ConfigurationError
 from imbot.core.kafka import ensure_topics, new_producer
 from imbot.core.settings import Settings
 from imbot.devtools.broker import consume_all
-from imbot.streams.reader import Bounds, parse_time
+from imbot.streams.reader import Bounds, Progress, parse_time
 from imbot.streams.replay import replay
 from imbot.streams.trace import trace
 from tests.envelopes import direct_envelope
@@ -378,6 +379,7 @@ async def test_replay_command_line(kafka: Topics) -> None:
     assert (summary["replayed"], summary["sandbox"]) == (1, True)
     [(key, env, mark)] = _replayed(await kafka.read(topics.MODERATED))
     assert (key, encode_envelope(env)) == (b"chat:ai_bot:alice", original)
+    assert mark is not None
     assert mark == ReplayMark(id=summary["replay_id"], sandbox=True, at=mark.at)
 
     # --deliver is explicit, and really delivers: the mark says the record is no sandbox.
@@ -517,3 +519,67 @@ def test_times_are_iso_ms_epoch_or_an_age() -> None:
     assert parse_time("15m", now_ms=1740787200000) == 1740787200000 - 15 * 60_000
     with pytest.raises(ConfigurationError, match="not a time"):
         parse_time("yesterday")
+
+
+async def test_rate_paces_a_replay_and_progress_reports_it(kafka: Topics) -> None:
+    s = kafka.settings
+    for i in range(8):
+        await kafka.put_env(topics.MODERATED, _env(f"r{i}", f"u{i}"))
+
+    stream = io.StringIO()
+    progress = Progress("replay", stream=stream, interval_s=0)
+    started = time.monotonic()
+    summary = await replay(s, topics.MODERATED, rate=10, progress=progress, out=lambda _: None)
+    took = time.monotonic() - started
+
+    assert summary.replayed == 8
+    assert took >= 0.5  # 8 records at 10/s: seven waits of 0.1 s (loosely)
+    assert len(await kafka.read(topics.MODERATED)) == 16
+    lines = stream.getvalue().splitlines()  # not a terminal: one line per update
+    assert lines
+    assert lines[-1].startswith("replay: 8/~8 records  100%")
+    assert lines[-1].endswith("8 produced")
+    assert "/s" in lines[-1]
+
+
+async def test_progress_on_the_command_line(kafka: Topics) -> None:
+    s = kafka.settings
+    for i in range(3):
+        await kafka.put_env(topics.ROUTED, _env(f"p{i}"))
+
+    args = ("replay", "--topic", "imbot.routed", "--dry-run")
+    shown = await asyncio.to_thread(_cli, s, *args, "--progress")
+    quiet = await asyncio.to_thread(_cli, s, *args)
+
+    assert shown.returncode == 0, shown.stderr
+    assert "replay: 3/~3 records" in shown.stderr
+    assert "replay:" not in quiet.stderr  # stderr is no terminal here: no line by default
+    assert orjson.loads(shown.stdout.splitlines()[-1])["summary"]["replayed"] == 3
+
+
+async def test_trace_shows_a_sandboxed_replay_and_its_answer(kafka: Topics) -> None:
+    s = kafka.settings
+    original = _env("m-77")
+    await kafka.put_env(topics.ROUTED, original)
+    summary = await replay(s, topics.ROUTED, msg_id="m-77", out=lambda _: None)
+    [(_, replayed)] = (await kafka.read(topics.ROUTED))[1:]
+    # What the send stage does with a sandboxed record: its reply goes to imbot.sandbox.
+    sandboxed = decode_envelope(replayed).stamped("send", reply=Reply(text="好的"))
+    await kafka.put_env(topics.SANDBOX, sandboxed)
+
+    result = await trace(s, "m-77")
+
+    assert [v["topic"] for v in result.views] == [
+        s.topic(topics.ROUTED),
+        s.topic(topics.ROUTED),
+        s.topic(topics.SANDBOX),
+    ]
+    first, again, answer = result.views
+    assert "replay" not in first
+    assert again["replay"]["id"] == summary.replay_id
+    assert again["replay"]["sandbox"] is True
+    assert answer["sandboxed_reply"] is True
+    assert answer["reply"] == {"kind": "answer", "text_len": 2}
+    counts = result.summary()["summary"]
+    assert (counts["replayed"], counts["sandbox"]) == (2, 1)
+    assert counts["replays"] == [summary.replay_id]
