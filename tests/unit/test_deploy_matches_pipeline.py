@@ -16,7 +16,7 @@ import yaml
 from imbot.cli.main import build_parser
 from imbot.core.settings import Settings
 from imbot.streams.pipeline import PIPELINE, PROCESSING_STAGES, SENDER_STAGES, STAGE_NAMES, spec
-from imbot.streams.worker import build
+from imbot.streams.worker import consumer_group
 from tests.unit.test_deploy_schemas import (
     OVERLAY_NAMES,
     OVERLAYS,
@@ -152,8 +152,7 @@ def test_every_overlay_runs_each_stage_in_one_deployment_of_its_own(overlay: Ren
 
 def _worker_group(settings: Settings, stages: list[str]) -> tuple[str, str]:
     """(consumer group, broker) of the Faust app ``imbot worker`` builds for ``stages``."""
-    app, _ = build(settings, stages)
-    return str(app.conf.id), settings.kafka_bootstrap
+    return consumer_group(settings, stages), settings.kafka_bootstrap
 
 
 def _scaled_objects(overlay: Rendered) -> dict[str, Manifest]:
