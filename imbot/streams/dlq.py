@@ -447,7 +447,7 @@ async def requeue(
     """Send the selected DLQ records' original bytes back to their failed stage's input
     and mark them; prints one line per selected record and returns the summary."""
     _check_limit(limit)
-    pacer = Pacer(rate)
+    pacer = Pacer(rate)  # checks the rate before anything is opened
     filt = filt or DlqFilter()
     summary = RequeueSummary(run=f"requeue-{uuid.uuid4().hex[:12]}", dry_run=dry_run, forced=force)
     marks = await read_marks(settings, idle_s=idle_s)
@@ -456,13 +456,14 @@ async def requeue(
         await ensure_marker_topic(settings)
         producer = new_producer(settings)
         await connect(producer, settings)
+    requeuer = _Requeuer(settings, producer, summary, marks, pacer, out)
     try:
         async with _dlq_reader(settings, bounds or Bounds(), idle_s) as reader:
             async for entries in _entries(reader, filt):
                 plans = [_plan(e, settings, marks, force) for e in entries]
                 if limit is not None:
                     plans = _within_limit(plans, limit - summary.requeued)
-                await _requeue_batch(producer, settings, plans, summary, pacer, out, marks)
+                await requeuer.batch(plans)
                 if limit is not None and summary.requeued >= limit:
                     reader.stats.stopped = "limit"
                     break
@@ -484,55 +485,71 @@ def _within_limit(plans: list[_Plan], room: int) -> list[_Plan]:
     return kept
 
 
-async def _requeue_batch(
-    producer: Any,
-    settings: Settings,
-    plans: Sequence[_Plan],
-    summary: RequeueSummary,
-    pacer: Pacer,
-    out: Output,
-    marks: dict[str, Mark],
-) -> None:
-    # The originals first, all of them acknowledged, then their marks (see the docstring).
-    sent: list[tuple[_Plan, Any]] = []
-    for plan in plans:
-        summary.selected += 1
-        if plan.skip is not None or plan.already is not None:
-            summary.skipped += plan.skip is not None
-            summary.already += plan.already is not None
-            out(plan.line())
-            continue
-        assert plan.target is not None
-        future = None
-        if producer is not None:
-            await pacer.wait()
-            future = await producer.send(plan.target, plan.payload, key=plan.entry.key)
-        sent.append((plan, future))
-    acked = [(plan, await future if future is not None else None) for plan, future in sent]
-    if producer is not None:
-        mark_futures = [
-            await producer.send(
-                settings.topic(REQUEUED),
-                _mark_value(plan.entry, summary.run, plan.target or "", meta, summary.forced),
+@dataclass
+class _Requeuer:
+    """One requeue run's batches: the originals first, every one of them acknowledged,
+    then their marks (the module docstring says why in that order)."""
+
+    settings: Settings
+    producer: Any  # None on a dry run
+    summary: RequeueSummary
+    marks: dict[str, Mark]
+    pacer: Pacer
+    out: Output
+
+    async def batch(self, plans: Sequence[_Plan]) -> None:
+        todo = [plan for plan in plans if self._take(plan)]
+        acked = await self._send_originals(todo)
+        await self._write_marks(acked)
+        for plan, meta in acked:
+            self._report(plan, meta)
+
+    def _take(self, plan: _Plan) -> bool:
+        """Count ``plan``; a skipped one is reported at once, and not sent."""
+        self.summary.selected += 1
+        if plan.skip is None and plan.already is None:
+            return True
+        self.summary.skipped += plan.skip is not None
+        self.summary.already += plan.already is not None
+        self.out(plan.line())
+        return False
+
+    async def _send_originals(self, plans: Sequence[_Plan]) -> list[tuple[_Plan, Any]]:
+        if self.producer is None:
+            return [(plan, None) for plan in plans]
+        futures = []
+        for plan in plans:
+            await self.pacer.wait()
+            futures.append(await self.producer.send(plan.target, plan.payload, key=plan.entry.key))
+        return [(plan, await future) for plan, future in zip(plans, futures, strict=True)]
+
+    async def _write_marks(self, acked: Sequence[tuple[_Plan, Any]]) -> None:
+        if self.producer is None:
+            return
+        topic, run, forced = self.settings.topic(REQUEUED), self.summary.run, self.summary.forced
+        futures = [
+            await self.producer.send(
+                topic,
+                _mark_value(plan.entry, run, plan.target or "", meta, forced),
                 key=plan.entry.mark_key.encode(),
             )
             for plan, meta in acked
         ]
-        for future in mark_futures:
+        for future in futures:
             await future
-    for plan, meta in acked:
+        for plan, _ in acked:
+            before = self.marks.get(plan.entry.mark_key)
+            self.marks[plan.entry.mark_key] = Mark(now_ms(), run, before.times + 1 if before else 1)
+
+    def _report(self, plan: _Plan, meta: Any) -> None:
         line = plan.line()
         if meta is None:
             line["dry_run"] = True
         else:
             line["target_partition"], line["target_offset"] = meta.partition, meta.offset
-            before = marks.get(plan.entry.mark_key)
-            marks[plan.entry.mark_key] = Mark(
-                now_ms(), summary.run, (before.times + 1) if before else 1
-            )
-        summary.requeued += 1
-        summary.targets[plan.target or ""] += 1
-        out(line)
+        self.summary.requeued += 1
+        self.summary.targets[plan.target or ""] += 1
+        self.out(line)
 
 
 def _check_limit(limit: int | None) -> None:

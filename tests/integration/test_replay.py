@@ -331,6 +331,8 @@ async def test_operator_mistakes_are_configuration_errors(kafka: Topics) -> None
         await replay(s, topics.ROUTED, Bounds(partition=9), dry_run=True)
     with pytest.raises(ConfigurationError, match="before --from-offset"):
         Bounds(from_offset=5, to_offset=2)
+    with pytest.raises(ConfigurationError, match="--rate must be above 0"):
+        await replay(s, topics.ROUTED, rate=0)
 
 
 def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
