@@ -4,7 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test lint typecheck imports unit integration e2e bench clean deploy-check deploy-policy
+.PHONY: dev test lint typecheck imports unit integration e2e bench clean deploy-check deploy-policy \
+	promtool monitoring-check
 
 # (Re)install when pyproject.toml changes; works from a fresh clone with only python3.
 $(STAMP): pyproject.toml
@@ -32,7 +33,7 @@ PYTEST_ARGS ?=
 imports: $(STAMP)
 	$(PYTEST) tests/unit/test_import_rules.py
 
-test: lint typecheck imports deploy-check
+test: lint typecheck imports deploy-check monitoring-check
 	$(PYTEST) $(PYTEST_ARGS)
 
 # The Kubernetes manifests (deploy/), offline: every overlay rendered with kubectl >= 1.27
@@ -41,6 +42,30 @@ test: lint typecheck imports deploy-check
 # Dockerfile linted, the Deployments checked against the pipeline table.
 deploy-check: $(STAMP)
 	$(PYTEST) tests/unit/test_deploy_*.py
+
+# The alerts and the dashboard (deploy/monitoring/): promtool checks the rules and runs their
+# unit tests on synthetic series; every metric and label they name is checked against the code.
+monitoring-check: $(STAMP) promtool
+	$(PYTEST) tests/unit/test_monitoring.py
+
+# promtool comes with Debian's prometheus package (only the tool is used). Installed when
+# missing and root; otherwise says how. IMBOT_SKIP_PROMTOOL=1 skips the promtool checks.
+promtool:
+	@command -v promtool >/dev/null 2>&1 && exit 0; \
+	if [ "$$IMBOT_SKIP_PROMTOOL" = 1 ]; then \
+	  echo "promtool missing; IMBOT_SKIP_PROMTOOL=1: its checks are skipped"; exit 0; \
+	fi; \
+	if [ "$$(id -u)" = 0 ]; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y --no-install-recommends prometheus \
+	    || { apt-get update && apt-get install -y --no-install-recommends prometheus; }; \
+	else \
+	  echo "promtool is missing. Install it with Debian's prometheus package:" >&2; \
+	  echo "  sudo apt-get install -y --no-install-recommends prometheus" >&2; \
+	  echo "or put a Prometheus release's promtool on PATH;" \
+	    "IMBOT_SKIP_PROMTOOL=1 skips the checks." >&2; \
+	  exit 1; \
+	fi
 
 # kustomize reads no file outside deploy/base: the default policy is copied there (a test
 # fails when the copy is stale).
