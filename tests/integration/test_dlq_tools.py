@@ -237,6 +237,10 @@ async def test_show_prints_the_whole_record_with_its_original_bytes(kafka: Topic
     by_id: list[dict[str, Any]] = []
     assert await show_dlq(s, msg_id="m2", out=by_id.append) == 1
     assert by_id[0]["record"]["reason"] == "quota_exhausted"
+    anywhere: list[dict[str, Any]] = []  # no --partition: that offset on every partition
+    assert await show_dlq(s, offset=where.offset, out=anywhere.append) >= 1
+    assert (where.partition, where.offset) in {(x["partition"], x["offset"]) for x in anywhere}
+    assert {x["offset"] for x in anywhere} == {where.offset}
     assert await show_dlq(s, offset=999, out=lambda _: None) == 0
     with pytest.raises(ConfigurationError, match="name a record"):
         await show_dlq(s)
