@@ -182,9 +182,7 @@ async def test_two_workers_and_100_concurrent_messages_spend_at_most_the_budget(
     async with SlowOpenAI() as provider:
         policy = tmp_path / "policy.yaml"
         budget_micros = 10 * CALL_MICROS
-        policy.write_text(
-            _policy(provider.base_url, daily_cost=budget_micros / 1e6, ttl_s=120)
-        )
+        policy.write_text(_policy(provider.base_url, daily_cost=budget_micros / 1e6, ttl_s=120))
         env = _environment(broker, prefix, pg_url, policy)
         settings = load_settings(
             kafka_bootstrap=broker.bootstrap,
