@@ -255,3 +255,27 @@ async def test_history_query_uses_the_conversation_index_on_postgres(pg_url: str
 async def test_unmigrated_database_is_refused_with_a_clear_message(tmp_path: object) -> None:
     with pytest.raises(ConfigurationError, match="imbot migrate"):
         await open_storage(f"sqlite+aiosqlite:///{tmp_path}/empty.db")
+
+
+async def test_a_demo_model_s_turns_are_left_out_of_a_real_model_s_window(store: Storage) -> None:
+    """After a first `make dev` with the demo model, a real provider must not be shown the
+    demo's canned answers as the conversation so far."""
+    conv = conversation_id(
+        ChatType.direct, bot="ai_bot", sender=f"u{uuid.uuid4().hex[:8]}", group_id=None
+    )
+    demo = _env(conv, 0)  # answered by the demo model (provider "demo")
+    real = _env(conv, 1).model_copy(
+        update={
+            "completion": Completion(
+                text="真回答", finish_reason="stop", model="qwen-plus", provider="dashscope"
+            )
+        }
+    )
+    await store.deliveries.record_exchange(demo, "【演示模型 demo】…", reply_kind="answer")
+    await store.deliveries.record_exchange(real, "真回答", reply_kind="answer")
+    everything = await store.history.history_window(conv, turns=10, token_budget=1000)
+    assert [t.content for t in everything] == ["问题0", "【演示模型 demo】…", "问题1", "真回答"]
+    for_real = await store.history.history_window(
+        conv, turns=10, token_budget=1000, skip_providers=frozenset({"demo"})
+    )
+    assert [t.content for t in for_real] == ["问题1", "真回答"]
