@@ -48,11 +48,23 @@ def cmd_sender(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from imbot.storage import upgrade
+    import asyncio
+
+    from imbot.storage import open_database, upgrade
 
     settings = load_settings()
+    where = settings.database_url.split("@")[-1]
+    if args.check:
+        # Exit 2 (a ConfigurationError naming both revisions) when the database is behind:
+        # for an initContainer or a deploy script that must not start services early.
+        async def check() -> None:
+            await (await open_database(settings.database_url)).close()
+
+        asyncio.run(check())
+        print(f"database is at the code's migration: {where}")
+        return 0
     upgrade(settings.database_url)
-    print(f"database migrated: {settings.database_url.split('@')[-1]}")
+    print(f"database migrated: {where}")
     return 0
 
 
@@ -156,7 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("sender", help="deliver replies through the Easemob REST API").set_defaults(
         func=cmd_sender
     )
-    sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
+    migrate = sub.add_parser("migrate", help="apply database migrations")
+    migrate.add_argument(
+        "--check", action="store_true", help="apply nothing; exit 2 when migrations are behind"
+    )
+    migrate.set_defaults(func=cmd_migrate)
     simulate = sub.add_parser("simulate", help="send a signed test callback and print the reply")
     simulate.add_argument("text")
     simulate.add_argument("--sender", default="alice")

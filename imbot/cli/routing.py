@@ -10,15 +10,16 @@ import time
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imbot.core.envelope import ChatType, Content, Envelope, Turn, conversation_id
 from imbot.core.errors import ConfigurationError, StorageError, StorageUnavailable
 from imbot.core.routing import MICROS, QuotaScope
 from imbot.core.settings import Settings, load_settings
-from imbot.routing.complexity import score_complexity
-from imbot.storage import ScopeState, Storage, open_storage
-from imbot.streams.stages import Budgets, Route, TierBook
+
+# The parser (every `imbot` command builds it) loads none of the machinery below.
+if TYPE_CHECKING:
+    from imbot.storage import ScopeState, Storage
 
 
 class _Offline:
@@ -35,10 +36,14 @@ class _Offline:
         return None
 
     async def states(self, scopes: Sequence[QuotaScope]) -> list[ScopeState]:
+        from imbot.storage import ScopeState
+
         return [ScopeState(s) for s in scopes]
 
 
 async def _open(settings: Settings) -> tuple[Storage | None, str]:
+    from imbot.storage import open_storage
+
     try:
         return await open_storage(settings.database_url), "database"
     except (ConfigurationError, StorageError, StorageUnavailable, OSError) as exc:
@@ -61,6 +66,9 @@ def _envelope(args: argparse.Namespace, settings: Settings) -> Envelope:
 
 
 async def explain(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from imbot.routing.complexity import score_complexity
+    from imbot.streams.stages import Budgets, Route, TierBook
+
     storage, source = await _open(settings)
     offline = _Offline()
     history = storage.history if storage else offline
@@ -125,6 +133,9 @@ def _since(value: str | None) -> datetime | None:
 
 
 async def usage_report(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from imbot.storage import open_storage
+    from imbot.streams.stages import Budgets, TierBook
+
     policy = settings.policy
     since = _since(args.since)
     storage = await open_storage(settings.database_url)
@@ -185,6 +196,8 @@ def cmd_usage(args: argparse.Namespace) -> int:
 
 
 async def _set_tier(settings: Settings, user: str, tier: str | None) -> None:
+    from imbot.storage import open_storage
+
     storage = await open_storage(settings.database_url)
     try:
         await storage.tiers.set_tier(user, tier)
@@ -193,6 +206,8 @@ async def _set_tier(settings: Settings, user: str, tier: str | None) -> None:
 
 
 async def _list_tiers(settings: Settings) -> dict[str, str]:
+    from imbot.storage import open_storage
+
     storage = await open_storage(settings.database_url)
     try:
         return await storage.tiers.all_tiers()
