@@ -54,10 +54,21 @@ def envelope_view(env: Envelope) -> dict[str, Any]:
     if env.moderation_in is not None:
         view["moderation_in"] = _verdict(env.moderation_in)
     if env.route is not None:
+        r = env.route
+        # Why these models: the rule, the tier, the complexity score and its features,
+        # the budgets' standing and the reservation (never the prompt or the history).
         view["route"] = {
-            "route": env.route.route,
-            "models": list(env.route.models),
-            "history_turns": len(env.route.history),
+            "route": r.route,
+            "models": list(r.models),
+            "history_turns": len(r.history),
+            "rule": r.rule,
+            "tier": r.tier,
+            "level": r.level,
+            "score": r.score,
+            "features": {k: v for k, v in r.features.items() if v},
+            "quota": r.quota.model_dump(mode="json"),
+            "images": len(r.images),
+            "stream": r.stream,
         }
     if (c := env.completion) is not None:
         view["completion"] = {
