@@ -247,6 +247,82 @@ class Replies(_Frozen):
     )
 
 
+# Emoji modifiers a rating word is read without: the variation selector that asks for
+# the emoji presentation, and the five skin tones (👍🏽 is 👍).
+_EMOJI_MODIFIERS = dict.fromkeys(
+    map(ord, "\ufe0f\U0001f3fb\U0001f3fc\U0001f3fd\U0001f3fe\U0001f3ff")
+)
+_RATING_NAME = r"^[a-z][a-z0-9_]{0,15}$"
+
+
+def _default_ratings() -> dict[str, tuple[str, ...]]:
+    return {
+        "up": ("up", "👍", "good", "有用", "赞"),
+        "down": ("down", "👎", "bad", "没用", "踩"),
+    }
+
+
+def rating_word(word: str) -> str:
+    """A rating word as it is compared: trimmed, case-folded, without emoji modifiers."""
+    return word.translate(_EMOJI_MODIFIERS).strip().casefold()
+
+
+class Feedback(_Frozen):
+    """How a client app rates a bot's answer with an ordinary IM message (docs/feedback.md).
+
+    The gateway looks for it before deciding whether a message is for the AI: a cmd
+    message whose action is ``cmd_action``, a custom message whose event is
+    ``custom_event``, or any message whose ``ext`` has ``ext_key``, naming the reply's
+    Easemob msg id (``msg_id_field``) and a rating word (``rating_field``). Such a
+    message is recorded and counted, passes to its recipients as usual, and is never
+    answered. A name set to null turns that shape off.
+    """
+
+    enabled: bool = True
+    cmd_action: str | None = "imbot_feedback"
+    custom_event: str | None = "imbot_feedback"
+    ext_key: str | None = "imbot_feedback"
+    msg_id_field: str = Field("msg_id", min_length=1)
+    rating_field: str = Field("rating", min_length=1)
+    # Rating -> the words and emoji that give it. The rating names are what the table
+    # and the metric's label hold: a few short names, never free text from a client.
+    ratings: dict[Annotated[str, Field(pattern=_RATING_NAME)], tuple[str, ...]] = Field(
+        default_factory=_default_ratings,
+        min_length=1,
+        max_length=8,
+    )
+
+    @field_validator("ratings")
+    @classmethod
+    def _words_name_one_rating(
+        cls, ratings: dict[str, tuple[str, ...]]
+    ) -> dict[str, tuple[str, ...]]:
+        seen: dict[str, str] = {}
+        for rating, words in ratings.items():
+            for word in (rating, *words):
+                key = rating_word(word)
+                if not key:
+                    raise ValueError(f"ratings.{rating}: an empty word")
+                if seen.setdefault(key, rating) != rating:
+                    raise ValueError(f"{word!r} is a word of both {seen[key]!r} and {rating!r}")
+        return ratings
+
+    @cached_property
+    def words(self) -> dict[str, str]:
+        """Each accepted word (``rating_word`` form, the rating names included) -> its rating."""
+        return {
+            rating_word(word): rating
+            for rating, words in self.ratings.items()
+            for word in (rating, *words)
+        }
+
+    def rating_of(self, word: str) -> str | None:
+        """The rating ``word`` gives, or None when it is not one of the configured words."""
+        if len(word) > 64:
+            return None
+        return self.words.get(rating_word(word))
+
+
 class Policy(_Frozen):
     bots: tuple[Bot, ...] = (Bot(id="ai_bot", name="AI"),)
     ai: AiRules = AiRules()
@@ -260,6 +336,7 @@ class Policy(_Frozen):
     routing: Routing = Routing()
     moderation: dict[str, Any] = Field(default_factory=dict)
     replies: Replies = Replies()
+    feedback: Feedback = Feedback()
 
     @cached_property
     def bot_ids(self) -> frozenset[str]:

@@ -13,9 +13,12 @@ DELIVERED: Final = "imbot.delivered"
 DLQ: Final = "imbot.dlq"
 # Replies of sandboxed replays (``imbot replay`` without --deliver): recorded, never delivered.
 SANDBOX: Final = "imbot.sandbox"
+# Users' ratings of the bot's answers, caught by the gateway (docs/feedback.md): read by
+# the feedback side stage, which records them; no stage writes on from there.
+FEEDBACK: Final = "imbot.feedback"
 
 # What ``ensure_topics`` creates, in the order a message meets them. The stages that
 # read and write them are declared in streams.pipeline (core imports nothing above it),
 # and tests/unit/test_pipeline_table.py checks this list against that table. A topic
 # name under a prefix is ``Settings.topic``.
-ALL: Final = (INBOUND, MODERATED, ROUTED, COMPLETED, OUTBOUND, DELIVERED, SANDBOX, DLQ)
+ALL: Final = (INBOUND, MODERATED, ROUTED, COMPLETED, OUTBOUND, DELIVERED, SANDBOX, FEEDBACK, DLQ)

@@ -1,7 +1,8 @@
 """The gateway: Easemob's before-send callback in, Kafka out, an answer within budget.
 
-Per request it does only: size limit, parse, signature, "is this for the AI?",
-publish (acks=all) with a deadline, answer. Anything slower belongs in a stage.
+Per request it does only: size limit, parse, signature, "is this a rating?" (see
+``gateway.feedback``), "is this for the AI?", publish (acks=all) with a deadline
+(``gateway.publisher``), answer. Anything slower belongs in a stage.
 
 Optional fast path (``policy.callback.refuse_blocked_input``): the input check
 of ``moderation`` (the same checker the moderate-in stage runs, so both give the
@@ -12,32 +13,28 @@ delivers it. It is imported only when the switch is on.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
-from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 from imbot.core import topics
-from imbot.core.kafka import new_producer
 from imbot.core.limits import LOGGED_VALUE_MAX
-from imbot.core.retry import Backoff
 from imbot.core.settings import Settings
 from imbot.gateway.callback import CallbackRejected, decide, verify
+from imbot.gateway.feedback import FeedbackMessage, read_feedback
 from imbot.gateway.metrics import (
     CALLBACK_SECONDS,
     CALLBACKS,
-    LATE_ACKS,
+    FEEDBACK,
     PUBLISH_FAILURES,
     REPLAY_STORE_FAILURES,
 )
+from imbot.gateway.publisher import Publisher, PublishOnce
 from imbot.gateway.replay import CallIds, MemoryCallIds, ReplayStoreUnavailable, new_call_ids
 
 if TYPE_CHECKING:
@@ -104,179 +101,6 @@ HTTP_LOG.addFilter(_ShortHttpErrors())
 _LINGER_S = 1.0
 
 
-class _Publish:
-    """One publish between ``send`` and its ack, with its deadline (see ``Publisher``)."""
-
-    __slots__ = ("deadline", "expired", "msg_id", "on_late_ack", "task", "waiter")
-
-    def __init__(
-        self, deadline: float, msg_id: str, on_late_ack: Callable[[str], None] | None
-    ) -> None:
-        self.deadline = deadline
-        self.expired = False
-        self.msg_id = msg_id
-        self.on_late_ack = on_late_ack
-        self.task: asyncio.Task[Any] | None = None  # set while ``send`` itself is suspended
-        self.waiter: asyncio.Future[str | None] | None = None  # set once the record is queued
-
-    def expire(self) -> None:
-        self.expired = True
-        if self.task is not None:
-            # Still inside ``producer.send`` (no metadata yet, or the partition's batch
-            # is full): cancelling it there means the record is not queued at all.
-            self.task.cancel(_DEADLINE)
-        elif self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result("timeout")
-
-    def __call__(self, delivery: asyncio.Future[Any]) -> None:
-        """Done-callback of aiokafka's delivery future."""
-        if delivery.cancelled():
-            failure: str | None = "kafka_error"
-        elif (exc := delivery.exception()) is not None:
-            log.warning("publish failed", extra={"msg_id": self.msg_id, "error": str(exc)})
-            failure = "kafka_error"
-        else:
-            failure = None
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(failure)
-        elif failure is None:
-            # Acked after the deadline: Easemob was already answered by the fail policy,
-            # but the record is on the topic and the pipeline will answer it. Remember
-            # the id so a later duplicate callback is not published a second time.
-            LATE_ACKS.inc()
-            log.warning("record acked after the deadline", extra={"msg_id": self.msg_id})
-            if self.on_late_ack is not None:
-                self.on_late_ack(self.msg_id)
-
-
-_DEADLINE = "imbot publish deadline"
-_SWEEP_S = 0.005  # deadlines are enforced to within this
-_CONNECT_BACKOFF = Backoff(base=0.2, cap=5.0)  # the broker down at start-up: keep trying
-
-
-class Publisher:
-    """A Kafka producer that starts in the background and never blocks a request.
-
-    If the broker is down at start-up the gateway still answers callbacks (by the
-    fail policy) and keeps trying to connect.
-
-    Deadlines: every publish gets the same timeout, so pending publishes expire in
-    the order they started. One timer walks a FIFO of them instead of arming an
-    ``asyncio.timeout`` per request (a timer handle, heap push and cancel each time,
-    measurably slower at thousands of requests per second), and the deadline never
-    cancels aiokafka's delivery future, so a late ack is still seen.
-    """
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.topic = settings.topic(topics.INBOUND)
-        self.producer: AIOKafkaProducer | None = None
-        self.on_late_ack: Callable[[str], None] | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._pending: deque[_Publish] = deque()
-        self._timer: asyncio.TimerHandle | None = None
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._connect())
-
-    async def _connect(self) -> None:
-        attempt = 0
-        while True:
-            producer = new_producer(self.settings)
-            try:
-                await producer.start()
-            except (KafkaError, OSError) as exc:
-                log.warning("kafka not reachable, retrying", extra={"error": str(exc)})
-                with contextlib.suppress(Exception):
-                    await producer.stop()
-                attempt += 1
-                await asyncio.sleep(_CONNECT_BACKOFF.delay(attempt))
-                continue
-            self.producer = producer
-            log.info("kafka producer ready", extra={"bootstrap": self.settings.kafka_bootstrap})
-            return
-
-    async def publish(self, key: bytes, value: bytes, msg_id: str, timeout: float) -> str | None:
-        """Publish and wait for the ack (acks=all); returns None on success or why it failed.
-
-        "timeout" does not always mean "not published": a record already handed to
-        the producer when the deadline passes is still sent, and may be acked later
-        (see ``_Publish.__call__``). Easemob is answered by the fail policy either way.
-        """
-        producer = self.producer
-        if producer is None:
-            return "not_connected"
-        loop = asyncio.get_running_loop()
-        entry = _Publish(loop.time() + timeout, msg_id, self.on_late_ack)
-        self._pending.append(entry)
-        if self._timer is None:
-            self._timer = loop.call_at(entry.deadline, self._sweep)
-        entry.task = task = asyncio.current_task()
-        try:
-            delivery = await producer.send(self.topic, value, key=key)
-        except asyncio.CancelledError:
-            if entry.expired and task is not None and task.uncancel() == 0:
-                return "timeout"  # our deadline, while the record was not yet queued
-            raise
-        except KafkaError as exc:
-            log.warning("publish failed", extra={"msg_id": msg_id, "error": str(exc)})
-            return "kafka_error"
-        finally:
-            entry.task = None
-        waiter: asyncio.Future[str | None] = loop.create_future()
-        entry.waiter = waiter
-        delivery.add_done_callback(entry)
-        return await waiter
-
-    def _sweep(self) -> None:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        pending = self._pending
-        while pending and pending[0].deadline <= now:
-            pending.popleft().expire()
-        self._timer = (
-            loop.call_at(max(pending[0].deadline, now + _SWEEP_S), self._sweep) if pending else None
-        )
-
-    async def ready(self) -> bool:
-        producer = self.producer
-        if producer is None:
-            return False
-        try:
-            await asyncio.wait_for(producer.client.fetch_all_metadata(), 2.0)
-        except (KafkaError, OSError, TimeoutError):
-            return False
-        return True
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self.producer is not None:
-            await self.producer.stop()
-
-
-class RecentIds:
-    """Bounded memory of msg_ids already published (duplicate callbacks)."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._ids: OrderedDict[str, None] = OrderedDict()
-
-    def __contains__(self, msg_id: str) -> bool:
-        return msg_id in self._ids
-
-    def add(self, msg_id: str) -> None:
-        self._ids[msg_id] = None
-        if len(self._ids) > self.size:
-            self._ids.popitem(last=False)
-
-
 class CallbackHandler:
     def __init__(
         self, settings: Settings, publisher: Publisher, call_ids: CallIds | None = None
@@ -291,12 +115,12 @@ class CallbackHandler:
         self.window_ms = int(settings.callback_timestamp_window_s * 1000)
         self.replay_timeout = settings.callback_replay_timeout_ms / 1000.0
         self.body_timeout = settings.gateway_body_timeout_s
-        self.timeout = settings.publish_timeout_ms / 1000.0
-        self.recent = RecentIds(settings.dedupe_window)
-        publisher.on_late_ack = self.recent.add
-        # msg_id -> the outcome of its publish in progress; the future is created only
-        # when a concurrent duplicate arrives and waits for it.
-        self.in_flight: dict[str, asyncio.Future[str | None] | None] = {}
+        self.once = PublishOnce(
+            publisher,
+            window=settings.dedupe_window,
+            timeout=settings.publish_timeout_ms / 1000.0,
+        )
+        self.feedback_topic = settings.topic(topics.FEEDBACK)
         self._metrics: dict[str, tuple[Counter, Histogram]] = {}
         cb = self.policy.callback
         self.accepted = orjson.dumps(
@@ -393,16 +217,19 @@ class CallbackHandler:
             return "bad_json", self._reject(CallbackRejected(400, "bad_json", "body is not JSON"))
         try:
             verify(data, self.secrets, window_s=self.window_s)
+            # A rating is recognised first: it is never a question for the AI.
+            feedback = read_feedback(data, self.policy)
+            if feedback is not None:
+                return await self._feedback(feedback)
             decision = decide(data, self.policy)
         except CallbackRejected as exc:
             return exc.error, self._reject(exc, data)
         message = decision.message
-        call_ids = self.call_ids
         if message is None:
-            if call_ids is not None:
+            if self.call_ids is not None:
                 # Its signature must not carry another message later (see gateway.replay).
                 call_id = data["callId"]
-                call_ids.remember(
+                self.call_ids.remember(
                     call_id if isinstance(call_id, str) else str(call_id),
                     data["timestamp"] + self.window_ms,
                 )
@@ -421,69 +248,108 @@ class CallbackHandler:
                 )
                 return "blocked", _answer(self.refused)
         msg_id = message.msg_id
-        if msg_id in self.recent:
+        if msg_id in self.once:
             return "duplicate", _answer(self.accepted)
-        if call_ids is not None and message.call_id is not None:
+        if message.call_id is not None:
             assert message.easemob_timestamp is not None  # verify() required it
-            expires_at_ms = message.easemob_timestamp + self.window_ms
-            try:
-                if isinstance(call_ids, MemoryCallIds):
-                    # Nothing to wait for: no coroutine, no timer armed per request.
-                    new_call_id = call_ids.record(message.call_id, expires_at_ms)
-                else:
-                    async with asyncio.timeout(self.replay_timeout):
-                        new_call_id = await call_ids.first_use(message.call_id, expires_at_ms)
-            except (ReplayStoreUnavailable, TimeoutError) as exc:
-                why = exc.why if isinstance(exc, ReplayStoreUnavailable) else "timeout"
-                REPLAY_STORE_FAILURES.labels(why).inc()
-                log.error(
-                    "callId store did not answer, answering by the fail policy",
-                    extra={"msg_id": msg_id, "conversation": message.conversation_id, "why": why},
-                )
-                return "replay_store_failed", _answer(self.on_failure)
-            if not new_call_id:
-                # A replay: never published. Answered as a duplicate is (nothing here
-                # tells the sender whether it was); a genuine repeat gets the same answer.
-                log.warning(
-                    "replayed callId refused",
-                    extra={"msg_id": msg_id, "callId": _short(message.call_id)},
-                )
-                return "replayed", _answer(self.accepted)
-        in_flight = self.in_flight
-        if msg_id in in_flight:
-            # The same callback is being published right now (Easemob sent it twice,
-            # e.g. two matching rules): wait for that publish and answer as it does.
-            first = in_flight[msg_id]
-            if first is None:
-                first = in_flight[msg_id] = asyncio.get_running_loop().create_future()
-            failure = await asyncio.shield(first)
-            if failure is None:
-                return "duplicate", _answer(self.accepted)
-            return "publish_failed", _answer(self.on_failure)
-        in_flight[msg_id] = None
-        failure = "cancelled"
-        try:
-            failure = await self.publisher.publish(
-                message.conversation_id.encode(), message.encode(), msg_id, self.timeout
+            refused = await self._first_use(
+                msg_id, message.call_id, message.easemob_timestamp, message.conversation_id
             )
-        finally:
-            waiting = in_flight.pop(msg_id)
-            if waiting is not None and not waiting.done():
-                waiting.set_result(failure)
+            if refused is not None:
+                return refused, _answer(
+                    self.on_failure if refused == "replay_store_failed" else self.accepted
+                )
+        published, failure = await self.once.publish(
+            msg_id, message.conversation_id.encode(), message.encode()
+        )
         if failure is not None:
             # After a "timeout" the record may still reach the topic (it was already
-            # queued; ``_Publish.__call__`` then remembers the id). So with
-            # kafka_failure=block the sender may be told "blocked" and still get the
-            # AI's reply; with pass, the reply just arrives. Easemob never retries, and
-            # the pipeline's delivery ledger keeps any repeat from being answered twice.
+            # queued; the publisher then remembers the id). So with kafka_failure=block
+            # the sender may be told "blocked" and still get the AI's reply; with pass,
+            # the reply just arrives. Easemob never retries, and the pipeline's delivery
+            # ledger keeps any repeat from being answered twice.
+            return self._publish_failed(published, failure, msg_id, message.conversation_id)
+        if published == "duplicate":
+            # The same callback was being published (Easemob sent it twice, e.g. two
+            # matching rules): answered as that publish was.
+            return "duplicate", _answer(self.accepted)
+        return "published", _answer(self.accepted)
+
+    async def _feedback(self, feedback: FeedbackMessage) -> tuple[str, web.Response]:
+        """A rating: published to ``imbot.feedback`` (never to the pipeline, so the bot
+        never answers it) under the AI messages' deadline and fail policy. The message
+        itself passes to its recipients as usual: ``{"valid": true}``."""
+        msg_id = feedback.msg_id
+        if msg_id in self.once:
+            return "duplicate", _answer(_VALID)
+        refused = await self._first_use(
+            msg_id, feedback.call_id, feedback.easemob_timestamp, feedback.conversation_id
+        )
+        if refused is not None:
+            return refused, _answer(self.on_failure if refused == "replay_store_failed" else _VALID)
+        published, failure = await self.once.publish(
+            msg_id,
+            feedback.conversation_id.encode(),
+            feedback.encode(),
+            topic=self.feedback_topic,
+        )
+        if failure is not None:
+            return self._publish_failed(published, failure, msg_id, feedback.conversation_id)
+        if published == "duplicate":
+            return "duplicate", _answer(_VALID)
+        FEEDBACK.labels(feedback.rating).inc()
+        log.info(
+            "feedback published",
+            extra={
+                "msg_id": msg_id,
+                "conversation": feedback.conversation_id,
+                "reply_msg_id": feedback.reply_msg_id,
+                "rating": feedback.rating,
+            },
+        )
+        return "feedback", _answer(_VALID)
+
+    async def _first_use(
+        self, msg_id: str, call_id: str, timestamp: int, conversation: str
+    ) -> str | None:
+        """None when ``call_id`` is new (now remembered); else the outcome: "replayed"
+        (never published; answered as a duplicate is, since nothing here tells the
+        sender whether it was) or "replay_store_failed" (answered by the fail policy)."""
+        call_ids = self.call_ids
+        if call_ids is None:
+            return None
+        expires_at_ms = timestamp + self.window_ms
+        try:
+            if isinstance(call_ids, MemoryCallIds):
+                # Nothing to wait for: no timer armed per request.
+                new_call_id = call_ids.record(call_id, expires_at_ms)
+            else:
+                async with asyncio.timeout(self.replay_timeout):
+                    new_call_id = await call_ids.first_use(call_id, expires_at_ms)
+        except (ReplayStoreUnavailable, TimeoutError) as exc:
+            why = exc.why if isinstance(exc, ReplayStoreUnavailable) else "timeout"
+            REPLAY_STORE_FAILURES.labels(why).inc()
+            log.error(
+                "callId store did not answer, answering by the fail policy",
+                extra={"msg_id": msg_id, "conversation": conversation, "why": why},
+            )
+            return "replay_store_failed"
+        if new_call_id:
+            return None
+        log.warning("replayed callId refused", extra={"msg_id": msg_id, "callId": _short(call_id)})
+        return "replayed"
+
+    def _publish_failed(
+        self, published: str, failure: str, msg_id: str, conversation: str
+    ) -> tuple[str, web.Response]:
+        """Answered by the fail policy; counted and logged once, by the first publish."""
+        if published == "published":
             PUBLISH_FAILURES.labels(failure).inc()
             log.error(
                 "publish failed, answering by the fail policy",
-                extra={"msg_id": msg_id, "conversation": message.conversation_id, "why": failure},
+                extra={"msg_id": msg_id, "conversation": conversation, "why": failure},
             )
-            return "publish_failed", _answer(self.on_failure)
-        self.recent.add(msg_id)
-        return "published", _answer(self.accepted)
+        return "publish_failed", _answer(self.on_failure)
 
     @staticmethod
     def _reject(exc: CallbackRejected, data: Any = None) -> web.Response:
@@ -582,4 +448,8 @@ def main(settings: Settings) -> None:
         access_log=None,
         print=None,
         handle_signals=True,
+        # How long requests in flight get once SIGTERM arrives: a body may take this
+        # long to arrive, then the answer. aiohttp's default (60 s) outlasts the pod's
+        # 30 s grace, so Kubernetes would kill it mid-answer.
+        shutdown_timeout=settings.gateway_body_timeout_s + 1,
     )

@@ -39,7 +39,7 @@ _CHAT_TYPES = {
     "groupchat": ChatType.group,
     "chatroom": ChatType.chatroom,
 }
-_BODY_TYPES: frozenset[str] = frozenset(
+BODY_TYPES: frozenset[str] = frozenset(
     ("txt", "img", "audio", "video", "file", "loc", "cmd", "custom", "combine", "unknown")
 )
 _C0 = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f]")
@@ -203,7 +203,7 @@ def _body_kind(body: dict[str, Any], has_bodies: bool) -> BodyType | None:
     raw_type = body.get("type")
     if body.get("subType") == "sub_combine" or (raw_type is None and "combineLevel" in body):
         return "combine"
-    if isinstance(raw_type, str) and raw_type in _BODY_TYPES:
+    if isinstance(raw_type, str) and raw_type in BODY_TYPES:
         return raw_type  # type: ignore[return-value]
     if raw_type is None and not has_bodies:
         return None
@@ -312,6 +312,13 @@ def _addressed_bot(
     return None, "not_ai"
 
 
+def chat_type_of(data: dict[str, Any]) -> ChatType | None:
+    """The conversation type a callback names (every spelling of §1.4), or None for the
+    post-send event types (recall, read_ack, edit, …) and anything unknown."""
+    raw = data.get("chat_type")
+    return _CHAT_TYPES.get(raw) if isinstance(raw, str) else None
+
+
 def decide(data: dict[str, Any], policy: Policy) -> Decision:
     """Is this verified callback an AI conversation? Build the message to publish if so.
 
@@ -321,8 +328,7 @@ def decide(data: dict[str, Any], policy: Policy) -> Decision:
     gets a 400 that a "block" fail policy would turn into a blocked message. Only a
     message for the AI must be complete and storable; otherwise it is a 400.
     """
-    raw_chat_type = data.get("chat_type")
-    chat_type = _CHAT_TYPES.get(raw_chat_type) if isinstance(raw_chat_type, str) else None
+    chat_type = chat_type_of(data)
     if chat_type is None:
         # recall, read_ack, edit, … and anything unknown: not ours, let it through.
         return Decision(None, "chat_type")

@@ -29,3 +29,11 @@ LATE_ACKS = Counter(
     "imbot_gateway_late_acks_total",
     "Records acked after their deadline: answered by the fail policy, yet on the topic",
 )
+
+# Named for what it counts, not the room it is counted in: the dashboard's and the
+# alerts' satisfaction figures (deploy/monitoring) read it as it is.
+FEEDBACK = Counter(
+    "imbot_feedback_total",
+    "Users' ratings of the bot's answers, published to imbot.feedback, by rating",
+    ["rating"],
+)

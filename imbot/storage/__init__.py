@@ -8,6 +8,8 @@
 - ``QuotaLedger`` (``storage.quota``): money reserved before a model call, settled
   after it, expired when its worker died; where each budget stands.
 - ``UserTiers`` (``storage.tiers``): tiers the operator set (``imbot users set-tier``).
+- ``FeedbackLog`` (``storage.feedback``): users' ratings of replies, and the satisfaction
+  report that joins them to the answering model and the user's tier.
 
 They share one ``Database`` (engine, SQLite's write lock, group commit;
 ``storage.database``), opened by ``open_database`` / ``open_storage``, which refuse
@@ -39,6 +41,7 @@ from imbot.storage.deliveries import (
     unstorable,
 )
 from imbot.storage.errors import describe_db_error, translated
+from imbot.storage.feedback import FeedbackLog, FeedbackReport, Satisfaction
 from imbot.storage.history import HistoryWindow
 from imbot.storage.quota import QuotaLedger, Reservation, ScopeState, SpendRow
 from imbot.storage.tiers import UserTiers
@@ -139,6 +142,7 @@ class Storage:
     history: HistoryWindow
     quota: QuotaLedger
     tiers: UserTiers
+    feedback: FeedbackLog
 
     @classmethod
     def over(cls, database: Database) -> Storage:
@@ -150,6 +154,7 @@ class Storage:
             history=HistoryWindow(database),
             quota=QuotaLedger(database),
             tiers=UserTiers(database),
+            feedback=FeedbackLog(database),
         )
 
     async def close(self) -> None:
@@ -169,6 +174,8 @@ __all__ = [
     "Claim",
     "Database",
     "DeliveryLedger",
+    "FeedbackLog",
+    "FeedbackReport",
     "History",
     "HistoryWindow",
     "LedgerRow",
@@ -177,6 +184,7 @@ __all__ = [
     "QuotaStates",
     "Quotas",
     "Reservation",
+    "Satisfaction",
     "ScopeState",
     "SpendRow",
     "StageStorage",

@@ -188,3 +188,22 @@ class UserTierRow(Base):
     user_id: Mapped[str] = mapped_column(String(ACCOUNT_ID_LEN), primary_key=True)
     tier: Mapped[str] = mapped_column(String(64))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class FeedbackRow(Base):
+    """A user's rating of one of the bot's replies (storage.feedback, docs/feedback.md):
+    one row per feedback message, joined to the answer through the delivery ledger."""
+
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(_ID, primary_key=True, autoincrement=True)
+    msg_id: Mapped[str] = mapped_column(String(MSG_ID_LEN), unique=True)  # the feedback message
+    # Easemob's msg id of the rated reply part (deliveries.easemob_msg_id).
+    reply_msg_id: Mapped[str] = mapped_column(String(EASEMOB_MSG_ID_LEN), index=True)
+    rating: Mapped[str] = mapped_column(String(16))  # a rating name of the policy's feedback
+    user_id: Mapped[str] = mapped_column(String(ACCOUNT_ID_LEN))
+    conversation_id: Mapped[str] = mapped_column(String(CONVERSATION_ID_LEN))
+    # When the user gave it (Easemob's timestamp of the feedback message).
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, index=True
+    )

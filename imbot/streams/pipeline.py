@@ -6,7 +6,11 @@ a fatal failure gets the waiting user the fallback reply, and which process runs
 input (the last row names its own); a stage that decides the final answer early
 also writes to the sender's input (``early``).
 
-Everything else is derived from this table: the CLI's stage names, the worker's
+Beside the chain, ``SIDE`` holds side rows: a stage that reads a topic of its own
+(fed from outside the chain, e.g. the gateway's feedback records) and writes nothing
+on. ``ROWS`` is both, the chain first.
+
+Everything else is derived from these rows: the CLI's stage names, the worker's
 default stage list, the resources a worker opens, replay's stage-to-topic map,
 trace's topic order, and (checked by tests) ``core.topics.ALL`` and the Kubernetes
 Deployments. Adding a stage is one row here and one class in ``streams.stages``.
@@ -36,11 +40,11 @@ class StageSpec:
     answers_on_failure: bool  # a fatal failure sends the waiting user the fallback reply
     process: Process = "worker"  # the command that runs it: imbot worker, or imbot sender
     early: tuple[str, ...] = ()  # topics besides ``forward``: an answer decided early
-    forward: str = field(default="")  # the next row's input (set by ``_chained``)
+    forward: str = field(default="")  # the next row's input (set by ``_chained``); "" on a side row
 
     @property
     def outputs(self) -> tuple[str, ...]:
-        return (self.forward, *self.early)
+        return (self.forward, *self.early) if self.forward else self.early
 
 
 def _row(
@@ -67,16 +71,30 @@ def _chained(*rows: StageSpec) -> tuple[StageSpec, ...]:
         if row.forward:
             raise ValueError(f"stage {row.name!r}: its output is the next stage's input")
     chained.append(rows[-1])
-    names = [row.name for row in chained]
+    return _distinct(tuple(chained))
+
+
+def _side(*rows: StageSpec) -> tuple[StageSpec, ...]:
+    """Rows off the chain: each reads its own topic and writes nothing on (no forward,
+    nothing early), so no other row's input depends on it."""
+    for row in rows:
+        if row.forward or row.early:
+            raise ValueError(f"side stage {row.name!r} writes nothing on: no forward, no early")
+    return rows
+
+
+def _distinct(rows: tuple[StageSpec, ...]) -> tuple[StageSpec, ...]:
+    """Unique names, one reader per topic, and early outputs that some row reads."""
+    names = [row.name for row in rows]
     if len(set(names)) != len(names):
         raise ValueError(f"stage names must be unique: {names}")
-    inputs = {row.input for row in chained}
-    if len(inputs) != len(chained):
+    inputs = {row.input for row in rows}
+    if len(inputs) != len(rows):
         raise ValueError("every stage reads its own topic")
-    for row in chained:
+    for row in rows:
         if not set(row.early) <= inputs:
             raise ValueError(f"stage {row.name!r} writes early to a topic no stage reads")
-    return tuple(chained)
+    return rows
 
 
 PIPELINE: Final = _chained(
@@ -96,17 +114,32 @@ PIPELINE: Final = _chained(
     ),
 )
 
-BY_NAME: Final = {row.name: row for row in PIPELINE}
+SIDE: Final = _side(
+    # Users' ratings of answers (docs/feedback.md): the gateway publishes them, this
+    # records them in the feedback table. Nobody waits on it, so no fallback reply.
+    _row(
+        "feedback",
+        topics.FEEDBACK,
+        needs=("storage",),
+        answers_on_failure=False,
+        process="sender",
+    ),
+)
+
+ROWS: Final = _distinct((*PIPELINE, *SIDE))
+BY_NAME: Final = {row.name: row for row in ROWS}
 STAGE_NAMES: Final = tuple(BY_NAME)
 # What ``imbot worker`` runs without ``--stage``.
-PROCESSING_STAGES: Final = tuple(row.name for row in PIPELINE if row.process == "worker")
+PROCESSING_STAGES: Final = tuple(row.name for row in ROWS if row.process == "worker")
 # What ``imbot sender`` runs.
-SENDER_STAGES: Final = tuple(row.name for row in PIPELINE if row.process == "sender")
+SENDER_STAGES: Final = tuple(row.name for row in ROWS if row.process == "sender")
 # Every topic of the pipeline in the order a message meets them, then the sandbox (where
-# the send stage puts a sandboxed replay's reply instead of delivering it), the DLQ last.
+# the send stage puts a sandboxed replay's reply instead of delivering it), the side
+# rows' inputs, the DLQ last.
 TOPICS: Final = (
     *dict.fromkeys(t for row in PIPELINE for t in (row.input, row.forward)),
     topics.SANDBOX,
+    *(row.input for row in SIDE),
     topics.DLQ,
 )
 
@@ -117,7 +150,7 @@ def spec(name: str) -> StageSpec:
 
 def stage_reading(base_topic: str) -> str | None:
     """The stage whose input ``base_topic`` is, if any."""
-    for row in PIPELINE:
+    for row in ROWS:
         if row.input == base_topic:
             return row.name
     return None

@@ -24,7 +24,7 @@ from imbot.core.settings import Settings
 from imbot.core.signature import expected_security
 from imbot.devtools.broker import consume_all
 from imbot.devtools.processes import free_port
-from imbot.gateway.app import Publisher
+from imbot.gateway.publisher import Publisher
 from tests.integration.conftest import start_gateway
 from tests.payloads import callback
 from tests.unit.test_gateway_input import ODD_VALUES, PATHS, nested, random_json, with_value
@@ -138,7 +138,9 @@ class _BrokenPublisher(Publisher):
     async def start(self) -> None:
         pass
 
-    async def publish(self, key: bytes, value: bytes, msg_id: str, timeout: float) -> str | None:
+    async def publish(
+        self, key: bytes, value: bytes, msg_id: str, timeout: float, *, topic: str | None = None
+    ) -> str | None:
         raise RuntimeError(f"unexpected failure while holding {value!r}")
 
 

@@ -1,5 +1,6 @@
-"""The Kubernetes manifests run every stage of the pipeline table, one Deployment each,
-and no stage the table does not have: in deploy/base's files, and in what every overlay
+"""The Kubernetes manifests run every stage of the pipeline table, one Deployment each
+(the sender's, ``imbot sender``, runs every row whose process is the sender: the send
+stage and the side rows it hosts), and no stage the table does not have: in deploy/base's files, and in what every overlay
 renders (the args each Deployment's container runs, parsed by the real ``imbot`` parser).
 Where production scales a stage on consumer lag, the KEDA trigger watches the consumer
 group and topic the worker really uses (``streams.worker.build``), bounded by the
@@ -15,7 +16,14 @@ import yaml
 
 from imbot.cli.main import build_parser
 from imbot.core.settings import Settings
-from imbot.streams.pipeline import PIPELINE, PROCESSING_STAGES, SENDER_STAGES, STAGE_NAMES, spec
+from imbot.streams.pipeline import (
+    PROCESSING_STAGES,
+    ROWS,
+    SENDER_STAGES,
+    STAGE_NAMES,
+    StageSpec,
+    spec,
+)
 from imbot.streams.worker import consumer_group
 from tests.unit.test_deploy_schemas import (
     OVERLAY_NAMES,
@@ -60,15 +68,21 @@ def _deployments() -> list[tuple[str, str, list[str]]]:
     return found
 
 
+def _runs_with(row: StageSpec) -> list[str]:
+    """What the one Deployment that runs ``row`` runs: a worker row alone, a sender row
+    with the sender's other rows (``imbot sender`` runs them all)."""
+    return list(SENDER_STAGES) if row.process == "sender" else [row.name]
+
+
 def test_every_stage_has_one_deployment_of_its_own() -> None:
     deployments = _deployments()
-    for row in PIPELINE:
+    for row in ROWS:
         running = [(file, name) for file, name, stages in deployments if row.name in stages]
         assert len(running) == 1, f"stage {row.name!r} is run by {running or 'no Deployment'}"
         [(file, name)] = running
         assert file == MANIFEST[row.process], f"{name} belongs in {MANIFEST[row.process]}"
         [stages] = [s for f, n, s in deployments if (f, n) == (file, name)]
-        assert stages == [row.name], f"{name} runs {stages}, not exactly {row.name!r}"
+        assert stages == _runs_with(row), f"{name} runs {stages}, not {_runs_with(row)}"
 
 
 def test_no_deployment_runs_a_stage_the_table_does_not_have() -> None:
@@ -83,7 +97,8 @@ def test_a_stage_named_in_the_args_is_recognised() -> None:
     assert _stages(["worker", "--stage", "route"]) == ["route"]
     assert _stages(["worker", "--stage=model"]) == ["model"]
     assert _stages(["worker"]) == list(PROCESSING_STAGES)
-    assert _stages(["sender"]) == ["send"]
+    assert _stages(["sender"]) == list(SENDER_STAGES)
+    assert _stages(["sender"]) == ["send", "feedback"]
     assert _stages(["gateway"]) is None
 
 
@@ -143,10 +158,10 @@ def test_every_deployment_runs_a_real_imbot_command(overlay: Rendered) -> None:
 
 def test_every_overlay_runs_each_stage_in_one_deployment_of_its_own(overlay: Rendered) -> None:
     running = _rendered_stages(overlay)
-    for row in PIPELINE:
+    for row in ROWS:
         owners = [name for name, stages in running.items() if row.name in stages]
         assert len(owners) == 1, f"{overlay.name}: stage {row.name!r} is run by {owners}"
-        assert running[owners[0]] == [row.name], f"{overlay.name}: {owners[0]} runs more"
+        assert running[owners[0]] == _runs_with(row), f"{overlay.name}: {owners[0]} runs more"
     assert sorted(s for stages in running.values() for s in stages) == sorted(STAGE_NAMES)
 
 
@@ -169,7 +184,7 @@ def test_production_scales_every_processing_stage_on_its_consumer_lag() -> None:
     autoscaled = set(scaled) | {
         h["spec"]["scaleTargetRef"]["name"] for h in production.of_kind("HorizontalPodAutoscaler")
     }
-    assert not {by_stage[s] for s in SENDER_STAGES} & autoscaled
+    assert not {by_stage[SENDER_STAGES[0]]} & autoscaled
 
 
 def test_each_lag_trigger_watches_the_group_and_topic_its_worker_uses() -> None:

@@ -14,7 +14,15 @@ from imbot.core.envelope import Envelope
 from imbot.core.errors import ConfigurationError, FatalError
 from imbot.core.settings import DEFAULT_POLICY_FILE, Settings, load_settings
 from imbot.streams import pipeline
-from imbot.streams.pipeline import PIPELINE, PROCESSING_STAGES, SENDER_STAGES, STAGE_NAMES, Resource
+from imbot.streams.pipeline import (
+    PIPELINE,
+    PROCESSING_STAGES,
+    ROWS,
+    SENDER_STAGES,
+    SIDE,
+    STAGE_NAMES,
+    Resource,
+)
 from imbot.streams.stages import STAGES, PipelineStage, Route
 from imbot.streams.worker import OPENERS, Runtime
 from tests.envelopes import direct_envelope
@@ -32,7 +40,14 @@ def _env() -> Envelope:
 
 
 def test_the_table_reads_as_the_pipeline_top_to_bottom() -> None:
-    assert STAGE_NAMES == ("moderate-in", "route", "model", "moderate-out", "send")
+    assert [row.name for row in PIPELINE] == [
+        "moderate-in",
+        "route",
+        "model",
+        "moderate-out",
+        "send",
+    ]
+    assert STAGE_NAMES == ("moderate-in", "route", "model", "moderate-out", "send", "feedback")
     assert [(row.input, row.forward) for row in PIPELINE] == [
         (topics.INBOUND, topics.MODERATED),
         (topics.MODERATED, topics.ROUTED),
@@ -41,7 +56,39 @@ def test_the_table_reads_as_the_pipeline_top_to_bottom() -> None:
         (topics.OUTBOUND, topics.DELIVERED),
     ]
     assert PROCESSING_STAGES == ("moderate-in", "route", "model", "moderate-out")
-    assert SENDER_STAGES == ("send",)
+    assert SENDER_STAGES == ("send", "feedback")
+
+
+def test_side_rows_read_their_own_topic_and_write_nothing_on() -> None:
+    """The feedback row: fed by the gateway, not by the chain, run by the sender."""
+    assert [(row.name, row.input) for row in SIDE] == [("feedback", topics.FEEDBACK)]
+    [feedback] = SIDE
+    assert (feedback.forward, feedback.early, feedback.outputs) == ("", (), ())
+    assert (feedback.process, feedback.needs, feedback.answers_on_failure) == (
+        "sender",
+        frozenset({"storage"}),
+        False,
+    )
+    assert pipeline.ROWS[: len(PIPELINE)] == PIPELINE  # the chain first
+    assert pipeline.ROWS[len(PIPELINE) :] == SIDE
+    chain_topics = {t for row in PIPELINE for t in (row.input, *row.outputs)}
+    assert topics.FEEDBACK not in chain_topics  # no chain row writes or reads it
+    assert pipeline.stage_reading(topics.FEEDBACK) == "feedback"
+
+
+def test_a_side_row_that_writes_on_or_shares_a_topic_is_refused() -> None:
+    forward = pipeline.StageSpec("s", "t.s", frozenset(), answers_on_failure=False, forward="t.x")
+    with pytest.raises(ValueError, match="writes nothing on"):
+        pipeline._side(forward)
+    early = pipeline.StageSpec("s", "t.s", frozenset(), answers_on_failure=False, early=("t.x",))
+    with pytest.raises(ValueError, match="writes nothing on"):
+        pipeline._side(early)
+    twin = pipeline.StageSpec("s", topics.OUTBOUND, frozenset(), answers_on_failure=False)
+    with pytest.raises(ValueError, match="its own topic"):
+        pipeline._distinct((*PIPELINE, *pipeline._side(twin)))
+    named = pipeline.StageSpec("send", "t.s", frozenset(), answers_on_failure=False)
+    with pytest.raises(ValueError, match="unique"):
+        pipeline._distinct((*PIPELINE, *pipeline._side(named)))
 
 
 def test_core_topics_are_the_tables_topics_in_its_order() -> None:
@@ -57,7 +104,7 @@ def test_a_stage_writes_forward_to_the_next_rows_input() -> None:
 
 def test_every_row_has_its_class_bound_to_it() -> None:
     assert list(STAGES) == list(STAGE_NAMES)
-    for row in PIPELINE:
+    for row in ROWS:
         cls = STAGES[row.name]
         assert (cls.name, cls.input_topic, cls.forward) == (row.name, row.input, row.forward)
 
@@ -92,7 +139,7 @@ def test_the_worker_can_open_every_resource_a_row_may_name() -> None:
     assert set(OPENERS) == set(get_args(Resource))
 
 
-@pytest.mark.parametrize("row", PIPELINE, ids=lambda row: row.name)
+@pytest.mark.parametrize("row", ROWS, ids=lambda row: row.name)
 async def test_a_stage_builds_from_exactly_the_resources_its_row_names(
     settings: Settings, row: pipeline.StageSpec
 ) -> None:
@@ -107,7 +154,7 @@ async def test_a_stage_builds_from_exactly_the_resources_its_row_names(
         await runtime.close()
 
 
-@pytest.mark.parametrize("row", PIPELINE, ids=lambda row: row.name)
+@pytest.mark.parametrize("row", ROWS, ids=lambda row: row.name)
 async def test_a_fatal_failure_answers_the_user_exactly_where_the_table_says(
     settings: Settings, row: pipeline.StageSpec
 ) -> None:
@@ -129,7 +176,8 @@ async def test_a_fatal_failure_answers_the_user_exactly_where_the_table_says(
 
 def test_the_worker_opens_only_what_its_stages_need() -> None:
     assert "sender" not in pipeline.needs_of(PROCESSING_STAGES)
-    assert pipeline.needs_of(SENDER_STAGES) == {"sender"}
+    assert pipeline.needs_of(["send"]) == {"sender"}
+    assert pipeline.needs_of(SENDER_STAGES) == {"sender", "storage"}  # the feedback table
     assert pipeline.needs_of(["route"]) == {"storage"}
 
 
