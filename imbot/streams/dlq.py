@@ -198,8 +198,8 @@ class DlqEntry:
 
 
 async def ensure_marker_topic(settings: Settings) -> None:
-    """Create ``imbot.dlq.requeued`` when it is missing: one partition (a few small
-    records, read whole by every requeue) kept as long as the DLQ's records."""
+    """Create ``imbot.dlq.requeued`` when it is missing, like ``ensure_topics`` does the
+    pipeline's (same partitions and replication), kept as long as the DLQ's records."""
     name = settings.topic(REQUEUED)
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
     await connect(admin, settings)
@@ -208,7 +208,7 @@ async def ensure_marker_topic(settings: Settings) -> None:
             return
         topic = NewTopic(
             name=name,
-            num_partitions=1,
+            num_partitions=settings.topic_partitions,
             replication_factor=settings.topic_replication,
             topic_configs={"cleanup.policy": "delete", "retention.ms": str(MARKER_RETENTION_MS)},
         )
