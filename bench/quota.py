@@ -64,6 +64,11 @@ def _route(settings: Settings, store: Storage) -> Route:
     )
 
 
+def _deciding(stage: Route, deadline: float) -> Callable[[int], Awaitable[object]]:
+    """One route decision on the n-th envelope: the call ``_timed`` measures."""
+    return lambda n: stage.handle(_envelope(n), deadline=deadline)
+
+
 async def _timed(rounds: int, one: Callable[[int], Awaitable[object]]) -> list[float]:
     out = []
     for n in range(rounds):
@@ -90,15 +95,11 @@ async def _route_costs(url: str, folder: Path) -> dict[str, list[float]]:
         tiered = _route(load_settings(policy_file=DEFAULT_POLICY_FILE), store)
         fixed = _route(load_settings(policy_file=_fixed_policy(folder)), store)
         for stage in (tiered, fixed):  # warm the pool and the caches
-            await _timed(200, lambda n, s=stage: s.handle(_envelope(n), deadline=deadline))
+            await _timed(200, _deciding(stage, deadline))
         results: dict[str, list[float]] = {"fixed": [], "tiered": []}
         for _ in range(4):  # interleaved, so drift hits both alike
-            results["fixed"] += await _timed(
-                ROUNDS // 4, lambda n: fixed.handle(_envelope(n), deadline=deadline)
-            )
-            results["tiered"] += await _timed(
-                ROUNDS // 4, lambda n: tiered.handle(_envelope(n), deadline=deadline)
-            )
+            results["fixed"] += await _timed(ROUNDS // 4, _deciding(fixed, deadline))
+            results["tiered"] += await _timed(ROUNDS // 4, _deciding(tiered, deadline))
         return results
     finally:
         await store.close()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import pytest
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -33,12 +33,13 @@ class ScriptedStage:
 
     name = "scripted"
     input_topic = topics.ROUTED
+    deadline_s: float | None = None  # None: the boundary uses the settings' deadline
 
     def __init__(self, failures: Sequence[Exception]) -> None:
         self.failures = list(failures)
         self.calls = 0
 
-    async def handle(self, env: Envelope, *, deadline: float) -> Sequence[Emit]:
+    async def handle(self, env: Envelope, *, deadline: float) -> Sequence[Emit | AfterPublish]:
         self.calls += 1
         if self.failures:
             raise self.failures.pop(0)
@@ -51,12 +52,12 @@ class ScriptedStage:
 
 
 @pytest.fixture
-async def outputs(make_settings: Callable[..., Settings]) -> Outputs:
+async def outputs(make_settings: Callable[..., Settings]) -> AsyncIterator[Outputs]:
     settings = make_settings(stage_deadline_s=2.0, stage_retry_base_s=0.01, stage_retry_max_s=0.05)
     await ensure_topics(settings)
     producer = new_producer(settings)
     await producer.start()
-    yield Outputs(settings, producer)  # type: ignore[misc]
+    yield Outputs(settings, producer)
     await producer.stop()
 
 
@@ -165,7 +166,7 @@ async def test_a_constraint_violation_is_a_bug_not_a_retry(outputs: Outputs) -> 
 
 async def test_a_stage_deadline_of_its_own_overrides_the_setting(outputs: Outputs) -> None:
     stage = ScriptedStage([RetryableError("easemob down")] * 10_000)
-    stage.deadline_s = 0.3  # type: ignore[attr-defined]
+    stage.deadline_s = 0.3
     started = asyncio.get_running_loop().time()
     outcome = await Boundary(stage, outputs, outputs.settings).process(
         b"k", encode_envelope(_env()), "t", 0, 5

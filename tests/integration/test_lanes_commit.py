@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import faust
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -84,7 +84,8 @@ async def test_commit_waits_for_slow_event_then_advances(
 
     async with _lanes_on_faust(settings, "lanes", handler, 16) as (app, producer):
         # The embedded-broker fix is in effect on the consumer Faust actually uses.
-        fetcher = app.consumer._thread._ensure_consumer()._fetcher
+        # Faust's ConsumerT does not declare the aiokafka thread it runs (private, untyped).
+        fetcher = cast(Any, app.consumer)._thread._ensure_consumer()._fetcher
         assert fetcher._fetch_max_wait_ms == settings.consumer_fetch_max_wait_ms
 
         for i in range(5):  # five conversations on one partition

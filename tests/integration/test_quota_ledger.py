@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import pytest
@@ -15,9 +16,9 @@ from imbot.storage.schema import utcnow
 
 
 @pytest.fixture
-async def store(db_url: str) -> Storage:
+async def store(db_url: str) -> AsyncIterator[Storage]:
     s = await open_storage(db_url)
-    yield s  # type: ignore[misc]
+    yield s
     await s.close()
 
 

@@ -23,6 +23,7 @@ from imbot.sender.split import part_end, split_reply
 from imbot.storage import UNCERTAIN_CLAIM, Storage, open_storage
 from tests.envelopes import direct_envelope
 from tests.integration.conftest import new_easemob_client
+from tests.rows import DeliveryTarget
 
 TEXT = "".join(f"第{i}句话，内容比较长一些。" for i in range(250))  # 4 parts of 3,000 bytes
 
@@ -118,7 +119,7 @@ async def test_a_part_whose_sender_died_after_easemob_accepted_it_is_resent_visi
     env = _env(user)
     parts = split_reply(TEXT)
     first = part_end(TEXT, 0)
-    where = {"parts": len(parts), "target_kind": "users", "target": user}
+    where: DeliveryTarget = {"parts": len(parts), "target_kind": "users", "target": user}
     # The sender that died: its claims had a lease that has run out by now.
     assert await store.deliveries.claim_part(env.msg_id, 0, "dead:0", lease_s=0.01, **where)
     id0 = await client.send_text("users", sender="ai_bot", to=user, text=parts[0])

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from imbot.core.envelope import ChatType, Content, Envelope, Reply
+from imbot.core.envelope import ChatType, Content, Envelope, Reply, ReplyKind
 from imbot.core.errors import ConfigurationError, FatalError, RetryableError
 from imbot.sender.easemob import EasemobClient, MessageTooLarge
 from imbot.sender.service import ReplySender, reply_digest
@@ -247,9 +247,9 @@ async def test_the_real_answer_after_a_fallback_apology_is_still_delivered(
     sender = ReplySender(client, store.deliveries)
     msg_id = uuid.uuid4().hex
 
-    def env(text: str, kind: str) -> Envelope:
+    def env(text: str, kind: ReplyKind) -> Envelope:
         e = _env(text, msg_id=msg_id)
-        return e.model_copy(update={"reply": Reply(text=text, kind=kind)})  # type: ignore[arg-type]
+        return e.model_copy(update={"reply": Reply(text=text, kind=kind)})
 
     deadline = time.monotonic() + 10
     await sender.deliver(env("抱歉，请稍后再试。", "fallback"), deadline=deadline)

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import insert, text
 
 from imbot.core.envelope import ChatType, Completion, Content, Envelope, Verdict, conversation_id
 from imbot.core.errors import ConfigurationError, StorageError
 from imbot.storage import AuditEntry, HistoryWindow, Storage, open_storage
 from imbot.storage.schema import DeliveryRow, MessageRow, ModerationAuditRow, UsageRow, utcnow
-from tests.rows import count_rows
+from tests.rows import DeliveryTarget, count_rows
 
 
 def _env(conv: str, n: int, text_: str = "问题") -> Envelope:
@@ -36,9 +37,9 @@ def _env(conv: str, n: int, text_: str = "问题") -> Envelope:
 
 
 @pytest.fixture
-async def store(db_url: str) -> Storage:
+async def store(db_url: str) -> AsyncIterator[Storage]:
     s = await open_storage(db_url)
-    yield s  # type: ignore[misc]
+    yield s
     await s.close()
 
 
@@ -176,14 +177,14 @@ async def test_masked_text_is_what_history_keeps(store: Storage) -> None:
 
 async def test_ledger_records_attempts_and_sent_parts(store: Storage) -> None:
     msg_id = uuid.uuid4().hex
-    where = {"parts": 2, "target_kind": "users", "target": "alice"}
-    await store.deliveries.mark_failed(msg_id, 0, "429 reach_limit", final=False, **where)  # type: ignore[arg-type]
+    where: DeliveryTarget = {"parts": 2, "target_kind": "users", "target": "alice"}
+    await store.deliveries.mark_failed(msg_id, 0, "429 reach_limit", final=False, **where)
     await store.deliveries.mark_sent(
         msg_id, 0, "1029457500870543736", end_offset=1000, reply_digest="d1", **where
-    )  # type: ignore[arg-type]
+    )
     # a late duplicate of the failure cannot undo a sent part
-    await store.deliveries.mark_failed(msg_id, 0, "timeout", final=False, **where)  # type: ignore[arg-type]
-    await store.deliveries.mark_failed(msg_id, 1, "400 bad request", final=True, **where)  # type: ignore[arg-type]
+    await store.deliveries.mark_failed(msg_id, 0, "timeout", final=False, **where)
+    await store.deliveries.mark_failed(msg_id, 1, "400 bad request", final=True, **where)
     ledger = await store.deliveries.ledger(msg_id)
     assert (ledger[0].status, ledger[0].easemob_msg_id, ledger[0].attempts) == (
         "sent",
@@ -222,7 +223,7 @@ async def test_history_query_uses_the_conversation_index_on_postgres(pg_url: str
                     {"id": c},
                 )
             await conn.execute(
-                MessageRow.__table__.insert(),  # type: ignore[arg-type]
+                insert(MessageRow),
                 [
                     {
                         "msg_id": f"{tag}-{n}",

@@ -16,7 +16,15 @@ import httpx
 import pytest
 from sqlalchemy import inspect, select
 
-from imbot.core.envelope import ChatType, Completion, Content, Envelope, Reply, conversation_id
+from imbot.core.envelope import (
+    ChatType,
+    Completion,
+    Content,
+    Envelope,
+    Reply,
+    ReplyKind,
+    conversation_id,
+)
 from imbot.core.errors import FatalError
 from imbot.core.limits import GROUP_ID_MAX, MSG_ID_MAX, USER_ID_MAX
 from imbot.sender.easemob import EasemobClient
@@ -52,7 +60,7 @@ def _env(
     bot: str,
     group: str | None = None,
     reply: str = "回答",
-    kind: str = "answer",
+    kind: ReplyKind = "answer",
     question: str = "问题",
 ) -> Envelope:
     chat_type = ChatType.group if group else ChatType.direct
@@ -64,7 +72,7 @@ def _env(
         to=group or bot,
         bot=bot,
         content=Content(type="txt", text=question),
-        reply=Reply(text=reply, kind=kind),  # type: ignore[arg-type]
+        reply=Reply(text=reply, kind=kind),
     )
 
 

@@ -43,7 +43,7 @@ def _settings(tmp_path: Path, base_url: str) -> Settings:
     }
     chain = ["streamer"]
     for tier in policy["routing"]["tiers"].values():
-        tier["models"] = {"light": chain, "strong": chain}
+        tier["models"] = {level["name"]: chain for level in policy["routing"]["levels"]}
     policy["routes"]["default"]["stream"] = True
     path = tmp_path / "policy.yaml"
     path.write_text(yaml.safe_dump(policy, allow_unicode=True), encoding="utf-8")
@@ -90,7 +90,7 @@ async def test_a_stream_is_settled_with_the_provider_s_usage(
         assert isinstance(out, Emit)
         assert out.envelope.completion is not None
         assert out.envelope.completion.text == provider.reply_text
-        assert provider.requests[0].json["stream"] is True  # type: ignore[index]
+        assert provider.requests[0].json["stream"] is True
     [row] = await store.quota.spend(user_id=user)
     # 21 prompt + 9 completion tokens, at 100 per million: 3000 micro-CNY, not zero.
     assert (row.calls, row.tokens, row.micros) == (1, 30, 30 * int(PRICE))

@@ -135,7 +135,7 @@ def settings_of(overlay: Rendered, deployment: Manifest) -> Settings:
         if "configMapRef" in source:
             env.update(overlay.one("ConfigMap", source["configMapRef"]["name"])["data"])
     env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
-    fields = {
+    fields: dict[str, Any] = {  # strings, as the container's environment gives them
         name.removeprefix("IMBOT_").lower(): value
         for name, value in env.items()
         if name.startswith("IMBOT_")

@@ -25,6 +25,7 @@ def defined() -> dict[str, tuple[str, str, str]]:
                 name = value._name + ("_total" if value._type == "counter" else "")
                 assert name not in found, f"{name} defined twice"
                 labels = ",".join(value._labelnames)
+                assert value._type, f"{name} has no type"
                 kind = value._type + (f" {{{labels}}}" if labels else "")
                 found[name] = (room, kind, value._documentation)
     return found
@@ -62,7 +63,8 @@ def test_every_registered_imbot_metric_is_in_a_metrics_module() -> None:
 
 def test_the_readme_lists_exactly_the_code_s_metrics() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert START in readme and END in readme, "README needs the metrics table markers"
+    assert START in readme, "README needs the metrics table markers"
+    assert END in readme, "README needs the metrics table markers"
     listed = readme.split(START, 1)[1].split(END, 1)[0].strip()
     assert listed == table(), "README metrics table is stale; replace it with:\n" + table()
 

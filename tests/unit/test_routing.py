@@ -202,7 +202,8 @@ async def test_the_level_follows_the_question(text: str, level: str) -> None:
     assert route is not None
     assert (route.rule, route.level) == ("level", level)
     assert route.models == settings.policy.routing.tiers["free"].models[level]
-    assert route.score is not None and route.features  # explained
+    assert route.score is not None  # explained
+    assert route.features
 
 
 async def _strong_with_spent(share: float) -> Emit:
@@ -247,7 +248,8 @@ def test_scopes_cover_the_user_the_tenant_and_the_group_by_day_and_month() -> No
         ("tenant:org#app:d:2026-12-01", "tenant daily"),
         ("group:g1:d:2026-12-01", "group daily"),
     ]
-    assert scopes[0].micros == 2 * MICROS and scopes[0].tokens == 200_000
+    assert scopes[0].micros == 2 * MICROS
+    assert scopes[0].tokens == 200_000
 
 
 def test_the_worst_case_is_the_dearest_model_of_the_chain_at_the_output_cap() -> None:
@@ -300,7 +302,7 @@ def test_a_policy_without_tiers_keeps_each_route_s_fixed_chain(tmp_path: Path) -
     assert not policy.routing.enabled
     empty = tmp_path / "empty.yaml"
     empty.write_text("routes: {default: {}}\n", encoding="utf-8")
-    with pytest.raises(ConfigurationError, match="routes.default.models is empty"):
+    with pytest.raises(ConfigurationError, match=r"routes\.default\.models is empty"):
         load_policy(empty)
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -54,7 +55,11 @@ def test_bad_yaml_is_a_configuration_error(tmp_path: Path) -> None:
 
 
 def test_the_cli_offers_exactly_the_pipeline_stages() -> None:
-    from imbot.cli.main import STAGE_NAMES
+    """Read from the parser itself: the choices ``imbot worker --stage`` really accepts."""
+    from imbot.cli.main import build_parser
     from imbot.streams.stages import STAGES
 
-    assert set(STAGE_NAMES) == set(STAGES)
+    parser = build_parser()
+    [commands] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    [stage] = [a for a in commands.choices["worker"]._actions if a.dest == "stage"]
+    assert set(stage.choices or ()) == set(STAGES)
