@@ -14,7 +14,7 @@ any other message would. Pure functions, no I/O; ``gateway.app`` publishes the r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
@@ -181,7 +181,9 @@ def read_feedback(data: dict[str, Any], policy: Policy) -> FeedbackMessage | Non
     if place is None:
         return None
     chat_type, to, bot, conversation = place
-    kind = found[0].get("type") if found is not None else None
+    raw_kind = found[0].get("type") if found is not None else None
+    known = isinstance(raw_kind, str) and raw_kind in BODY_TYPES  # a list is unhashable
+    kind = cast(BodyType, raw_kind) if known else "unknown"
     return FeedbackMessage(
         msg_id=msg_id,
         call_id=call_id,
@@ -192,6 +194,6 @@ def read_feedback(data: dict[str, Any], policy: Policy) -> FeedbackMessage | Non
         sender=sender,
         to=to,
         bot=bot,
-        kind=kind if isinstance(kind, str) and kind in BODY_TYPES else "unknown",  # type: ignore[arg-type]
+        kind=kind,
         easemob_timestamp=timestamp,
     )

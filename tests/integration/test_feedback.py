@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from imbot.core import topics
@@ -37,7 +38,7 @@ from tests.payloads import callback
 from tests.rows import count_rows
 from tests.unit.test_gateway_input import ODD_VALUES, with_value
 
-Client = TestClient  # type: ignore[type-arg]
+Client = TestClient[web.Request, web.Application]
 REPLY = "1290012345678999999"
 
 

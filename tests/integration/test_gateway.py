@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from imbot.core import topics
@@ -21,7 +22,7 @@ from imbot.gateway.app import create_app
 from tests.integration.conftest import start_gateway
 from tests.payloads import callback
 
-Client = TestClient  # type: ignore[type-arg]
+Client = TestClient[web.Request, web.Application]
 
 
 @pytest.fixture

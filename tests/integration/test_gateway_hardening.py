@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from imbot.core import topics
@@ -29,7 +30,7 @@ from tests.integration.conftest import start_gateway
 from tests.payloads import callback
 from tests.unit.test_gateway_input import ODD_VALUES, PATHS, nested, random_json, with_value
 
-Client = TestClient  # type: ignore[type-arg]
+Client = TestClient[web.Request, web.Application]
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
 """The Kubernetes manifests run every stage of the pipeline table, one Deployment each
 (the sender's, ``imbot sender``, runs every row whose process is the sender: the send
-stage and the side rows it hosts), and no stage the table does not have: in deploy/base's files, and in what every overlay
-renders (the args each Deployment's container runs, parsed by the real ``imbot`` parser).
+stage and the side rows it hosts), and no stage the table does not have: in deploy/base's
+files, and in what every overlay renders (the args each Deployment's container runs,
+parsed by the real ``imbot`` parser).
 Where production scales a stage on consumer lag, the KEDA trigger watches the consumer
 group and topic the worker really uses (``streams.worker.build``), bounded by the
 topic's partitions."""
