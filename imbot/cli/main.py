@@ -186,11 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", action="store_true", help="review as a model answer (moderate-out)"
     )
     moderate.set_defaults(func=cmd_moderate)
+    from imbot.cli.feedback import add_parsers as add_feedback_parsers
     from imbot.cli.ops import add_parsers as add_ops_parsers
     from imbot.cli.routing import add_parsers
 
     add_parsers(sub)
     add_ops_parsers(sub)
+    add_feedback_parsers(sub)
     return parser
 
 

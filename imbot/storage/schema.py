@@ -103,7 +103,11 @@ class DeliveryRow(Base):
     claimed_by: Mapped[str | None] = mapped_column(String(CLAIM_ID_LEN), nullable=True)
     claimed_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
-    __table_args__ = (UniqueConstraint("msg_id", "part", name="uq_deliveries_msg_id_part"),)
+    __table_args__ = (
+        UniqueConstraint("msg_id", "part", name="uq_deliveries_msg_id_part"),
+        # The feedback report finds the rated reply by the id Easemob gave its part.
+        Index("ix_deliveries_easemob_msg_id", "easemob_msg_id"),
+    )
 
 
 class UsageRow(Base):

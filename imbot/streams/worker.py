@@ -25,7 +25,7 @@ from imbot.streams.faust_app import StageApp, create_app
 from imbot.streams.health import LagReporter, serve
 from imbot.streams.lanes import KeyedLanes
 from imbot.streams.metrics import BUDGET_DAILY_COST, IN_FLIGHT
-from imbot.streams.pipeline import PROCESSING_STAGES, Resource, needs_of
+from imbot.streams.pipeline import PROCESSING_STAGES, SENDER_STAGES, Resource, needs_of
 from imbot.streams.stages import STAGES, Resources
 
 if TYPE_CHECKING:  # each loaded only by the workers whose stages need it
@@ -157,10 +157,17 @@ class Runtime:
 
 
 def consumer_group(settings: Settings, stages: Sequence[str]) -> str:
-    """The consumer group of a worker running ``stages`` (KEDA's ScaledObjects name it)."""
-    return settings.worker_group or settings.topic(
-        "imbot-stages" if tuple(stages) == PROCESSING_STAGES else "imbot-" + "-".join(stages)
-    )
+    """The consumer group of a worker running ``stages`` (KEDA's ScaledObjects name it).
+
+    The sender keeps the group it had before it also ran the feedback row, so an upgrade
+    does not read ``imbot.outbound`` again from its start."""
+    if settings.worker_group:
+        return settings.worker_group
+    if tuple(stages) == PROCESSING_STAGES:
+        return settings.topic("imbot-stages")
+    if tuple(stages) == SENDER_STAGES:
+        return settings.topic("imbot-send")
+    return settings.topic("imbot-" + "-".join(stages))
 
 
 def build(settings: Settings, stages: Sequence[str]) -> tuple[StageApp, Runtime]:
