@@ -283,8 +283,11 @@ class Budgets:
         return cls(settings.policy, policy_prices(settings.policy), tenant_of(settings))
 
     def scopes(self, env: Envelope, tier: str) -> list[QuotaScope]:
+        """The budgets a call for ``env`` counts against. A sandboxed replay is an
+        operator's experiment: the app pays for its calls (the tenant's budgets), the
+        user and the group whose message it replays do not."""
         group = env.to if env.chat_type.value != "chat" else None
-        return scopes_for(
+        scopes = scopes_for(
             self.policy.routing,
             tier,
             user=env.sender,
@@ -292,6 +295,9 @@ class Budgets:
             group=group,
             now=datetime.now(UTC),
         )
+        if env.replay is not None and env.replay.sandbox:
+            return [s for s in scopes if s.key.startswith("tenant:")]
+        return scopes
 
     def worst_case(self, chain: Sequence[str], input_tokens: int, max_output: int | None) -> int:
         return worst_case_micros(self.prices, chain, input_tokens, max_output or DEFAULT_OUTPUT_CAP)

@@ -342,3 +342,17 @@ def test_the_group_conversation_counts_against_the_group() -> None:
         "org#app",
     )
     assert any(s.key.startswith("group:g-42:") for s in budgets.scopes(env, "free"))
+
+
+def test_a_sandboxed_replay_is_paid_by_the_tenant_not_by_the_user() -> None:
+    from imbot.core.envelope import ReplayMark
+
+    settings = _settings()
+    env = direct_envelope("hi")
+    budgets = Budgets.of(settings)
+    live = {s.label for s in budgets.scopes(env, "free")}
+    replayed = env.model_copy(update={"replay": ReplayMark(id="r", sandbox=True)})
+    delivered = env.model_copy(update={"replay": ReplayMark(id="r", sandbox=False)})
+    assert "user daily" in live
+    assert {s.label for s in budgets.scopes(replayed, "free")} == {"tenant daily"}
+    assert {s.label for s in budgets.scopes(delivered, "free")} == live
