@@ -151,8 +151,12 @@ def run_wrk(port: int, script: Path, pid: int, seconds: int, offset: int) -> dic
         check=True,
     ).stdout
     cpu = cpu_seconds(pid) - cpu_before
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    rps_line = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    count_line = re.search(r"(\d+) requests in", out)
+    assert rps_line, out
+    assert count_line, out
+    rps = float(rps_line.group(1))
+    requests = int(count_line.group(1))
 
     def pct(label: str) -> float:
         m = re.search(rf"\s{label}%\s+([\d.]+)(us|ms|s)", out)

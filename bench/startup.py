@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from faust import StreamT
+
 from bench.report import write_section
 from imbot.core.kafka import ensure_topics
 from imbot.core.settings import load_settings
@@ -58,9 +60,9 @@ async def faust_join(bootstrap: str) -> float:
     joined = asyncio.Event()
     topic = app.topic("startup.x", key_type=bytes, value_type=bytes)
 
-    async def agent(stream: object) -> None:
+    async def agent(stream: StreamT[bytes]) -> None:
         joined.set()
-        async for _ in stream:  # type: ignore[attr-defined]
+        async for _ in stream:
             pass
 
     app.agent(topic, name="floor")(agent)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -31,7 +32,9 @@ def topic_prefix() -> str:
 
 
 @pytest.fixture
-def make_settings(broker: EmbeddedBroker, topic_prefix: str, tmp_path: object):  # type: ignore[no-untyped-def]
+def make_settings(
+    broker: EmbeddedBroker, topic_prefix: str, tmp_path: Path
+) -> Callable[..., Settings]:
     def make(**overrides: object) -> Settings:
         base: dict[str, object] = {
             "kafka_bootstrap": broker.bootstrap,

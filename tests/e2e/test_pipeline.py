@@ -80,14 +80,16 @@ def _settings(stack: DevStack) -> Any:
 
 async def test_signed_callback_gets_a_reply_and_history(stack: DevStack) -> None:
     user = _user()
-    result = simulate(stack.simulator_url, "你好，介绍一下你自己", sender=user, timeout=60)
-    replies: list[dict[str, Any]] = result["replies"]  # type: ignore[assignment]
+    result: dict[str, Any] = simulate(
+        stack.simulator_url, "你好，介绍一下你自己", sender=user, timeout=60
+    )
+    replies: list[dict[str, Any]] = result["replies"]
     assert len(replies) == 1
     reply = replies[0]
     assert reply["from"] == "ai_bot"
     assert reply["to"] == [user]
     assert "演示模型" in reply["body"]["msg"] or "demo" in reply["body"]["msg"].lower()
-    msg_id = result["callback"]["request"]["msg_id"]  # type: ignore[index]
+    msg_id = result["callback"]["request"]["msg_id"]
     assert reply["ext"]["imbot_reply_to"] == msg_id
     # History: the question and the answer, the delivery, the usage (written just
     # after the send, so give the sender a moment).
@@ -101,7 +103,7 @@ async def test_signed_callback_gets_a_reply_and_history(stack: DevStack) -> None
 async def test_group_mention_is_answered_in_the_group(stack: DevStack) -> None:
     group = f"g{uuid.uuid4().int % 10**12}"
     user = _user()
-    result = simulate(
+    result: dict[str, Any] = simulate(
         stack.simulator_url,
         "@AI 总结一下",
         sender=user,
@@ -109,7 +111,7 @@ async def test_group_mention_is_answered_in_the_group(stack: DevStack) -> None:
         group_id=group,
         timeout=60,
     )
-    replies: list[dict[str, Any]] = result["replies"]  # type: ignore[assignment]
+    replies: list[dict[str, Any]] = result["replies"]
     assert len(replies) == 1
     assert replies[0]["to"] == [group]
     assert replies[0]["ext"]["em_at_list"] == [user]
@@ -173,8 +175,8 @@ async def test_poison_record_on_each_stage_goes_to_dlq_and_the_next_message_flow
     finally:
         await producer.stop()
     # The pipeline still answers, on the same partition, after the poison.
-    result = simulate(stack.simulator_url, "还在吗？", sender=user, timeout=60)
-    assert len(result["replies"]) == 1  # type: ignore[arg-type]
+    result: dict[str, Any] = simulate(stack.simulator_url, "还在吗？", sender=user, timeout=60)
+    assert len(result["replies"]) == 1
     deadline = time.monotonic() + 20
     poisoned: dict[str, DlqRecord] = {}
     while time.monotonic() < deadline and len(poisoned) < len(inputs):

@@ -51,10 +51,14 @@ async def client(simulator: str) -> AsyncIterator[EasemobClient]:
         yield c
 
 
-async def start_gateway(settings: Settings) -> TestClient:  # type: ignore[type-arg]
+GatewayClient = TestClient[web.Request, web.Application]
+"""A test client of the gateway app (aiohttp's ``TestClient`` is generic in both)."""
+
+
+async def start_gateway(settings: Settings) -> GatewayClient:
     """The gateway app on a real port, once its producer is connected (``/readyz``)."""
     await ensure_topics(settings)
-    client: TestClient = TestClient(TestServer(create_app(settings)))  # type: ignore[type-arg]
+    client: GatewayClient = TestClient(TestServer(create_app(settings)))
     await client.start_server()
     for _ in range(100):
         if (await client.get("/readyz")).status == 200:

@@ -26,7 +26,8 @@ async def _committed(bootstrap: str, group: str, topic: str) -> int | None:
     )
     await consumer.start()
     try:
-        return await consumer.committed(TopicPartition(topic, 0))  # type: ignore[no-any-return]
+        offset: int | None = await consumer.committed(TopicPartition(topic, 0))  # untyped aiokafka
+        return offset
     finally:
         await consumer.stop()
 

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +67,9 @@ def _start_model_worker(env: dict[str, str], log: Path) -> subprocess.Popen[byte
         )
 
 
-def _wait(predicate: object, timeout: float = 60.0) -> None:
+def _wait(predicate: Callable[[], object], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
+    while not predicate():
         assert time.monotonic() < deadline, "condition not reached"
         time.sleep(0.1)
 

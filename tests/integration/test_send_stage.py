@@ -142,7 +142,9 @@ async def test_a_crash_between_send_and_record_resends_only_that_part(
     parts = split_reply(text)
     assert len(parts) >= 3
     env = _env(text, user)
-    sender = harness.boundary.stage.sender  # type: ignore[attr-defined]
+    stage = harness.boundary.stage
+    assert isinstance(stage, Send)
+    sender = stage.sender
     first, second = part_end(text, 0), part_end(text, part_end(text, 0))
     id0 = await sender.client.send_text("users", sender="ai_bot", to=user, text=text[:first])
     await sender.store.mark_sent(

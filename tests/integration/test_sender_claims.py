@@ -140,7 +140,7 @@ async def test_a_part_whose_sender_died_after_easemob_accepted_it_is_resent_visi
     assert result.parts == len(parts)
     assert _uncertain("unresolved_claim") == before + 1
     [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert (warning.msg_id, warning.part) == (env.msg_id, 1)  # type: ignore[attr-defined]
+    assert (vars(warning)["msg_id"], vars(warning)["part"]) == (env.msg_id, 1)  # log extras
     ledger = await store.deliveries.ledger(env.msg_id)
     assert [row.status for row in ledger.values()] == ["sent"] * len(parts)
     assert ledger[1].error == UNCERTAIN_CLAIM

@@ -290,8 +290,11 @@ async def test_each_part_sent_is_logged_with_its_ids_and_never_its_text(
     delivered = await _delivered(simulator, "alice")
     lines = [r for r in caplog.records if r.getMessage() == "reply part sent"]
     assert [
-        (r.msg_id, r.conversation, r.part, r.parts, r.easemob_msg_id, r.attempt)  # type: ignore[attr-defined]
-        for r in lines
+        tuple(
+            vars(r)[k]
+            for k in ("msg_id", "conversation", "part", "parts", "easemob_msg_id", "attempt")
+        )
+        for r in lines  # the log line's extras
     ] == [
         (env.msg_id, env.conversation_id, i, len(parts), m["id"], 1)
         for i, m in enumerate(delivered)

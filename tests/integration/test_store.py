@@ -36,6 +36,12 @@ def _env(conv: str, n: int, text_: str = "问题") -> Envelope:
     )
 
 
+def _completion(env: Envelope) -> Completion:
+    """The model call's result that ``_env`` always gives an envelope."""
+    assert env.completion is not None
+    return env.completion
+
+
 @pytest.fixture
 async def store(db_url: str) -> AsyncIterator[Storage]:
     s = await open_storage(db_url)
@@ -104,7 +110,7 @@ async def test_concurrent_usage_rows_are_all_written_once(store: Storage) -> Non
     conv = f"chat:ai_bot:{uuid.uuid4().hex[:8]}"
     envs = [_env(conv, n) for n in range(50)]
     await asyncio.gather(
-        *(store.usage.record_usage(e, e.completion) for e in envs for _ in range(2))  # type: ignore[arg-type]
+        *(store.usage.record_usage(e, _completion(e)) for e in envs for _ in range(2))
     )
     assert await count_rows(store.database, UsageRow, conversation_id=conv) == 50
 

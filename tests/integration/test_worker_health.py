@@ -4,6 +4,7 @@ committed offsets, and the health, readiness and metrics endpoints."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 
 import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -18,14 +19,14 @@ from imbot.streams.health import LagReporter, serve
 from imbot.streams.metrics import CONSUMER_LAG
 
 
-async def _settings(make_settings: object) -> Settings:
-    settings: Settings = make_settings(topic_partitions=2)  # type: ignore[operator]
+async def _settings(make_settings: Callable[..., Settings]) -> Settings:
+    settings = make_settings(topic_partitions=2)
     await ensure_topics(settings, [topics.MODERATED])
     return settings
 
 
 async def test_lag_is_the_end_offset_minus_the_group_s_committed_offset(
-    broker: EmbeddedBroker, make_settings: object
+    broker: EmbeddedBroker, make_settings: Callable[..., Settings]
 ) -> None:
     settings = await _settings(make_settings)
     topic = settings.topic(topics.MODERATED)
@@ -55,9 +56,9 @@ async def test_lag_is_the_end_offset_minus_the_group_s_committed_offset(
     assert CONSUMER_LAG.labels("route", "1")._value.get() == 0
 
 
-async def test_health_ready_and_metrics_endpoints(make_settings: object) -> None:
+async def test_health_ready_and_metrics_endpoints(make_settings: Callable[..., Settings]) -> None:
     port = free_port()
-    settings: Settings = make_settings(worker_metrics_port=port)  # type: ignore[operator]
+    settings = make_settings(worker_metrics_port=port)
     ready = False
     runner = await serve(settings, lambda: ready)
     try:

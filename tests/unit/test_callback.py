@@ -10,6 +10,7 @@ from imbot.core.envelope import ChatType, Envelope, decode_envelope, encode_enve
 from imbot.core.settings import AiRules, Bot, Policy
 from imbot.core.signature import expected_security, verify_signature
 from imbot.gateway.callback import CallbackRejected, decide, normalise_content, verify
+from imbot.simulator.callbacks import Shape
 from tests.payloads import callback
 
 SECRETS = ["test-secret", "old-secret"]
@@ -91,7 +92,7 @@ def test_timestamp_window_rejects_replays() -> None:
 
 
 @pytest.mark.parametrize("shape", ["bodies", "flat"])
-def test_both_payload_shapes_give_the_same_content(shape: str) -> None:
+def test_both_payload_shapes_give_the_same_content(shape: Shape) -> None:
     data = callback("你好", shape=shape, ext={"k": "v"})
     content, ext = normalise_content(data["payload"])
     assert content is not None
@@ -253,7 +254,12 @@ def test_custom_body_is_not_ai_by_default() -> None:
     assert (decision.message, decision.reason) == (None, "body_type")
 
 
-_GROUP = {"chat_type": "group", "to": "g1", "group_id": "g1", "ext": {"em_at_list": ["ai_bot"]}}
+_GROUP: dict[str, Any] = {
+    "chat_type": "group",
+    "to": "g1",
+    "group_id": "g1",
+    "ext": {"em_at_list": ["ai_bot"]},
+}
 
 
 @pytest.mark.parametrize(
@@ -261,7 +267,7 @@ _GROUP = {"chat_type": "group", "to": "g1", "group_id": "g1", "ext": {"em_at_lis
     [
         callback("你好"),
         callback("hi", shape="flat"),
-        callback("总结一下", **_GROUP),  # type: ignore[arg-type]
+        callback("总结一下", **_GROUP),
         callback(chat_type="chatroom", to="r1", group_id="r1", ext={"em_at_list": ["ai_bot"]}),
         callback(body={"type": "img", "url": "https://x/y.png", "secret": None}),
         callback(body={"type": "loc", "addr": "北京", "lat": 39.9, "lng": 116.4}),

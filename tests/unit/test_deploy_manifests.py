@@ -179,7 +179,8 @@ def test_stopping_fits_the_grace_period(overlay: Rendered) -> None:
             continue
         # Handlers in flight get the stop grace, then commit, close, leave the group.
         assert settings.stage_stop_grace_s + 5 <= grace, f"{name}: stop grace {grace}"
-        assert settings.stage_revoke_grace_s < settings.kafka_rebalance_timeout_s  # type: ignore[operator]
+        assert settings.kafka_rebalance_timeout_s is not None, name
+        assert settings.stage_revoke_grace_s < settings.kafka_rebalance_timeout_s
         if container["args"][-1] == "model":
             # A model attempt at its default timeout is not cut short (and paid twice).
             assert settings.stage_stop_grace_s >= model_timeout, name
@@ -454,7 +455,7 @@ def _topic_config(overlay: Rendered) -> dict[str, Manifest]:
 def test_one_kafka_topic_per_topic_with_the_settings_figures(overlay: Rendered) -> None:
     declared = _topic_config(overlay)
     settings = settings_of(overlay, overlay.one("Deployment", "imbot-gateway"))
-    assert set(declared) == {settings.topic(t) for t in topics.ALL}
+    assert set(declared) == {settings.topic(t) for t in (*topics.ALL, *topics.TOOLS)}
     [broker_pool] = [p for p in overlay.of_kind("KafkaNodePool") if "broker" in p["spec"]["roles"]]
     for name, spec in declared.items():
         assert spec["partitions"] == settings.topic_partitions, name

@@ -185,7 +185,8 @@ async def test_moderate_out_delivers_a_clean_answer(settings: Settings, store: F
     assert out.topic == topics.OUTBOUND
     assert out.envelope.reply is not None
     assert out.envelope.reply.kind == "answer"
-    assert out.envelope.reply.text == completed.envelope.completion.text  # type: ignore[union-attr]
+    assert completed.envelope.completion is not None
+    assert out.envelope.reply.text == completed.envelope.completion.text
 
 
 async def test_moderate_out_without_a_completion_answers_with_the_fallback(
@@ -254,6 +255,7 @@ async def test_a_sandboxed_replay_s_reply_goes_to_the_sandbox_not_to_the_user() 
     env = _env().model_copy(
         update={"reply": Reply(text="答"), "replay": ReplayMark(id="r1", sandbox=True)}
     )
+    # Send takes a ReplySender; the stage only ever calls deliver(), which this one refuses
     stage = Send(_NoDelivery(), deadline_s=5)  # type: ignore[arg-type]
     [out] = await stage.handle(env, deadline=_deadline())
     assert out.topic == topics.SANDBOX

@@ -18,6 +18,7 @@ from imbot.adapters import (
     spark,
 )
 from imbot.adapters.config import AnthropicConfig, OpenAIConfig
+from imbot.adapters.http_model import StreamDecoder
 from imbot.core.errors import ConfigurationError, ContentRejected, FatalError, RetryableError
 
 PRICE = {"input": 1, "output": 2, "currency": "USD"}
@@ -35,10 +36,10 @@ REQ = ChatRequest(
 )
 
 
-def feed(decoder: object, text: str) -> list[object]:
+def feed(decoder: StreamDecoder, text: str) -> list[object]:
     events: list[object] = []
     for line in text.split("\n"):
-        events.extend(decoder.feed(line))  # type: ignore[attr-defined]
+        events.extend(decoder.feed(line))
     return events
 
 
