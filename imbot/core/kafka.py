@@ -55,8 +55,10 @@ def new_producer(settings: Settings) -> AIOKafkaProducer:
     return AIOKafkaProducer(**producer_kwargs(settings))
 
 
-async def ensure_topics(settings: Settings, bases: Iterable[str] = topic_names.ALL) -> None:
-    """Create the pipeline topics (idempotent)."""
+async def ensure_topics(
+    settings: Settings, bases: Iterable[str] = (*topic_names.ALL, *topic_names.TOOLS)
+) -> None:
+    """Create the pipeline's and the operator tools' topics (idempotent)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
     await admin.start()
     try:

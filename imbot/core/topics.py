@@ -22,3 +22,9 @@ FEEDBACK: Final = "imbot.feedback"
 # and tests/unit/test_pipeline_table.py checks this list against that table. A topic
 # name under a prefix is ``Settings.topic``.
 ALL: Final = (INBOUND, MODERATED, ROUTED, COMPLETED, OUTBOUND, DELIVERED, SANDBOX, FEEDBACK, DLQ)
+
+# Topics of the operator tools, not of the pipeline: the marks ``imbot dlq requeue`` leaves
+# (one per requeued DLQ record), so no record is requeued twice by two operators. Created
+# with the pipeline's topics (``ensure_topics``) and declared in deploy/kafka.
+DLQ_REQUEUED: Final = "imbot.dlq.requeued"
+TOOLS: Final = (DLQ_REQUEUED,)

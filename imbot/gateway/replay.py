@@ -27,7 +27,7 @@ import logging
 import time
 from typing import Any, Protocol
 
-import asyncpg  # type: ignore[import-untyped]
+import asyncpg
 
 from imbot.core.errors import ConfigurationError
 from imbot.core.retry import Backoff

@@ -58,11 +58,11 @@ from imbot.streams.reader import (
     print_json,
 )
 
-# The marks of requeued DLQ records (not in core.topics.ALL: only this tool uses it).
-REQUEUED: Final = "imbot.dlq.requeued"
-# As long as imbot.dlq keeps its records (deploy/kafka/topics.yaml): a mark is written
-# after its record, so it outlives it, and a mark of a record long gone is no use.
-MARKER_RETENTION_MS: Final = 28 * 24 * 3600 * 1000
+# The marks of requeued DLQ records (a tools' topic: core.topics.TOOLS, not the pipeline's).
+REQUEUED: Final = topics.DLQ_REQUEUED
+# Longer than imbot.dlq keeps its records (28 days, deploy/kafka/topics.yaml): a mark that
+# went before its record would let the record be requeued twice.
+MARKER_RETENTION_MS: Final = 35 * 24 * 3600 * 1000
 
 
 # -- a DLQ record -------------------------------------------------------------
