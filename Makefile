@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test lint typecheck imports unit integration e2e bench clean deploy-check deploy-policy \
+.PHONY: dev test lint typecheck imports unit integration e2e bench wrk clean deploy-check deploy-policy \
 	promtool monitoring-check
 
 # (Re)install when pyproject.toml changes; works from a fresh clone with only python3.
@@ -42,6 +42,18 @@ test: lint typecheck imports deploy-check monitoring-check
 # Dockerfile linted, the Deployments checked against the pipeline table.
 deploy-check: $(STAMP)
 	$(PYTEST) tests/unit/test_deploy_*.py
+
+# The gateway benchmark's load generator: Debian's wrk, installed when missing and root.
+wrk:
+	@command -v wrk >/dev/null 2>&1 && exit 0; \
+	if [ "$$(id -u)" = 0 ]; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y --no-install-recommends wrk \
+	    || { apt-get update && apt-get install -y --no-install-recommends wrk; }; \
+	else \
+	  echo "wrk is missing (the gateway benchmark's load): sudo apt-get install -y wrk" >&2; \
+	  exit 1; \
+	fi
 
 # The alerts and the dashboard (deploy/monitoring/): promtool checks the rules and runs their
 # unit tests on synthetic series; every metric and label they name is checked against the code.
@@ -82,7 +94,7 @@ integration: $(STAMP)
 e2e: $(STAMP)
 	$(PYTEST) tests/e2e $(PYTEST_ARGS)
 
-bench: $(STAMP)
+bench: $(STAMP) wrk
 	$(BIN)/python -m bench.gateway
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.startup
