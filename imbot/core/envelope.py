@@ -105,6 +105,7 @@ class RouteDecision(_Model):
     quota: QuotaView = QuotaView()
     images: tuple[ImageRef, ...] = ()  # images to fetch and show a vision model
     stream: bool = False  # call the model as a stream (routes.<name>.stream)
+    skipped: tuple[str, ...] = ()  # left out of the chain: their circuit was open
 
 
 class Completion(_Model):

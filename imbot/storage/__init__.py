@@ -8,6 +8,7 @@
 - ``QuotaLedger`` (``storage.quota``): money reserved before a model call, settled
   after it, expired when its worker died; where each budget stands.
 - ``UserTiers`` (``storage.tiers``): tiers the operator set (``imbot users set-tier``).
+- ``ModelHealth`` (``storage.health``): models whose circuit is open, for the route stage.
 - ``FeedbackLog`` (``storage.feedback``): users' ratings of replies, and the satisfaction
   report that joins them to the answering model and the user's tier.
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 from imbot.core.envelope import Completion, Envelope, Turn
@@ -42,6 +44,7 @@ from imbot.storage.deliveries import (
 )
 from imbot.storage.errors import describe_db_error, translated
 from imbot.storage.feedback import FeedbackLog, FeedbackReport, Satisfaction
+from imbot.storage.health import ModelHealth
 from imbot.storage.history import HistoryWindow
 from imbot.storage.quota import QuotaLedger, Reservation, ScopeState, SpendRow
 from imbot.storage.tiers import UserTiers
@@ -112,8 +115,19 @@ class Tiers(Protocol):
     async def tier_of(self, user_id: str) -> str | None: ...
 
 
+class Health(Protocol):
+    """Models whose circuit is open, shared by every worker (``ModelHealth``)."""
+
+    async def set_open_until(self, model: str, until: datetime) -> None: ...
+
+    async def open_models(self) -> frozenset[str]: ...
+
+
 class StageStorage(Protocol):
     """What the stages before the sender use of storage."""
+
+    @property
+    def health(self) -> Health: ...
 
     @property
     def quota(self) -> Quotas: ...
@@ -143,6 +157,7 @@ class Storage:
     quota: QuotaLedger
     tiers: UserTiers
     feedback: FeedbackLog
+    health: ModelHealth
 
     @classmethod
     def over(cls, database: Database) -> Storage:
@@ -155,6 +170,7 @@ class Storage:
             quota=QuotaLedger(database),
             tiers=UserTiers(database),
             feedback=FeedbackLog(database),
+            health=ModelHealth(database),
         )
 
     async def close(self) -> None:
@@ -176,9 +192,11 @@ __all__ = [
     "DeliveryLedger",
     "FeedbackLog",
     "FeedbackReport",
+    "Health",
     "History",
     "HistoryWindow",
     "LedgerRow",
+    "ModelHealth",
     "ModerationAudit",
     "QuotaLedger",
     "QuotaStates",

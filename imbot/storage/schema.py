@@ -211,3 +211,14 @@ class FeedbackRow(Base):
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, index=True
     )
+
+
+class ModelHealthRow(Base):
+    """Until when a model's circuit is open, as the model workers last saw it
+    (storage.health; the route stage leaves such models out of its chains)."""
+
+    __tablename__ = "model_health"
+
+    model: Mapped[str] = mapped_column(String(MODEL_LEN), primary_key=True)
+    open_until: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -23,7 +23,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
 from imbot.adapters import (
@@ -68,6 +68,7 @@ from imbot.routing.complexity import score_complexity
 from imbot.storage import (
     AuditEntry,
     AuditLog,
+    Health,
     History,
     Quotas,
     QuotaStates,
@@ -270,6 +271,39 @@ class TierBook:
         return self._routing.users.get(user, self._routing.default_tier)
 
 
+class OpenCircuits:
+    """The models whose circuit some model worker reported open (``ModelHealth``), read
+    at most every ``ttl_s`` by this process; a database hiccup reads as none open."""
+
+    def __init__(self, health: Health, *, ttl_s: float = 2.0) -> None:
+        self._health = health
+        self._ttl_s = ttl_s
+        self._until = 0.0
+        self._open: frozenset[str] = frozenset()
+
+    async def models(self) -> frozenset[str]:
+        now = time.monotonic()
+        if now >= self._until:
+            self._until = now + self._ttl_s
+            try:
+                self._open = await self._health.open_models()
+            except (StorageUnavailable, StorageError):
+                self._open = frozenset()
+        return self._open
+
+
+def healthy(
+    chain: Sequence[str], open_models: frozenset[str]
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(the chain without models whose circuit is open, those left out). When every model
+    of the chain is open the chain stays whole: the catalog's own breakers decide then
+    (one may be half-open), and the fallback reply follows if none answers."""
+    kept = tuple(m for m in chain if m not in open_models)
+    if not kept:
+        return tuple(chain), ()
+    return kept, tuple(m for m in chain if m in open_models)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Budgets:
     """The quota arithmetic both the route and the model stage do, over the policy."""
@@ -375,8 +409,10 @@ class Route(PipelineStage, stage="route"):
         tiers: TierBook,
         quota: QuotaStates,
         budgets: Budgets,
+        circuits: OpenCircuits | None = None,
     ) -> None:
         self.policy = policy
+        self.circuits = circuits
         self.routing = policy.routing
         self.replies = policy.replies
         self.history = history
@@ -393,6 +429,7 @@ class Route(PipelineStage, stage="route"):
             tiers=TierBook(r.policy.routing, store.tiers),
             quota=store.quota,
             budgets=Budgets.of(r.settings),
+            circuits=OpenCircuits(store.health),
         )
 
     async def handle(self, env: Envelope, *, deadline: float) -> Sequence[Emit]:
@@ -476,10 +513,14 @@ class Route(PipelineStage, stage="route"):
                 return _answer(
                     env, self.name, self.replies.quota_exhausted, "quota", route=decision
                 )
+        skipped: tuple[str, ...] = ()
+        if self.circuits is not None:
+            chain, skipped = healthy(chain, await self.circuits.models())
         ROUTE_DECISIONS.labels(rule, tier or "").inc()
         decision = RouteDecision(
             route=route_name,
             models=tuple(chain),
+            skipped=skipped,
             system_prompt=route.system_prompt,
             history=history,
             max_output_tokens=max_output,
@@ -487,7 +528,10 @@ class Route(PipelineStage, stage="route"):
             tier=tier,
             level=level,
             score=None if complexity is None else round(complexity.score, 4),
-            features={} if complexity is None else dict(complexity.features),
+            # The features that fired (the others are 0): the record stays small.
+            features={}
+            if complexity is None
+            else {k: v for k, v in complexity.features.items() if v},
             quota=quota,
             images=images,
             stream=route.stream,
@@ -587,7 +631,10 @@ class CallModel(PipelineStage, stage="model"):
         quota: Quotas,
         budgets: Budgets,
         files: Files | None = None,
+        health: Health | None = None,
     ) -> None:
+        self.health = health
+        self._circuits: dict[str, str] = {}  # model → the state last written to health
         self.replies = policy.replies
         self.routing = policy.routing
         self.files = files
@@ -611,6 +658,7 @@ class CallModel(PipelineStage, stage="model"):
             quota=store.quota,
             budgets=Budgets.of(r.settings),
             files=r.easemob,
+            health=store.health,
         )
 
     async def handle(self, env: Envelope, *, deadline: float) -> Sequence[Emit | AfterPublish]:
@@ -655,6 +703,7 @@ class CallModel(PipelineStage, stage="model"):
             else:
                 result = await self.catalog.complete(route.models, request, deadline_s=remaining)
         except ContentRejected as exc:
+            await self._report_circuits(route.models)
             await self._settle(env, held, None)
             # The provider's safety system refused: audited like our own moderation.
             # The audit row (and the history clear a provider may ask for) is written
@@ -666,12 +715,18 @@ class CallModel(PipelineStage, stage="model"):
                 AfterPublish(functools.partial(self._record_refusal, env, exc)),
             ]
         except _PaidFailure as failed:
+            await self._report_circuits(route.models)
             raise failed.error from None  # settled with what the stream had produced
-        except BaseException:
+        except Exception:
+            await self._report_circuits(route.models)
             # Failed calls are not billed by the providers we speak to (an error status,
             # a broken connection before the answer): the reservation is released.
             await self._settle(env, held, None)
             raise
+        except BaseException:
+            await self._settle(env, held, None)
+            raise
+        await self._report_circuits(route.models)
         completion = Completion(
             text=result.text,
             finish_reason=result.finish_reason,
@@ -695,6 +750,27 @@ class CallModel(PipelineStage, stage="model"):
             Emit(self.forward, env.stamped(self.name, completion=completion)),
             AfterPublish(functools.partial(self._record_usage, env, completion)),
         ]
+
+    async def _report_circuits(self, chain: Sequence[str]) -> None:
+        """Tell the other workers (the route stage) when a circuit of this chain changed
+        state: open until its cooldown ends, or closed again. Rare, and best effort."""
+        if self.health is None:
+            return
+        for model in chain:
+            try:
+                breaker = self.catalog.entry(model).breaker
+            except ConfigurationError:
+                continue
+            state = "open" if breaker.state == "open" else "closed"
+            if self._circuits.get(model, "closed") == state:
+                continue
+            until = datetime.now(UTC) + timedelta(seconds=breaker.retry_in() or 0)
+            try:
+                await self.health.set_open_until(model, until)
+            except (StorageUnavailable, StorageError):
+                continue  # tried again at the next call
+            self._circuits[model] = state
+            log.info("circuit state shared", extra={"model": model, "state": state})
 
     async def _reserve(
         self, env: Envelope, route: RouteDecision, request: ChatRequest

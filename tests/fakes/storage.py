@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from imbot.core.envelope import Completion, Envelope, Turn
 from imbot.core.errors import StorageUnavailable
@@ -69,6 +70,7 @@ class FakeStorage:
     history: FakeHistory = field(default_factory=FakeHistory)
     quota: FakeQuota = field(default_factory=lambda: FakeQuota())
     tiers: FakeTiers = field(default_factory=lambda: FakeTiers())
+    health: FakeHealth = field(default_factory=lambda: FakeHealth())
 
 
 @dataclass
@@ -134,3 +136,15 @@ class FakeTiers:
 
     async def tier_of(self, user_id: str) -> str | None:
         return self.tiers.get(user_id)
+
+
+@dataclass
+class FakeHealth:
+    open_until: dict[str, datetime] = field(default_factory=dict)
+
+    async def set_open_until(self, model: str, until: datetime) -> None:
+        self.open_until[model] = until
+
+    async def open_models(self) -> frozenset[str]:
+        now = datetime.now(UTC)
+        return frozenset(m for m, until in self.open_until.items() if until > now)

@@ -356,3 +356,40 @@ def test_a_sandboxed_replay_is_paid_by_the_tenant_not_by_the_user() -> None:
     assert "user daily" in live
     assert {s.label for s in budgets.scopes(replayed, "free")} == {"tenant daily"}
     assert {s.label for s in budgets.scopes(delivered, "free")} == live
+
+
+# -- model health ------------------------------------------------------------------------------
+
+
+def test_models_with_an_open_circuit_leave_the_chain_unless_all_are_open() -> None:
+    from imbot.streams.stages import healthy
+
+    assert healthy(("a", "b", "c"), frozenset({"a"})) == (("b", "c"), ("a",))
+    assert healthy(("a", "b"), frozenset()) == (("a", "b"), ())
+    # All open: the chain stays whole (one may be half-open; else the fallback reply).
+    assert healthy(("a", "b"), frozenset({"a", "b"})) == (("a", "b"), ())
+
+
+async def test_the_route_skips_a_model_another_worker_reported_open() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from imbot.streams.stages import OpenCircuits
+
+    settings = _settings()
+    store = FakeStorage()
+    store.health.open_until["demo-pro"] = datetime.now(UTC) + timedelta(seconds=30)
+    stage = Route(
+        settings.policy,
+        store.history,
+        tiers=TierBook(settings.policy.routing, store.tiers),
+        quota=store.quota,
+        budgets=Budgets.of(settings),
+        circuits=OpenCircuits(store.health),
+    )
+    env = direct_envelope("Prove that the square root of 2 is irrational, step by step.")
+    [out] = await stage.handle(env, deadline=time.monotonic() + 5)
+    route = out.envelope.route
+    assert route is not None
+    assert route.level == "strong"
+    assert route.models == ("demo-plus",)  # strong chain [demo-pro, demo-plus] without pro
+    assert route.skipped == ("demo-pro",)
