@@ -17,12 +17,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Iterable
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.helpers import create_ssl_context
 
 from imbot.core import topics as topic_names
 from imbot.core.settings import Settings
@@ -30,9 +32,31 @@ from imbot.core.settings import Settings
 log = logging.getLogger("imbot.kafka")
 
 
+def connection_kwargs(settings: Settings) -> dict[str, Any]:
+    """What every aiokafka client needs to reach the cluster: the bootstrap servers and,
+    for a secured cluster, TLS (the cluster's CA) and SASL credentials."""
+    kwargs: dict[str, Any] = {"bootstrap_servers": settings.kafka_bootstrap}
+    if settings.kafka_security_protocol != "PLAINTEXT":
+        kwargs["security_protocol"] = settings.kafka_security_protocol
+    if settings.kafka_tls:
+        kwargs["ssl_context"] = ssl_context(settings)
+    if settings.kafka_sasl:
+        kwargs["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        kwargs["sasl_plain_username"] = settings.kafka_sasl_username
+        kwargs["sasl_plain_password"] = settings.kafka_sasl_password.get_secret_value()
+    return kwargs
+
+
+def ssl_context(settings: Settings) -> ssl.SSLContext:
+    """A client TLS context trusting the cluster's CA (or the system's when none is set)."""
+    cafile = str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None
+    context: ssl.SSLContext = create_ssl_context(cafile=cafile)
+    return context
+
+
 def producer_kwargs(settings: Settings) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
-        "bootstrap_servers": settings.kafka_bootstrap,
+        **connection_kwargs(settings),
         "acks": "all",
         "enable_idempotence": settings.kafka_idempotent_producer,
         "linger_ms": 0,
@@ -45,7 +69,7 @@ def producer_kwargs(settings: Settings) -> dict[str, Any]:
 
 
 def consumer_kwargs(settings: Settings) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"bootstrap_servers": settings.kafka_bootstrap}
+    kwargs: dict[str, Any] = connection_kwargs(settings)
     if settings.kafka_embedded:
         kwargs["fetch_max_wait_ms"] = settings.consumer_fetch_max_wait_ms
     return kwargs
@@ -59,7 +83,7 @@ async def ensure_topics(
     settings: Settings, bases: Iterable[str] = (*topic_names.ALL, *topic_names.TOOLS)
 ) -> None:
     """Create the pipeline's and the operator tools' topics (idempotent)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = AIOKafkaAdminClient(**connection_kwargs(settings))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -82,7 +106,7 @@ async def ensure_topics(
 async def broker_reachable(settings: Settings, timeout: float = 2.0) -> bool:
     """True when an admin client can list topics within ``timeout`` seconds."""
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=int(timeout * 1000)
+        **connection_kwargs(settings), request_timeout_ms=int(timeout * 1000)
     )
     try:
         await asyncio.wait_for(admin.start(), timeout)

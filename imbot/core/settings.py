@@ -71,6 +71,13 @@ class Settings(BaseSettings):
     # True when the broker is the embedded Tansu: applies its workarounds
     # (one record per batch, short fetch waits, short group timeouts).
     kafka_embedded: bool = False
+    # How clients reach the cluster: PLAINTEXT (the embedded broker, a private network),
+    # SSL, or SASL over either (Strimzi's SCRAM users: SASL_SSL + SCRAM-SHA-512).
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "SCRAM-SHA-512"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: SecretStr = SecretStr("")
+    kafka_ssl_cafile: Path | None = None  # the cluster CA (Strimzi: <cluster>-cluster-ca-cert)
     kafka_idempotent_producer: bool = False
     # One record per produce batch (Tansu's end-offset defect). Defaults to on with
     # the embedded broker, off with a real cluster; see docs/benchmarks.md for its cost.
@@ -161,6 +168,14 @@ class Settings(BaseSettings):
 
     def secret_values(self) -> list[str]:
         return [s.get_secret_value() for s in self.callback_secrets]
+
+    @property
+    def kafka_sasl(self) -> bool:
+        return self.kafka_security_protocol.startswith("SASL")
+
+    @property
+    def kafka_tls(self) -> bool:
+        return self.kafka_security_protocol.endswith("SSL")
 
 
 # ---------------------------------------------------------------------------

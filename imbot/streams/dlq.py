@@ -40,7 +40,7 @@ from pydantic import ValidationError
 from imbot.core import topics
 from imbot.core.envelope import DlqRecord, now_ms
 from imbot.core.errors import ConfigurationError
-from imbot.core.kafka import new_producer
+from imbot.core.kafka import connection_kwargs, new_producer
 from imbot.core.settings import Settings
 from imbot.streams.pipeline import BY_NAME
 from imbot.streams.reader import (
@@ -201,7 +201,7 @@ async def ensure_marker_topic(settings: Settings) -> None:
     """Create ``imbot.dlq.requeued`` when it is missing, like ``ensure_topics`` does the
     pipeline's (same partitions and replication), kept as long as the DLQ's records."""
     name = settings.topic(REQUEUED)
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = AIOKafkaAdminClient(**connection_kwargs(settings))
     await connect(admin, settings)
     try:
         if name in set(await admin.list_topics()):

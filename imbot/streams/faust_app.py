@@ -34,10 +34,25 @@ from aiokafka.errors import KafkaError
 from aiokafka.protocol.group import JoinGroupRequest, LeaveGroupRequest
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
+from imbot.core.kafka import ssl_context
 from imbot.core.settings import Settings
 from imbot.streams.lanes import KeyedLanes
 
 log = logging.getLogger("imbot.rebalance")
+
+
+def broker_credentials(settings: Settings) -> Any:
+    """Faust's form of ``core.kafka.connection_kwargs``: SASL (over TLS or not) or TLS."""
+    if settings.kafka_sasl:
+        return faust.SASLCredentials(
+            username=settings.kafka_sasl_username,
+            password=settings.kafka_sasl_password.get_secret_value(),
+            mechanism=settings.kafka_sasl_mechanism,
+            ssl_context=ssl_context(settings) if settings.kafka_tls else None,
+        )
+    if settings.kafka_tls:
+        return faust.SSLCredentials(ssl_context(settings))
+    return None
 
 
 class StageApp(faust.App):
@@ -173,6 +188,9 @@ def create_app(settings: Settings, group: str, **extra: Any) -> StageApp:
         broker_heartbeat_interval=settings.kafka_heartbeat_interval_s or heartbeat,
     )
     conf["broker_request_timeout"] = max(30.0, conf["broker_session_timeout"] + 5.0)
+    credentials = broker_credentials(settings)
+    if credentials is not None:
+        conf["broker_credentials"] = credentials
     conf.update(extra)
     app = StageApp(group, **conf)
     app.revoke_grace_s = settings.stage_revoke_grace_s

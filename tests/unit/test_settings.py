@@ -63,3 +63,37 @@ def test_the_cli_offers_exactly_the_pipeline_stages() -> None:
     [commands] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     [stage] = [a for a in commands.choices["worker"]._actions if a.dest == "stage"]
     assert set(stage.choices or ()) == set(STAGES)
+
+
+def test_kafka_security_reaches_every_client_and_faust(tmp_path: Path) -> None:
+    """SASL_SSL with SCRAM (Strimzi's KafkaUser): aiokafka's clients and Faust's get the
+    protocol, the mechanism, the credentials and a TLS context trusting the given CA."""
+    import ssl
+
+    import faust
+
+    from imbot.core.kafka import connection_kwargs, consumer_kwargs, producer_kwargs
+    from imbot.streams.faust_app import broker_credentials
+
+    plain = load_settings()
+    assert connection_kwargs(plain) == {"bootstrap_servers": plain.kafka_bootstrap}
+    assert broker_credentials(plain) is None
+    secured = load_settings(
+        kafka_security_protocol="SASL_SSL",
+        kafka_sasl_mechanism="SCRAM-SHA-512",
+        kafka_sasl_username="imbot",
+        kafka_sasl_password="s3cret",
+    )
+    for kwargs in (connection_kwargs(secured), producer_kwargs(secured), consumer_kwargs(secured)):
+        assert kwargs["security_protocol"] == "SASL_SSL"
+        assert kwargs["sasl_mechanism"] == "SCRAM-SHA-512"
+        assert (kwargs["sasl_plain_username"], kwargs["sasl_plain_password"]) == ("imbot", "s3cret")
+        assert isinstance(kwargs["ssl_context"], ssl.SSLContext)
+    credentials = broker_credentials(secured)
+    assert isinstance(credentials, faust.SASLCredentials)
+    assert credentials.protocol.value == "SASL_SSL"
+    assert credentials.mechanism.value == "SCRAM-SHA-512"
+    assert "s3cret" not in repr(secured)  # the password never in a repr (or a log line)
+    tls_only = load_settings(kafka_security_protocol="SSL")
+    assert isinstance(broker_credentials(tls_only), faust.SSLCredentials)
+    assert "sasl_mechanism" not in connection_kwargs(tls_only)
