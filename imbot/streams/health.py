@@ -22,8 +22,8 @@ from imbot.streams.metrics import CONSUMER_LAG
 log = logging.getLogger("imbot.worker")
 
 
-async def serve(settings: Settings, ready: Callable[[], bool]) -> web.AppRunner:
-    """Start the worker's HTTP server on ``IMBOT_WORKER_METRICS_PORT``."""
+def health_app(ready: Callable[[], bool]) -> web.Application:
+    """``/metrics``, ``/healthz`` (the loop answers) and ``/readyz`` (``ready()``)."""
 
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -40,7 +40,12 @@ async def serve(settings: Settings, ready: Callable[[], bool]) -> web.AppRunner:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    runner = web.AppRunner(app, access_log=None)
+    return app
+
+
+async def serve(settings: Settings, ready: Callable[[], bool]) -> web.AppRunner:
+    """Start the worker's HTTP server on ``IMBOT_WORKER_METRICS_PORT``."""
+    runner = web.AppRunner(health_app(ready), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.worker_metrics_host, settings.worker_metrics_port)
     await site.start()

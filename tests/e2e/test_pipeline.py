@@ -218,3 +218,33 @@ async def test_sender_killed_mid_stream_loses_nothing(stack: DevStack) -> None:
     # The one window Easemob leaves open (no idempotency key): a kill after Easemob
     # accepted a part and before the ledger recorded it resends that one part.
     assert sum(counts) - len(users) <= 1
+
+
+async def test_a_sandboxed_replay_runs_every_stage_and_reaches_no_user(stack: DevStack) -> None:
+    """`imbot replay` of an answered message, without --deliver: it goes through every
+    stage again (the model is called again), and its answer lands on imbot.sandbox,
+    marked, instead of at Easemob."""
+    from imbot.streams.replay import replay
+
+    user = _user()
+    result: dict[str, Any] = simulate(stack.simulator_url, "你好", sender=user, timeout=60)
+    assert len(result["replies"]) == 1
+    msg_id = result["callback"]["request"]["msg_id"]
+    settings = _settings(stack)
+    summary = await replay(settings, topics.INBOUND, msg_id=msg_id, out=lambda *_: None)
+    assert summary.sandbox
+    deadline = time.monotonic() + 30
+    sandboxed: list[Any] = []
+    while not sandboxed and time.monotonic() < deadline:
+        records = await consume_all(
+            settings.kafka_bootstrap, settings.topic(topics.SANDBOX), 10_000, timeout=1.5
+        )
+        sandboxed = [env for _, v in records if v and (env := decode_envelope(v)).msg_id == msg_id]
+    [env] = sandboxed
+    assert env.replay is not None
+    assert env.replay.sandbox
+    assert env.completion is not None  # the model answered again
+    assert env.reply is not None
+    assert env.delivery is None  # never sent
+    await asyncio.sleep(1)
+    assert len(_messages(stack, user)) == 1  # the user saw the first answer only

@@ -20,6 +20,7 @@ from imbot.adapters import config as model_config
 from imbot.core import topics
 from imbot.core.settings import Settings, load_policy
 from imbot.gateway.app import create_app
+from imbot.streams.health import health_app
 from imbot.streams.pipeline import PIPELINE
 from tests.unit.test_deploy_matches_pipeline import settings_of
 from tests.unit.test_deploy_schemas import (
@@ -134,10 +135,12 @@ def _port(container: Manifest, ref: str | int) -> int:
 
 
 def test_every_deployment_has_probes_on_ports_and_paths_that_exist(overlay: Rendered) -> None:
-    routes = {r.canonical for r in create_app(Settings()).router.resources()}
+    gateway_routes = {r.canonical for r in create_app(Settings()).router.resources()}
+    worker_routes = {r.canonical for r in health_app(lambda: True).router.resources()}
     for deployment in overlay.of_kind("Deployment"):
         [container] = list(containers(deployment))
         settings = settings_of(overlay, deployment)
+        routes = gateway_routes if _command(container) == "gateway" else worker_routes
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             handler = container[probe]
             if "httpGet" in handler:
@@ -332,7 +335,7 @@ def test_each_pod_reads_only_the_secrets_it_needs(overlay: Rendered) -> None:
                 assert "catalog" in row.needs, f"{pod} reads provider keys"
             if secret == "imbot-easemob":
                 assert row is not None
-                assert "sender" in row.needs, f"{pod} reads Easemob's"
+                assert row.needs & {"sender", "easemob"}, f"{pod} reads Easemob's"
     assert "imbot-migrate" in readers["imbot-database"]
 
 
