@@ -497,6 +497,13 @@ class Route(PipelineStage, stage="route"):
             now = standing(used, tokens, self.budgets.worst_case(chain, prompt, max_output))
             assert user_tier is not None
             quota = now.view(user_tier.downgrade_at, limited=bool(scopes))
+            if quota.state == "exhausted":
+                # Only what was spent closes the budget here. Calls in flight hold
+                # reservations that may settle for less, or belong to a worker that died;
+                # the model stage's reservation (atomic, expiring the dead) decides those.
+                spent = [(s.scope, s.spent_tokens, s.spent_micros) for s in states]
+                if standing(spent, tokens, self.budgets.worst_case(chain, prompt, max_output)).fits:
+                    quota = quota.model_copy(update={"state": "near"})
             if quota.state in ("near", "exhausted") and rule == "level":
                 cheapest = user_tier.models[routing.levels[0].name]
                 if tuple(cheapest) != tuple(chain):

@@ -36,6 +36,7 @@ from tests.fakes.providers import FakeOpenAI, Reply
 PRICE = 1000  # CNY per million tokens, in and out: a call of 30 tokens costs 0.03
 USAGE_TOKENS = 30  # the fake's usage per call (21 prompt + 9 completion)
 CALL_MICROS = USAGE_TOKENS * PRICE
+TTL_S = 3.0  # the killed worker's reservation's time to live
 
 
 def _policy(base_url: str, *, daily_cost: float, ttl_s: float) -> str:
@@ -227,7 +228,7 @@ async def test_a_killed_worker_s_reservation_expires_and_the_budget_is_whole_aga
         provider.push(Reply(body=b"{}", delay_s=60))  # the first call hangs: its worker dies
         policy = tmp_path / "policy.yaml"
         # Room for one call's reservation only.
-        policy.write_text(_policy(provider.base_url, daily_cost=0.04, ttl_s=3))
+        policy.write_text(_policy(provider.base_url, daily_cost=0.04, ttl_s=TTL_S))
         env = _environment(broker, prefix, pg_url, policy)
         settings = load_settings(
             kafka_bootstrap=broker.bootstrap,
@@ -246,6 +247,9 @@ async def test_a_killed_worker_s_reservation_expires_and_the_budget_is_whole_aga
             await asyncio.wait_for(provider.called.wait(), 60)  # the first worker's call
             first.send_signal(signal.SIGKILL)  # holding its reservation
             first.wait(10)
+            # Until its time to live the dead worker's reservation holds the budget (its
+            # call may still be billed); after it, the budget is whole again.
+            await asyncio.sleep(TTL_S + 0.5)
             second = _worker(env, tmp_path / "second.log")
             outcomes = await _outcomes(broker, settings, {message.msg_id}, [second])
         finally:

@@ -393,3 +393,18 @@ async def test_the_route_skips_a_model_another_worker_reported_open() -> None:
     assert route.level == "strong"
     assert route.models == ("demo-plus",)  # strong chain [demo-pro, demo-plus] without pro
     assert route.skipped == ("demo-pro",)
+
+
+async def test_reservations_in_flight_alone_do_not_close_the_budget_at_the_route() -> None:
+    """Calls in flight (or a dead worker's reservation) fill the budget: the route sends the
+    message on, cheaper, and the model stage's atomic reservation decides."""
+    settings = _settings()
+    store = FakeStorage()
+    env = direct_envelope("你好")
+    [daily, *_] = Budgets.of(settings).scopes(env, "free")
+    assert daily.micros is not None
+    store.quota.counters[daily.key] = [0, 0, 0, daily.micros]  # nothing spent, all reserved
+    [out] = await _handle(settings, store, env)
+    assert out.topic == topics.ROUTED
+    assert out.envelope.route is not None
+    assert out.envelope.route.quota.state == "near"
