@@ -15,6 +15,7 @@ from imbot.core.settings import Settings
 from imbot.gateway.app import create_app
 from imbot.sender.easemob import EasemobClient
 from imbot.simulator.app import SimulatorConfig, serve
+from imbot.storage import Storage, open_storage
 
 SIMULATOR_CLIENT_SECRET = SimulatorConfig.client_secret
 
@@ -26,6 +27,14 @@ async def simulator() -> AsyncIterator[str]:
     runner: web.AppRunner = await serve(config)
     yield f"http://127.0.0.1:{config.port}"
     await runner.cleanup()
+
+
+@pytest.fixture
+async def storage(db_url: str) -> AsyncIterator[Storage]:
+    """The repositories over a migrated database: SQLite and PostgreSQL in turn."""
+    opened = await open_storage(db_url)
+    yield opened
+    await opened.close()
 
 
 # An Easemob address nothing listens on: for a stage that must have a client (its row

@@ -5,30 +5,27 @@ of its chains, and the closed circuit is shared again."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from imbot.adapters import build_catalog
 from imbot.core.errors import RetryableError
-from imbot.core.settings import DEFAULT_POLICY_FILE, Settings, load_settings
-from imbot.storage import Storage, open_storage
-from imbot.streams.stages import Budgets, CallModel, OpenCircuits, Route, TierBook
+from imbot.core.settings import Settings
+from imbot.storage import Storage
+from imbot.streams.stages import Route
 from tests.envelopes import direct_envelope
 from tests.fakes.providers import FakeOpenAI, openai_error
+from tests.stages import default_policy, model_stage, route_stage, settings_with
 
 
 @pytest.fixture
-async def store(db_url: str) -> AsyncIterator[Storage]:
-    s = await open_storage(db_url)
-    yield s
-    await s.close()
+def store(storage: Storage) -> Storage:
+    return storage
 
 
 def _settings(tmp_path: Path, base_url: str) -> Settings:
-    policy = yaml.safe_load(DEFAULT_POLICY_FILE.read_text(encoding="utf-8"))
+    policy = default_policy()
     policy["models"]["flaky"] = {
         "provider": "openai",
         "base_url": base_url,
@@ -39,20 +36,11 @@ def _settings(tmp_path: Path, base_url: str) -> Settings:
     }
     for tier in policy["routing"]["tiers"].values():
         tier["models"]["strong"] = ["flaky", "demo-plus"]
-    path = tmp_path / "policy.yaml"
-    path.write_text(yaml.safe_dump(policy, allow_unicode=True), encoding="utf-8")
-    return load_settings(policy_file=path, callback_secrets="it")
+    return settings_with(tmp_path, policy)
 
 
 def _route(settings: Settings, store: Storage) -> Route:
-    return Route(
-        settings.policy,
-        store.history,
-        tiers=TierBook(settings.policy.routing, store.tiers),
-        quota=store.quota,
-        budgets=Budgets.of(settings),
-        circuits=OpenCircuits(store.health, ttl_s=0),
-    )
+    return route_stage(settings, store, circuits_ttl_s=0)
 
 
 HARD = "Prove that the square root of 2 is irrational, step by step."
@@ -70,16 +58,7 @@ async def test_an_open_circuit_is_shared_and_the_route_skips_the_model(
         assert routed.envelope.route is not None
         assert routed.envelope.route.models == ("flaky", "demo-plus")  # all healthy so far
         catalog = build_catalog(settings.policy.models)
-        stage = CallModel(
-            settings.policy,
-            catalog,
-            audit=store.audit,
-            history=store.history,
-            usage=store.usage,
-            quota=store.quota,
-            budgets=Budgets.of(settings),
-            health=store.health,
-        )
+        stage = model_stage(settings, store, catalog, health=True)
         try:
             # flaky fails (its circuit opens at the first failure), demo-plus answers.
             await stage.handle(routed.envelope, deadline=time.monotonic() + 10)

@@ -5,33 +5,30 @@ produced (providers bill it), not at zero. A fake OpenAI-compatible server strea
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from imbot.adapters import build_catalog
 from imbot.core.errors import RetryableError
-from imbot.core.settings import DEFAULT_POLICY_FILE, Settings, load_settings
-from imbot.storage import Storage, open_storage
+from imbot.core.settings import Settings
+from imbot.storage import Storage
 from imbot.streams.boundary import Emit
-from imbot.streams.stages import Budgets, CallModel, Route, TierBook
+from imbot.streams.stages import Budgets
 from tests.envelopes import direct_envelope
 from tests.fakes.providers import FakeOpenAI
+from tests.stages import default_policy, model_stage, route_stage, settings_with
 
 PRICE = 100.0  # CNY per million tokens
 
 
 @pytest.fixture
-async def store(db_url: str) -> AsyncIterator[Storage]:
-    s = await open_storage(db_url)
-    yield s
-    await s.close()
+def store(storage: Storage) -> Storage:
+    return storage
 
 
 def _settings(tmp_path: Path, base_url: str) -> Settings:
-    policy = yaml.safe_load(DEFAULT_POLICY_FILE.read_text(encoding="utf-8"))
+    policy = default_policy()
     policy["models"] = {
         "streamer": {
             "provider": "openai",
@@ -45,33 +42,16 @@ def _settings(tmp_path: Path, base_url: str) -> Settings:
     for tier in policy["routing"]["tiers"].values():
         tier["models"] = {level["name"]: chain for level in policy["routing"]["levels"]}
     policy["routes"]["default"]["stream"] = True
-    path = tmp_path / "policy.yaml"
-    path.write_text(yaml.safe_dump(policy, allow_unicode=True), encoding="utf-8")
-    return load_settings(policy_file=path, callback_secrets="it")
+    return settings_with(tmp_path, policy)
 
 
 async def _call(settings: Settings, store: Storage) -> tuple[str, Emit | Exception]:
     env = direct_envelope("你好，介绍一下你自己")
-    route = Route(
-        settings.policy,
-        store.history,
-        tiers=TierBook(settings.policy.routing, store.tiers),
-        quota=store.quota,
-        budgets=Budgets.of(settings),
-    )
-    [routed] = await route.handle(env, deadline=time.monotonic() + 10)
+    [routed] = await route_stage(settings, store).handle(env, deadline=time.monotonic() + 10)
     assert routed.envelope.route is not None
     assert routed.envelope.route.stream
     catalog = build_catalog(settings.policy.models)
-    stage = CallModel(
-        settings.policy,
-        catalog,
-        audit=store.audit,
-        history=store.history,
-        usage=store.usage,
-        quota=store.quota,
-        budgets=Budgets.of(settings),
-    )
+    stage = model_stage(settings, store, catalog)
     try:
         [out, *_] = await stage.handle(routed.envelope, deadline=time.monotonic() + 10)
         assert isinstance(out, Emit)

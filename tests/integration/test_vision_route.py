@@ -11,31 +11,20 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
-from aiohttp import web
 
 from imbot.adapters import build_catalog
 from imbot.core import topics
 from imbot.core.envelope import Content
-from imbot.core.settings import DEFAULT_POLICY_FILE, Settings, load_settings
+from imbot.core.settings import Settings
 from imbot.sender.easemob import EasemobClient
-from imbot.simulator.app import SimulatorConfig, serve
 from imbot.storage import Storage, open_storage
 from imbot.streams.boundary import Emit
-from imbot.streams.stages import Budgets, CallModel, Route, TierBook
 from tests.envelopes import direct_envelope
 from tests.fakes.providers import FakeOpenAI
 from tests.integration.conftest import new_easemob_client
+from tests.stages import default_policy, model_stage, route_stage, settings_with
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 2048
-
-
-@pytest.fixture
-async def simulator() -> AsyncIterator[str]:
-    config = SimulatorConfig(port=0)
-    runner: web.AppRunner = await serve(config)
-    yield f"http://127.0.0.1:{config.port}"
-    await runner.cleanup()
 
 
 @pytest.fixture
@@ -46,7 +35,7 @@ async def store(sqlite_url: str) -> AsyncIterator[Storage]:
 
 
 def _settings(tmp_path: Path, vision_url: str) -> Settings:
-    policy = yaml.safe_load(DEFAULT_POLICY_FILE.read_text(encoding="utf-8"))
+    policy = default_policy()
     policy["models"]["eyes"] = {
         "provider": "openai",
         "base_url": vision_url,
@@ -55,9 +44,7 @@ def _settings(tmp_path: Path, vision_url: str) -> Settings:
         "price": {"input": 3, "output": 9, "currency": "CNY"},
     }
     policy["routing"]["vision_models"] = ["eyes"]
-    path = tmp_path / "policy.yaml"
-    path.write_text(yaml.safe_dump(policy, allow_unicode=True), encoding="utf-8")
-    return load_settings(policy_file=path, callback_secrets="it")
+    return settings_with(tmp_path, policy)
 
 
 async def _upload(simulator: str, client: EasemobClient) -> dict[str, str]:
@@ -76,27 +63,11 @@ async def _through(
     settings: Settings, store: Storage, client: EasemobClient, body: dict[str, str]
 ) -> Emit:
     env = direct_envelope(content=Content(type="img", body=body))
-    route = Route(
-        settings.policy,
-        store.history,
-        tiers=TierBook(settings.policy.routing, store.tiers),
-        quota=store.quota,
-        budgets=Budgets.of(settings),
-    )
-    [routed] = await route.handle(env, deadline=time.monotonic() + 10)
+    [routed] = await route_stage(settings, store).handle(env, deadline=time.monotonic() + 10)
     assert routed.topic == topics.ROUTED
     catalog = build_catalog(settings.policy.models)
     try:
-        stage = CallModel(
-            settings.policy,
-            catalog,
-            audit=store.audit,
-            history=store.history,
-            usage=store.usage,
-            quota=store.quota,
-            budgets=Budgets.of(settings),
-            files=client,
-        )
+        stage = model_stage(settings, store, catalog, files=client)
         [out, *_] = await stage.handle(routed.envelope, deadline=time.monotonic() + 10)
     finally:
         await catalog.aclose()

@@ -20,6 +20,7 @@ from imbot.streams.boundary import Emit
 from imbot.streams.stages import Budgets, Route, TierBook
 from tests.envelopes import direct_envelope
 from tests.fakes.storage import FakeStorage
+from tests.stages import route_stage
 
 
 def _policy_file(tmp_path: Path, **routing: Any) -> Path:
@@ -35,13 +36,7 @@ def _settings(path: Path = DEFAULT_POLICY_FILE) -> Settings:
 
 
 def _route(settings: Settings, store: FakeStorage) -> Route:
-    return Route(
-        settings.policy,
-        store.history,
-        tiers=TierBook(settings.policy.routing, store.tiers),
-        quota=store.quota,
-        budgets=Budgets.of(settings),
-    )
+    return route_stage(settings, store)
 
 
 async def _handle(settings: Settings, store: FakeStorage, env: Envelope) -> list[Emit]:
@@ -373,19 +368,10 @@ def test_models_with_an_open_circuit_leave_the_chain_unless_all_are_open() -> No
 async def test_the_route_skips_a_model_another_worker_reported_open() -> None:
     from datetime import UTC, datetime, timedelta
 
-    from imbot.streams.stages import OpenCircuits
-
     settings = _settings()
     store = FakeStorage()
     store.health.open_until["demo-pro"] = datetime.now(UTC) + timedelta(seconds=30)
-    stage = Route(
-        settings.policy,
-        store.history,
-        tiers=TierBook(settings.policy.routing, store.tiers),
-        quota=store.quota,
-        budgets=Budgets.of(settings),
-        circuits=OpenCircuits(store.health),
-    )
+    stage = route_stage(settings, store, circuits_ttl_s=2.0)
     env = direct_envelope("Prove that the square root of 2 is irrational, step by step.")
     [out] = await stage.handle(env, deadline=time.monotonic() + 5)
     route = out.envelope.route

@@ -16,9 +16,10 @@ from imbot.core.errors import ContentRejected
 from imbot.core.settings import DEFAULT_POLICY_FILE, Settings, load_policy, load_settings
 from imbot.moderation import Moderator
 from imbot.streams.boundary import AfterPublish, Emit
-from imbot.streams.stages import Budgets, CallModel, ModerateIn, ModerateOut, Route, TierBook
+from imbot.streams.stages import CallModel, ModerateIn, ModerateOut, Route
 from tests.envelopes import direct_envelope
 from tests.fakes.storage import FakeStorage
+from tests.stages import model_stage, route_stage
 
 
 @pytest.fixture
@@ -32,25 +33,11 @@ def store() -> FakeStorage:
 
 
 def _call_model(settings: Settings, store: FakeStorage, catalog: ModelCatalog) -> CallModel:
-    return CallModel(
-        settings.policy,
-        catalog,
-        audit=store.audit,
-        history=store.history,
-        usage=store.usage,
-        quota=store.quota,
-        budgets=Budgets.of(settings),
-    )
+    return model_stage(settings, store, catalog)
 
 
 def _route(settings: Settings, store: FakeStorage) -> Route:
-    return Route(
-        settings.policy,
-        store.history,
-        tiers=TierBook(settings.policy.routing, store.tiers),
-        quota=store.quota,
-        budgets=Budgets.of(settings),
-    )
+    return route_stage(settings, store)
 
 
 def _demo_catalog() -> ModelCatalog:
