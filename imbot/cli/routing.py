@@ -159,16 +159,8 @@ async def usage_report(args: argparse.Namespace, settings: Settings) -> dict[str
         }
         if args.user and policy.routing.enabled:
             tier = await TierBook(policy.routing, storage.tiers).tier_of(args.user)
-            fake = Envelope(
-                msg_id="usage",
-                conversation_id="usage",
-                chat_type=ChatType.direct,
-                sender=args.user,
-                to=policy.bots[0].id,
-                bot=policy.bots[0].id,
-                content=Content(type="txt", text=""),
-            )
-            states = await storage.quota.states(Budgets.of(settings).scopes(fake, tier))
+            scopes = Budgets.of(settings).scopes_of(tier, user=args.user, group=None)
+            states = await storage.quota.states(scopes)
             report["tier"] = tier
             report["budgets"] = [_budget(s) for s in states]
         return report

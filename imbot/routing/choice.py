@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from imbot.core.envelope import QuotaView
-from imbot.core.routing import Budget, QuotaScope, Routing, to_micros
+from imbot.core.routing import Budget, Quota, QuotaScope, Routing, to_micros
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,19 +30,20 @@ def scopes_for(
     routing: Routing,
     tier: str,
     *,
-    user: str,
+    user: str | None,
     tenant: str,
     group: str | None,
     now: datetime,
 ) -> list[QuotaScope]:
-    """Every budget a call by ``user`` counts against at ``now`` (UTC days and months).
+    """Every budget a call by ``user`` counts against at ``now`` (UTC days and months);
+    without a user (or a group), only the others.
 
     Only limited budgets are scopes: an unlimited one is neither checked nor counted
     (its spend is still in the reservations, which ``imbot usage`` sums)."""
     day, month = now.strftime("%Y-%m-%d"), now.strftime("%Y-%m")
-    owners: list[tuple[str, str, object]] = []
+    owners: list[tuple[str, str, Quota]] = []
     user_tier = routing.tiers.get(tier)
-    if user_tier is not None:
+    if user_tier is not None and user is not None:
         owners.append(("user", f"user:{user}", user_tier.quota))
     owners.append(("tenant", f"tenant:{tenant}", routing.tenant_quota))
     if group is not None:
@@ -50,8 +51,8 @@ def scopes_for(
     scopes = []
     for who, prefix, quota in owners:
         for period, stamp, budget in (
-            ("daily", f"d:{day}", quota.daily),  # type: ignore[attr-defined]
-            ("monthly", f"m:{month}", quota.monthly),  # type: ignore[attr-defined]
+            ("daily", f"d:{day}", quota.daily),
+            ("monthly", f"m:{month}", quota.monthly),
         ):
             if budget.limited:
                 scopes.append(_scope(f"{prefix}:{stamp}", f"{who} {period}", budget))

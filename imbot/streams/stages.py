@@ -73,6 +73,7 @@ from imbot.storage import (
     Quotas,
     QuotaStates,
     Reservation,
+    ScopeState,
     StageStorage,
     Tiers,
     UsageRecords,
@@ -304,6 +305,23 @@ def healthy(
     return kept, tuple(m for m in chain if m in open_models)
 
 
+def budget_view(
+    states: Sequence[ScopeState], tokens: int, micros: int, downgrade_at: float
+) -> QuotaView:
+    """Where the budgets stand for a call of this size, as the route stage sees them.
+
+    Only what was spent closes a budget here. Calls in flight hold reservations that may
+    settle for less, or belong to a worker that died: they make it "near", and the model
+    stage's reservation (atomic, expiring the dead) decides."""
+    used = standing([(s.scope, s.used_tokens, s.used_micros) for s in states], tokens, micros)
+    view = used.view(downgrade_at, limited=bool(states))
+    if view.state == "exhausted":
+        spent = [(s.scope, s.spent_tokens, s.spent_micros) for s in states]
+        if standing(spent, tokens, micros).fits:
+            return view.model_copy(update={"state": "near"})
+    return view
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Budgets:
     """The quota arithmetic both the route and the model stage do, over the policy."""
@@ -320,18 +338,20 @@ class Budgets:
         """The budgets a call for ``env`` counts against. A sandboxed replay is an
         operator's experiment: the app pays for its calls (the tenant's budgets), the
         user and the group whose message it replays do not."""
+        if env.replay is not None and env.replay.sandbox:
+            return self.scopes_of(tier, user=None, group=None)
         group = env.to if env.chat_type.value != "chat" else None
-        scopes = scopes_for(
+        return self.scopes_of(tier, user=env.sender, group=group)
+
+    def scopes_of(self, tier: str, *, user: str | None, group: str | None) -> list[QuotaScope]:
+        return scopes_for(
             self.policy.routing,
             tier,
-            user=env.sender,
+            user=user,
             tenant=self.tenant,
             group=group,
             now=datetime.now(UTC),
         )
-        if env.replay is not None and env.replay.sandbox:
-            return [s for s in scopes if s.key.startswith("tenant:")]
-        return scopes
 
     def worst_case(self, chain: Sequence[str], input_tokens: int, max_output: int | None) -> int:
         return worst_case_micros(self.prices, chain, input_tokens, max_output or DEFAULT_OUTPUT_CAP)
@@ -490,28 +510,23 @@ class Route(PipelineStage, stage="route"):
                 + estimate_tokens(text)
                 + sum(estimate_tokens(t.content) for t in history)
             )
-            scopes = self.budgets.scopes(env, tier)
-            states = await self.quota.states(scopes)
-            used = [(s.scope, s.used_tokens, s.used_micros) for s in states]
-            tokens = prompt + (max_output or DEFAULT_OUTPUT_CAP)
-            now = standing(used, tokens, self.budgets.worst_case(chain, prompt, max_output))
+            states = await self.quota.states(self.budgets.scopes(env, tier))
             assert user_tier is not None
-            quota = now.view(user_tier.downgrade_at, limited=bool(scopes))
-            if quota.state == "exhausted":
-                # Only what was spent closes the budget here. Calls in flight hold
-                # reservations that may settle for less, or belong to a worker that died;
-                # the model stage's reservation (atomic, expiring the dead) decides those.
-                spent = [(s.scope, s.spent_tokens, s.spent_micros) for s in states]
-                if standing(spent, tokens, self.budgets.worst_case(chain, prompt, max_output)).fits:
-                    quota = quota.model_copy(update={"state": "near"})
+
+            def standing_of(chain: Sequence[str]) -> QuotaView:
+                return budget_view(
+                    states,
+                    prompt + (max_output or DEFAULT_OUTPUT_CAP),
+                    self.budgets.worst_case(chain, prompt, max_output),
+                    user_tier.downgrade_at,
+                )
+
+            quota = standing_of(chain)
             if quota.state in ("near", "exhausted") and rule == "level":
                 cheapest = user_tier.models[routing.levels[0].name]
                 if tuple(cheapest) != tuple(chain):
                     chain, rule, level = cheapest, "downgrade", routing.levels[0].name
-                    micros = self.budgets.worst_case(chain, prompt, max_output)
-                    quota = standing(used, tokens, micros).view(
-                        user_tier.downgrade_at, limited=True
-                    )
+                    quota = standing_of(chain)
             if quota.state == "exhausted":
                 ROUTE_DECISIONS.labels("quota_exhausted", tier).inc()
                 decision = RouteDecision(

@@ -394,3 +394,19 @@ async def test_reservations_in_flight_alone_do_not_close_the_budget_at_the_route
     assert out.topic == topics.ROUTED
     assert out.envelope.route is not None
     assert out.envelope.route.quota.state == "near"
+
+
+async def test_reservations_in_flight_downgrade_a_hard_question_rather_than_refuse_it() -> None:
+    """The same rule on the downgraded chain: in-flight reservations alone never make the
+    route answer with the quota reply."""
+    settings = _settings()
+    store = FakeStorage()
+    env = direct_envelope("请详细分析并比较微服务和单体架构在一个十人团队中的权衡，给出迁移步骤")
+    [daily, *_] = Budgets.of(settings).scopes(env, "free")
+    assert daily.micros is not None
+    store.quota.counters[daily.key] = [0, 0, 0, daily.micros]  # nothing spent, all reserved
+    [out] = await _handle(settings, store, env)
+    route = out.envelope.route
+    assert out.topic == topics.ROUTED
+    assert route is not None
+    assert (route.rule, route.level, route.quota.state) == ("downgrade", "light", "near")
