@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +22,7 @@ from imbot.simulator.app import SimulatorConfig, serve
 from imbot.storage import Storage, open_storage
 
 SIMULATOR_CLIENT_SECRET = SimulatorConfig.client_secret
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -35,6 +40,26 @@ async def storage(db_url: str) -> AsyncIterator[Storage]:
     opened = await open_storage(db_url)
     yield opened
     await opened.close()
+
+
+def run_imbot(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m imbot ARGS`` as an operator runs it, on ``settings``' broker and topics."""
+    env = {
+        **os.environ,
+        "IMBOT_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "IMBOT_KAFKA_EMBEDDED": "true",
+        "IMBOT_TOPIC_PREFIX": settings.topic_prefix,
+        "IMBOT_LOG_JSON": "false",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "imbot", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
 
 
 # An Easemob address nothing listens on: for a stage that must have a client (its row

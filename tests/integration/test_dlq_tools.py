@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -31,8 +28,8 @@ from imbot.devtools.broker import consume_all
 from imbot.streams.dlq import REQUEUED, DlqFilter, list_dlq, read_marks, requeue, show_dlq
 from imbot.streams.reader import Bounds
 from tests.envelopes import direct_envelope
+from tests.integration.conftest import run_imbot
 
-ROOT = Path(__file__).resolve().parents[2]
 SECRET_TEXT = "我的银行卡密码是123456"  # the user's message: never in list's output
 
 
@@ -334,25 +331,6 @@ async def test_requeue_rate_paces_the_records(kafka: Topics) -> None:
         await requeue(s, rate=0)
 
 
-def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "IMBOT_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "IMBOT_KAFKA_EMBEDDED": "true",
-        "IMBOT_TOPIC_PREFIX": settings.topic_prefix,
-        "IMBOT_LOG_JSON": "false",
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "imbot", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-
-
 def _json_lines(done: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
     assert done.returncode == 0, done.stderr
     return [orjson.loads(line) for line in done.stdout.splitlines()]
@@ -362,7 +340,7 @@ async def test_dlq_command_line(kafka: Topics) -> None:
     s = kafka.settings
     failed = await _five_failures(kafka)
 
-    listed = _json_lines(await asyncio.to_thread(_cli, s, "dlq", "list", "--stage", "model"))
+    listed = _json_lines(await asyncio.to_thread(run_imbot, s, "dlq", "list", "--stage", "model"))
     assert sorted(line["msg_id"] for line in listed[:-1]) == ["m1", "m2"]
     assert listed[-1]["summary"]["by_stage"] == {"model": 2}
     assert SECRET_TEXT not in orjson.dumps(listed).decode()
@@ -370,21 +348,21 @@ async def test_dlq_command_line(kafka: Topics) -> None:
     where = failed["send"]
     shown = _json_lines(
         await asyncio.to_thread(
-            _cli, s, "dlq", "show", str(where.offset), "--partition", str(where.partition)
+            run_imbot, s, "dlq", "show", str(where.offset), "--partition", str(where.partition)
         )
     )
     assert shown[0]["record"]["value"].encode() == where.original
 
     args = ("dlq", "requeue", "--reason", "quota_exhausted")
-    done = _json_lines(await asyncio.to_thread(_cli, s, *args))
+    done = _json_lines(await asyncio.to_thread(run_imbot, s, *args))
     assert done[-1]["summary"]["requeued"] == 1
     assert done[0]["target"] == s.topic(topics.ROUTED)
     # Another operator (another process) sees the mark and requeues nothing.
-    again = _json_lines(await asyncio.to_thread(_cli, s, *args))
+    again = _json_lines(await asyncio.to_thread(run_imbot, s, *args))
     assert (again[-1]["summary"]["requeued"], again[-1]["summary"]["already"]) == (0, 1)
-    relisted = _json_lines(await asyncio.to_thread(_cli, s, "dlq", "list", "--msg-id", "m2"))
+    relisted = _json_lines(await asyncio.to_thread(run_imbot, s, "dlq", "list", "--msg-id", "m2"))
     assert relisted[0]["requeued"] is True
     assert len(await kafka.read(REQUEUED)) == 1
 
-    missing = await asyncio.to_thread(_cli, s, "dlq", "show", "999")
+    missing = await asyncio.to_thread(run_imbot, s, "dlq", "show", "999")
     assert missing.returncode == 1

@@ -10,12 +10,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import os
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -44,8 +40,7 @@ from imbot.streams.reader import Bounds, Progress, parse_time
 from imbot.streams.replay import replay
 from imbot.streams.trace import trace
 from tests.envelopes import direct_envelope
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.integration.conftest import run_imbot
 
 
 def _env(msg_id: str, user: str = "alice", **changes: Any) -> Envelope:
@@ -335,25 +330,6 @@ async def test_operator_mistakes_are_configuration_errors(kafka: Topics) -> None
         await replay(s, topics.ROUTED, rate=0)
 
 
-def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "IMBOT_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "IMBOT_KAFKA_EMBEDDED": "true",
-        "IMBOT_TOPIC_PREFIX": settings.topic_prefix,
-        "IMBOT_LOG_JSON": "false",
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "imbot", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-
-
 async def test_replay_command_line(kafka: Topics) -> None:
     s = kafka.settings
     original = encode_envelope(_env("m-cli"))
@@ -372,7 +348,9 @@ async def test_replay_command_line(kafka: Topics) -> None:
     )
     await kafka.put(topics.DLQ, "chat:ai_bot:alice", record.model_dump_json().encode())
 
-    done = await asyncio.to_thread(_cli, s, "replay", "--topic", "imbot.dlq", "--msg-id", "m-cli")
+    done = await asyncio.to_thread(
+        run_imbot, s, "replay", "--topic", "imbot.dlq", "--msg-id", "m-cli"
+    )
 
     assert done.returncode == 0, done.stderr
     lines = [orjson.loads(line) for line in done.stdout.splitlines()]
@@ -386,7 +364,7 @@ async def test_replay_command_line(kafka: Topics) -> None:
 
     # --deliver is explicit, and really delivers: the mark says the record is no sandbox.
     done = await asyncio.to_thread(
-        _cli, s, "replay", "--topic", "imbot.dlq", "--msg-id", "m-cli", "--deliver"
+        run_imbot, s, "replay", "--topic", "imbot.dlq", "--msg-id", "m-cli", "--deliver"
     )
     assert done.returncode == 0, done.stderr
     assert orjson.loads(done.stdout.splitlines()[-1])["summary"]["sandbox"] is False
@@ -506,12 +484,12 @@ async def test_trace_tells_the_story_of_one_msg_id_in_time_order(kafka: Topics) 
     assert (await trace(s, "m-404")).views == []
 
     # The command line prints the same story and a summary.
-    done = await asyncio.to_thread(_cli, s, "trace", "m-42")
+    done = await asyncio.to_thread(run_imbot, s, "trace", "m-42")
     assert done.returncode == 0, done.stderr
     lines = [orjson.loads(line) for line in done.stdout.splitlines()]
     assert [line["topic"] for line in lines[:-1]] == [v["topic"] for v in result.views]
     assert lines[-1]["summary"]["records"] == 8
-    assert (await asyncio.to_thread(_cli, s, "trace", "m-404")).returncode == 1
+    assert (await asyncio.to_thread(run_imbot, s, "trace", "m-404")).returncode == 1
 
 
 def test_times_are_iso_ms_epoch_or_an_age() -> None:
@@ -550,8 +528,8 @@ async def test_progress_on_the_command_line(kafka: Topics) -> None:
         await kafka.put_env(topics.ROUTED, _env(f"p{i}"))
 
     args = ("replay", "--topic", "imbot.routed", "--dry-run")
-    shown = await asyncio.to_thread(_cli, s, *args, "--progress")
-    quiet = await asyncio.to_thread(_cli, s, *args)
+    shown = await asyncio.to_thread(run_imbot, s, *args, "--progress")
+    quiet = await asyncio.to_thread(run_imbot, s, *args)
 
     assert shown.returncode == 0, shown.stderr
     assert "replay: 3/~3 records" in shown.stderr
