@@ -9,13 +9,18 @@ hundreds of milliseconds). ``tests/integration/test_lanes_commit.py`` checks the
 value on the consumer Faust actually fetches with, so it fails if a Faust
 upgrade stops this from taking effect.
 
+What is committed comes from the app's ``CommitLedger`` (``streams.offsets``, which
+says why Faust's acknowledgement bookkeeping is not used): ``StageConsumer`` tells
+the ledger each assignment and commits the positions it gives.
+
 Rebalances and stops are bounded (``StageConsumer``): Faust's own revocation
 waits, with no limit, for every message that entered a stream to be
 acknowledged (``stream_wait_empty``), and the whole consumer group waits for its
 slowest member, so one slow model call held every replica of a stage. Here the
-stages' lanes get ``stage_revoke_grace_s`` to finish, the rest is cut short and
-redelivered (see ``streams.lanes``), and the acknowledged prefix is committed
-before Faust forgets the revoked partitions.
+revoked partitions take no more records, the stages' lanes get
+``stage_revoke_grace_s`` to finish, the rest is cut short and redelivered (see
+``streams.lanes``), and the ledger's positions are committed before the assignment
+ends.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import faust
+from faust.types import TP
 from aiokafka.errors import KafkaError
 from aiokafka.protocol.group import JoinGroupRequest, LeaveGroupRequest
 from faust.transport.drivers import aiokafka as faust_aiokafka
@@ -37,6 +43,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from imbot.core.kafka import ssl_context
 from imbot.core.settings import Settings
 from imbot.streams.lanes import KeyedLanes
+from imbot.streams.offsets import CommitLedger
 
 log = logging.getLogger("imbot.rebalance")
 
@@ -56,13 +63,27 @@ def broker_credentials(settings: Settings) -> Any:
 
 
 class StageApp(faust.App):
-    """A Faust app that knows the lanes of its agents, to release them on revocation."""
+    """A Faust app that knows the lanes of its agents, to release them on revocation,
+    and the ledger of what they finished, which decides its commits."""
 
     revoke_grace_s: float = 0.25
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.lanes: list[KeyedLanes] = []
+        self.ledger: CommitLedger[TP] = CommitLedger()
+
+    async def fail_fast(self, exc: BaseException) -> None:
+        """A handler escaped its boundary (``streams.lanes``): commit what finished, then
+        crash, so the worker exits non-zero and its supervisor restarts it; the record
+        is redelivered to whoever owns its partition next."""
+        consumer = self.consumer
+        if isinstance(consumer, StageConsumer):
+            try:
+                await asyncio.wait_for(consumer.commit_now(), timeout=5.0)
+            except Exception as error:  # crashing anyway: redone work is the cost
+                log.warning("commit before crashing failed", extra={"error": repr(error)})
+        await self.crash(exc)
 
     async def release_lanes(
         self, partitions: Collection[Any] | None, *, cancel: bool, grace: float | None = None
@@ -115,29 +136,67 @@ async def _leave_group(coordinator: Any) -> None:
 
 
 class StageConsumer(faust_aiokafka.Consumer):
+    """Faust's consumer, committing the ledger's positions instead of its own acks."""
+
     def _new_consumer_thread(self) -> ShortFetchConsumerThread:
         return ShortFetchConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
+    @property
+    def ledger(self) -> CommitLedger[TP] | None:
+        app = self.app
+        return app.ledger if isinstance(app, StageApp) else None
+
+    def _filter_tps_with_pending_acks(self, topics: Any = None) -> Any:
+        ledger = self.ledger
+        if ledger is None:
+            return super()._filter_tps_with_pending_acks(topics)
+        return (
+            tp for tp in ledger.assigned() if topics is None or tp in topics or tp.topic in topics
+        )
+
+    def _filter_committable_offsets(self, tps: Any) -> dict[Any, int]:
+        ledger = self.ledger
+        if ledger is None:
+            return dict(super()._filter_committable_offsets(tps))
+        return {
+            tp: offset
+            for tp, offset in ledger.positions(set(tps)).items()
+            if self._should_commit(tp, offset)
+        }
+
+    async def commit_now(self, topics: Any = None) -> bool:
+        """Commit, even while a periodic commit is in flight (Faust's ``commit`` then
+        waits for that one and returns without committing what finished since)."""
+        await self.maybe_wait_for_commit_to_finish()
+        return bool(await self.commit(topics))
+
     async def on_partitions_revoked(self, revoked: set[Any]) -> None:
         app = self.app
-        if isinstance(app, StageApp) and not app.should_stop and revoked:
-            started = time.monotonic()
-            cut_short = await app.release_lanes(revoked, cancel=False)
-            # Commit what finished while Faust still tracks these partitions (it
-            # forgets their acknowledgements next, and they would be redone).
-            committed = await self.commit()
-            log.info(
-                "partitions revoked",
-                extra={
-                    "partitions": len(revoked),
-                    "cut_short": cut_short,
-                    "committed": bool(committed),
-                    "took_s": round(time.monotonic() - started, 3),
-                },
-            )
+        if isinstance(app, StageApp) and revoked:
+            app.ledger.close(revoked)  # nothing more of them is taken from the stream
+            if not app.should_stop:
+                started = time.monotonic()
+                cut_short = await app.release_lanes(revoked, cancel=False)
+                # Commit what finished while the partitions are still ours.
+                committed = await self.commit_now(revoked)
+                log.info(
+                    "partitions revoked",
+                    extra={
+                        "partitions": len(revoked),
+                        "cut_short": cut_short,
+                        "committed": committed,
+                        "took_s": round(time.monotonic() - started, 3),
+                    },
+                )
+            app.ledger.revoke(revoked)
         await super().on_partitions_revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: set[Any], generation_id: int = 0) -> None:
+        app = self.app
+        if isinstance(app, StageApp):
+            # Before Faust resumes fetching: a record is counted by the assignment it
+            # was fetched in (the message's generation), and only by that one.
+            app.ledger.assign(assigned, generation_id)
         await super().on_partitions_assigned(assigned, generation_id)
         log.info(
             "partitions assigned",

@@ -1,4 +1,4 @@
-"""Concurrency across conversations, order within one, and acks only when done.
+"""Concurrency across conversations, order within one, and commits only past what finished.
 
 A stage that calls a model spends seconds per message. ``KeyedLanes`` runs many
 conversations at once while keeping each conversation's messages in order:
@@ -8,57 +8,62 @@ the one before it in its lane holds no handler slot, so a busy conversation
 cannot starve the others. Back-pressure: the consumer stops reading when
 ``max_buffered`` messages (running or waiting) are unfinished.
 
-Acknowledgement is where this can lose messages, so it is done carefully. The
-stream is read with ``noack()`` and each event is acknowledged through the
-stream (``stream.ack(event)``) only after its handler finished — results
-published or the record sent to the DLQ. And events are acknowledged **in
-offset order per partition**: an event that finishes early waits until every
-earlier event of its partition has finished too. Faust commits "the contiguous
-prefix of acknowledged offsets", but its gap check is off by one (faust-streaming
-0.15.3, ``faust/transport/consumer.py`` ``Consumer._new_offset``: it refuses to
-commit only when ``min(acked) - committed > 1``, so with offset 2 unacknowledged
-after a commit at 2, acknowledged 3 and 4 are committed as 5, skipping 2; and
-with nothing committed yet, ``if committed_offset:`` skips the check entirely).
-``tests/integration/test_lanes_commit.py`` shows the committed offset stopping
-at an unfinished message and advancing once it is done. Acknowledging in order never gives
-Faust a gap to get wrong, and the committed offset never passes a message that
-is still being worked on: a crash redelivers it (at-least-once, never lost).
+What may be committed is the ``CommitLedger``'s (``streams.offsets``), not Faust's:
+each record is entered there when it is taken from the stream, under the assignment
+it was fetched in, and marked finished when its handler returns — its outputs or its
+DLQ record published. The committed offset of a partition never passes a record that
+was not finished by the assignment committing it, so a crash, a stop or a rebalance
+redelivers it (at-least-once, never lost). A record of an assignment that has ended
+is not handled at all.
+
+A handler that raises has escaped the stage's error boundary (``streams.boundary``):
+nothing more can be said about its record, and the partition's position stays behind
+it for good. The lanes then fail fast, as arroyo's processor does: ``on_escape`` is
+told (the worker crashes its Faust app, so the process exits and is restarted by its
+supervisor), and no lane of the worker takes a further record (the ledger is closed). Its record is redelivered after the
+restart, never skipped and never left to stall its partition in silence.
 
 Stopping and rebalancing are bounded (``release``). When the group takes this
 worker's partitions away (a replica joins or leaves) or the worker stops, the
-work in flight on those partitions gets ``grace`` seconds to finish and be
-acknowledged; whatever is still running then is cancelled and forgotten — never
-acknowledged, so it is redelivered from the committed offset to whoever owns the
-partition next (safe: every stage's effects are idempotent per msg_id); on a
-rebalance it is left running rather than cancelled, and if the partition comes
-back to this worker the redelivered copy is acknowledged on its result. Waiting
-without a bound used to hold the whole group's rebalance, and so every
-replica of the stage, for as long as the slowest buffered message took (21 s
-measured with a 1 s model).
+work in flight on those partitions gets ``grace`` seconds to finish; whatever is
+still running then is cancelled (a stop) or left to finish on its own (a
+rebalance: cancelling a model call would count against the model's circuit breaker,
+which outlives the rebalance; and when the partition comes back here, as most do,
+its redelivered copy waits for that result instead of calling the model again).
+Either way it is redelivered from the committed offset to whoever owns the
+partition next. Waiting without a bound used to hold the whole group's rebalance,
+and so every replica of the stage, for as long as the slowest buffered message
+took (21 s measured with a 1 s model).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-from collections import deque
+import inspect
+import logging
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
+from imbot.streams.offsets import Assignment, CommitLedger
+
+log = logging.getLogger("imbot.lanes")
+
 # Handles one event for good (its outputs or its DLQ record published): the event is
-# acknowledged once it returns. One that raises stays unacknowledged (and holds back
-# the acknowledgements of its partition), so it is redelivered after a restart. What
-# it returns is ignored.
+# finished once it returns. What it returns is ignored; one that raises has escaped the
+# stage's error boundary (see ``on_escape``).
 Handler = Callable[[Any], Awaitable[object]]
+# Told when a handler raised: the worker stops (and is restarted) instead of stalling.
+EscapeHandler = Callable[[BaseException], object]
 
 
 class _Pending:
-    __slots__ = ("done", "event", "started", "task")
+    __slots__ = ("assignment", "event", "started", "task")
 
-    def __init__(self, event: Any) -> None:
+    def __init__(self, event: Any, assignment: Assignment) -> None:
         self.event = event
+        self.assignment = assignment
         self.started = False  # its handler is running (not waiting for its lane or a slot)
-        self.done = False
         self.task: asyncio.Task[None] | None = None
 
 
@@ -67,75 +72,115 @@ class KeyedLanes:
         self,
         handler: Handler,
         *,
+        ledger: CommitLedger[Any],
         max_in_flight: int,
         max_buffered: int | None = None,
         grace: float = 30.0,
+        on_escape: EscapeHandler | None = None,
     ) -> None:
         self.handler = handler
+        self.ledger = ledger
         self.grace = grace  # how long stopping waits for work in flight (see ``release``)
+        self.on_escape = on_escape
+        self.escaped: BaseException | None = None
         self._running = asyncio.Semaphore(max_in_flight)
         self._buffered = asyncio.Semaphore(max_buffered or 4 * max_in_flight)
         self._lanes: dict[Any, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._partitions: dict[Any, deque[_Pending]] = {}
+        self._partitions: dict[Any, dict[int, _Pending]] = {}
         # Work left running when its partition was revoked, by (partition, offset):
         # if the partition comes back here, the redelivered copy waits for it and is
-        # acknowledged on its result instead of being done twice.
-        self._abandoned: dict[tuple[Any, int], _Pending] = {}
+        # finished by its result instead of being done twice.
+        self._abandoned: dict[tuple[Any, int], asyncio.Task[None]] = {}
+        self._consumer: asyncio.Task[Any] | None = None
+        self._escape_task: asyncio.Future[Any] | None = None
 
     @property
     def in_flight(self) -> int:
         return len(self._tasks)
 
     async def consume(self, stream: Any) -> None:
-        """Read ``stream`` (a Faust stream) until it ends or this task is cancelled."""
-        quiet = stream.noack()
+        """Read ``stream`` (a Faust stream) until it ends, a handler escapes (then
+        ``escaped`` holds its error), or this task is cancelled."""
+        consumer = self._consumer = asyncio.current_task()
+        quiet = stream.noack()  # the ledger decides what is committed, not Faust's acks
         try:
             async for event in quiet.events():
                 await self._buffered.acquire()
-                pending = _Pending(event)
-                self._partitions.setdefault(event.message.tp, deque()).append(pending)
+                message = event.message
+                tp, offset = message.tp, message.offset
+                # Entered only now, after waiting for room: a rebalance meanwhile makes
+                # it a record of an ended assignment, which is not handled.
+                assignment = self.ledger.receive(tp, offset, getattr(message, "generation_id", 0))
+                if assignment is None:
+                    self._buffered.release()
+                    continue
+                pending = _Pending(event, assignment)
+                self._partitions.setdefault(tp, {})[offset] = pending
                 key = event.key
-                earlier = self._abandoned.pop((event.message.tp, event.message.offset), None)
-                task = asyncio.create_task(self._run(self._lanes.get(key), quiet, pending, earlier))
+                earlier = self._abandoned.pop((tp, offset), None)
+                task = asyncio.create_task(self._run(self._lanes.get(key), pending, earlier))
                 pending.task = task
                 self._lanes[key] = task
                 self._tasks.add(task)
                 task.add_done_callback(functools.partial(self._finished, key))
+        except asyncio.CancelledError:
+            if self.escaped is None:
+                raise
+            if consumer is not None:
+                consumer.uncancel()  # cancelled by ``_escape``: say why instead
         finally:
-            # Stopping: in-flight work is acknowledged only if it completes within
-            # the grace period; anything cut short is redelivered.
+            # Stopping: in-flight work counts only if it completes within the grace
+            # period; anything cut short is redelivered.
             await self.release(None, self.grace)
 
     async def _run(
         self,
         previous: asyncio.Task[None] | None,
-        stream: Any,
         pending: _Pending,
-        earlier: _Pending | None = None,
+        earlier: asyncio.Task[None] | None = None,
     ) -> None:
         if previous is not None:
             # Waits for the one before in the lane whatever its outcome, while a
             # cancellation of this task (``release``) still ends it here.
             await asyncio.wait([previous])
-        if earlier is not None and earlier.task is not None and not earlier.task.done():
-            await asyncio.wait([earlier.task])
-        # Unless this very record was handled before its partition came back:
-        if earlier is None or not earlier.done:
+        message = pending.event.message
+        tp, offset = message.tp, message.offset
+        if earlier is not None and not earlier.done():
+            await asyncio.wait([earlier])
+        # Unless this very record was finished here before its partition came back:
+        if not self.ledger.finished_before(tp, offset):
             async with self._running:
                 pending.started = True
-                await self.handler(pending.event)
-        pending.done = True
-        # Released meanwhile: it is no longer queued, so it is never acknowledged.
-        await self._ack_ready(stream, pending.event.message.tp)
-
-    async def _ack_ready(self, stream: Any, tp: Any) -> None:
+                try:
+                    await self.handler(pending.event)
+                except Exception as exc:
+                    self._escape(exc, pending)
+                    return
+        pending.assignment.finish(offset)
         queue = self._partitions.get(tp)
-        while queue and queue[0].done:
-            pending = queue.popleft()
-            if not queue:
-                self._partitions.pop(tp, None)
-            await stream.ack(pending.event)
+        if queue is not None and queue.get(offset) is pending:
+            del queue[offset]
+
+    def _escape(self, exc: BaseException, pending: _Pending) -> None:
+        message = pending.event.message
+        log.critical(
+            "handler escaped the stage's boundary: stopping the worker",
+            exc_info=exc,
+            extra={"partition": str(message.tp), "offset": message.offset},
+        )
+        if self.escaped is None:
+            self.escaped = exc
+            # No lane of this worker takes another record: the worker is going down,
+            # and a later record of this conversation must not overtake this one.
+            self.ledger.close()
+            if self._consumer is not None:
+                self._consumer.cancel()  # take no further record
+        if self.on_escape is not None:
+            result = self.on_escape(exc)
+            if inspect.isawaitable(result):
+                # Not awaited here: stopping the worker waits for this very task.
+                self._escape_task = asyncio.ensure_future(result)
 
     async def release(
         self, partitions: Collection[Any] | None, grace: float, *, cancel: bool = True
@@ -143,44 +188,39 @@ class KeyedLanes:
         """Give up ``partitions`` (all when None): messages not started yet are
         dropped at once, running ones get up to ``grace`` seconds to finish. What
         is still running then is cancelled (``cancel``, when the worker stops) or
-        left to finish on its own (a rebalance: cancelling a model call would count
-        against the model's circuit breaker, which outlives the rebalance; and when
-        the partition comes back here, as most do, its redelivered copy just waits
-        for that result instead of calling the model again). Returns how many
-        messages were cut short; none of them is acknowledged through the released
-        partition, so all are redelivered to whoever owns it next.
+        left to finish on its own (a rebalance: see the module's note). Returns how
+        many messages were cut short; none of them counts as finished for the
+        partition's current assignment, so all are redelivered to whoever owns it
+        next.
         """
         tps = list(self._partitions) if partitions is None else list(partitions)
-        queues = [q for tp in tps if (q := self._partitions.get(tp))]
-        waiting = [p.task for q in queues for p in q if p.task is not None and not p.started]
+        pendings = [p for tp in tps for p in self._partitions.get(tp, {}).values()]
+        tasks = [(p.task, p.started) for p in pendings if p.task is not None]
+        waiting = [task for task, started in tasks if not started]
         for task in waiting:  # no new work begins on a partition being given up
             task.cancel()
-        running = {p.task for q in queues for p in q if p.started and p.task is not None}
-        running = {t for t in running if not t.done()}
+        running = {task for task, started in tasks if started and not task.done()}
         cut_short = len(waiting)
         cancelled = set(waiting)
         try:
             if running and grace > 0:
                 await asyncio.wait(running, timeout=grace)
         finally:  # also when the wait itself is cancelled (Faust stopping the agent)
-            # Forget the partitions: nothing of theirs still pending is acknowledged
-            # later, not even a message that finishes after this.
             for tp in tps:
-                # What was left here at an earlier revocation did not come back with
-                # the partition then; it never will.
+                # Left here at an earlier revocation, it did not come back then; it
+                # never will.
                 for stale in [k for k in self._abandoned if k[0] == tp]:
                     del self._abandoned[stale]
-                for pending in self._partitions.pop(tp, ()):
-                    unfinished = pending.task is not None and not pending.task.done()
-                    if pending.started and unfinished:
-                        cut_short += 1
-                        if cancel:
-                            assert pending.task is not None
-                            pending.task.cancel()
-                            cancelled.add(pending.task)
-                    if not cancel and (pending.done or (pending.started and unfinished)):
-                        message = pending.event.message
-                        self._abandoned[(message.tp, message.offset)] = pending
+                for offset, pending in self._partitions.pop(tp, {}).items():
+                    left = pending.task
+                    if left is None or left.done() or not pending.started:
+                        continue
+                    cut_short += 1
+                    if cancel:
+                        left.cancel()
+                        cancelled.add(left)
+                    else:
+                        self._abandoned[(tp, offset)] = left
         if cancelled:  # let them unwind (close what they opened) before the caller goes on
             await asyncio.wait(cancelled, timeout=1.0)
         return cut_short

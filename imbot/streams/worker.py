@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Collection, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import faust
 
@@ -21,7 +21,7 @@ from imbot.core.errors import ConfigurationError
 from imbot.core.kafka import ensure_topics, new_producer
 from imbot.core.settings import Settings
 from imbot.streams.boundary import Boundary, Outputs
-from imbot.streams.faust_app import StageApp, create_app
+from imbot.streams.faust_app import StageApp, StageConsumer, create_app
 from imbot.streams.health import LagReporter, serve
 from imbot.streams.lanes import KeyedLanes
 from imbot.streams.metrics import BUDGET_DAILY_COST, IN_FLIGHT
@@ -191,8 +191,12 @@ def build(settings: Settings, stages: Sequence[str]) -> tuple[StageApp, Runtime]
             boundary = Boundary(stage_cls.build(resources), outputs, settings)
             lanes = KeyedLanes(
                 boundary,
+                ledger=app.ledger,
                 max_in_flight=settings.stage_max_in_flight,
                 grace=settings.stage_revoke_grace_s,
+                # Fail fast (streams.lanes): the worker exits non-zero, its supervisor
+                # restarts it, and the record is redelivered.
+                on_escape=app.fail_fast,
             )
             app.lanes.append(lanes)
             IN_FLIGHT.labels(stage_cls.name).set_function(lambda: lanes.in_flight)
@@ -222,8 +226,9 @@ def build(settings: Settings, stages: Sequence[str]) -> tuple[StageApp, Runtime]
         # partitions are still ours, so nobody else waits for it), the finished
         # prefix is committed, then the outputs close and the consumer leaves the
         # group (its partitions move at once, not after a session timeout).
+        app.ledger.close()
         cut_short = await app.release_lanes(None, cancel=True, grace=settings.stage_stop_grace_s)
-        await app.consumer.commit()
+        await cast(StageConsumer, app.consumer).commit_now()
         log.info("worker stopping", extra={"cut_short": cut_short})
         await runtime.close()
 

@@ -1,4 +1,4 @@
-"""The part of a Faust stream that ``KeyedLanes`` uses (noack, events, ack), in memory.
+"""The part of a Faust stream that ``KeyedLanes`` uses (noack, events), in memory.
 
 A test double of Faust's interface, not of our code: unit tests of the lanes' ordering,
 concurrency and acknowledgement rules run in milliseconds without a broker, beside
@@ -12,20 +12,19 @@ from collections.abc import AsyncIterator
 
 
 class FakeMessage:
-    def __init__(self, tp: str, offset: int) -> None:
-        self.tp, self.offset = tp, offset
+    def __init__(self, tp: str, offset: int, generation_id: int = 0) -> None:
+        self.tp, self.offset, self.generation_id = tp, offset, generation_id
 
 
 class FakeEvent:
-    def __init__(self, key: bytes, tp: str, offset: int) -> None:
-        self.key, self.value, self.message = key, key, FakeMessage(tp, offset)
+    def __init__(self, key: bytes, tp: str, offset: int, generation_id: int = 0) -> None:
+        self.key, self.value = key, key
+        self.message = FakeMessage(tp, offset, generation_id)
 
 
 class FakeStream:
     def __init__(self) -> None:
         self.queue: asyncio.Queue[FakeEvent] = asyncio.Queue()
-        self.acked: list[tuple[str, int]] = []
-        self.first_ack = asyncio.Event()
 
     def noack(self) -> FakeStream:
         return self
@@ -33,8 +32,3 @@ class FakeStream:
     async def events(self) -> AsyncIterator[FakeEvent]:
         while True:
             yield await self.queue.get()
-
-    async def ack(self, event: FakeEvent) -> bool:
-        self.acked.append((event.message.tp, event.message.offset))
-        self.first_ack.set()
-        return True

@@ -11,12 +11,11 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
-import faust
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from imbot.core.kafka import ensure_topics, new_producer
 from imbot.core.settings import Settings
-from imbot.streams.faust_app import create_app
+from imbot.streams.faust_app import StageApp, create_app
 from imbot.streams.lanes import KeyedLanes
 
 
@@ -48,14 +47,21 @@ async def _lanes_on_faust(
     handler: Callable[[Any], Awaitable[bool]],
     max_in_flight: int,
     grace: float = 30.0,
-) -> AsyncIterator[tuple[faust.App, AIOKafkaProducer]]:
+) -> AsyncIterator[tuple[StageApp, AIOKafkaProducer]]:
     """A real Faust agent reading topic ``name`` through ``KeyedLanes``, and a producer."""
     await ensure_topics(settings, [name])
     app = create_app(settings, f"{settings.topic_prefix}{name}")
     topic = app.topic(settings.topic(name), key_type=bytes, value_type=bytes)
 
     async def agent(stream: Any) -> None:
-        await KeyedLanes(handler, max_in_flight=max_in_flight, grace=grace).consume(stream)
+        lanes = KeyedLanes(
+            handler,
+            ledger=app.ledger,
+            max_in_flight=max_in_flight,
+            grace=grace,
+            on_escape=app.fail_fast,  # as the worker does
+        )
+        await lanes.consume(stream)
 
     app.agent(topic, name=name)(agent)
     await app.start()
@@ -181,3 +187,44 @@ async def test_stopping_cuts_a_stuck_message_short_and_never_commits_past_it(
     # waited for the stuck message without end (and this test hung).
     assert cancelled == [b"2"]
     assert await _committed(settings.kafka_bootstrap, group, topic_name) == 2
+
+
+async def test_a_handler_that_raises_crashes_the_worker_and_its_record_is_redone(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """A handler that raises has escaped the stage's boundary (a write after publishing
+    failed, say). The app crashes (the worker process exits and is restarted) instead
+    of leaving the partition's commits stalled in silence, nothing is committed past
+    the record, and the next worker on the group does it."""
+    settings = make_settings(topic_partitions=1)
+    topic_name = settings.topic("lanes-escape")
+    group = f"{settings.topic_prefix}lanes-escape"
+    handled: list[bytes] = []
+    broken = True
+
+    async def handler(event: Any) -> bool:
+        if event.value == b"2" and broken:
+            raise RuntimeError("the usage row could not be written")
+        handled.append(event.value)
+        return True
+
+    async with _lanes_on_faust(settings, "lanes-escape", handler, 1) as (app, producer):
+        for i in range(5):  # one conversation: in order, one at a time
+            await producer.send_and_wait(topic_name, str(i).encode(), key=b"conv")
+
+        async def crashed() -> bool:
+            return app.crash_reason is not None
+
+        await _wait_for(crashed)
+        assert isinstance(app.crash_reason, RuntimeError)
+    assert handled == [b"0", b"1"]
+    assert await _committed(settings.kafka_bootstrap, group, topic_name) == 2
+
+    broken = False  # the restarted worker's database is back
+    async with _lanes_on_faust(settings, "lanes-escape", handler, 1):
+
+        async def redone() -> bool:
+            return await _committed(settings.kafka_bootstrap, group, topic_name) == 5
+
+        await _wait_for(redone, timeout=30)
+    assert handled == [b"0", b"1", b"2", b"3", b"4"]

@@ -31,6 +31,7 @@ from imbot.core.kafka import ensure_topics, new_producer
 from imbot.core.settings import load_settings
 from imbot.devtools.broker import EmbeddedBroker, consume_all
 from imbot.streams.lanes import KeyedLanes
+from imbot.streams.offsets import CommitLedger
 from tests.envelopes import direct_envelope
 from tests.fakes.faust_stream import FakeEvent, FakeStream
 
@@ -169,8 +170,8 @@ async def test_a_sigtermed_replica_hands_its_partitions_over_and_loses_nothing(
 
 async def test_a_partition_that_comes_back_is_not_worked_on_twice() -> None:
     """A rebalance revokes every partition and hands most back: a model call still
-    running then is not repeated for its redelivered copy, which is acknowledged on
-    the first call's result; a partition that went elsewhere acknowledges nothing."""
+    running then is not repeated for its redelivered copy, which is finished by the
+    first call's result; a partition that went elsewhere counts for nothing here."""
     gate = asyncio.Event()
     calls: list[tuple[str, int]] = []
     both_running = asyncio.Event()
@@ -183,21 +184,27 @@ async def test_a_partition_that_comes_back_is_not_worked_on_twice() -> None:
         return True
 
     stream = FakeStream()
-    lanes = KeyedLanes(handler, max_in_flight=4, grace=0)
+    ledger: CommitLedger[str] = CommitLedger()
+    ledger.assign({"p0", "p1"}, generation=0)
+    lanes = KeyedLanes(handler, ledger=ledger, max_in_flight=4, grace=0)
     consumer = asyncio.create_task(lanes.consume(stream))
     try:
         await stream.queue.put(FakeEvent(b"kept", "p0", 7))
         await stream.queue.put(FakeEvent(b"moved", "p1", 3))
         await asyncio.wait_for(both_running.wait(), 10)
 
+        ledger.close({"p0", "p1"})
         assert await lanes.release({"p0", "p1"}, grace=0, cancel=False) == 2
-        await stream.queue.put(FakeEvent(b"kept", "p0", 7))  # p0 came back: redelivered
+        assert ledger.positions() == {"p0": 7, "p1": 3}  # what is committed at revocation
+        ledger.revoke({"p0", "p1"})
+        ledger.assign({"p0"}, generation=1)  # p0 came back, p1 went elsewhere
+        await stream.queue.put(FakeEvent(b"kept", "p0", 7, generation_id=1))  # redelivered
         gate.set()
-        await asyncio.wait_for(stream.first_ack.wait(), 10)
-        await asyncio.sleep(0.05)  # p1's call finishing must not acknowledge anything
+        async with asyncio.timeout(10):
+            while ledger.positions() != {"p0": 8}:  # noqa: ASYNC110 - the ledger's state
+                await asyncio.sleep(0.01)
 
         assert calls == [("p0", 7), ("p1", 3)]  # each record handled once
-        assert stream.acked == [("p0", 7)]
     finally:
         consumer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
