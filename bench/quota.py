@@ -28,8 +28,10 @@ from bench.report import write_section
 from imbot.core.envelope import ChatType, Content, Envelope
 from imbot.core.routing import QuotaScope
 from imbot.core.settings import DEFAULT_POLICY_FILE, Settings, load_settings
+from imbot.routing.budgets import Budgets
+from imbot.routing.tiers import TierBook
 from imbot.storage import Reservation, Storage, open_storage, upgrade
-from imbot.streams.stages import Budgets, Route, TierBook
+from imbot.streams.stages import Route
 
 ROUNDS = 2000
 QUESTIONS = (

@@ -11,7 +11,10 @@ import yaml
 
 from imbot.adapters import ModelCatalog
 from imbot.core.settings import DEFAULT_POLICY_FILE, Settings, load_settings
-from imbot.streams.stages import Budgets, CallModel, Files, OpenCircuits, Route, TierBook
+from imbot.routing.budgets import Budgets
+from imbot.routing.health import OpenCircuits
+from imbot.routing.tiers import TierBook
+from imbot.streams.stages import CallModel, Files, Route
 
 
 def default_policy() -> dict[str, Any]:

@@ -66,8 +66,10 @@ def _envelope(args: argparse.Namespace, settings: Settings) -> Envelope:
 
 
 async def explain(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from imbot.routing.budgets import Budgets
     from imbot.routing.complexity import score_complexity
-    from imbot.streams.stages import Budgets, Route, TierBook
+    from imbot.routing.tiers import TierBook
+    from imbot.streams.stages import Route
 
     storage, source = await _open(settings)
     offline = _Offline()
@@ -133,8 +135,9 @@ def _since(value: str | None) -> datetime | None:
 
 
 async def usage_report(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from imbot.routing.budgets import Budgets
+    from imbot.routing.tiers import TierBook
     from imbot.storage import open_storage
-    from imbot.streams.stages import Budgets, TierBook
 
     policy = settings.policy
     since = _since(args.since)

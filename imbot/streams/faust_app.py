@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import faust
-from faust.types import TP
 from aiokafka.errors import KafkaError
 from aiokafka.protocol.group import JoinGroupRequest, LeaveGroupRequest
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP
 
 from imbot.core.kafka import ssl_context
 from imbot.core.settings import Settings

@@ -12,9 +12,9 @@ import pytest
 from imbot.adapters import build_catalog
 from imbot.core.errors import RetryableError
 from imbot.core.settings import Settings
+from imbot.routing.budgets import Budgets
 from imbot.storage import Storage
 from imbot.streams.boundary import Emit
-from imbot.streams.stages import Budgets
 from tests.envelopes import direct_envelope
 from tests.fakes.providers import FakeOpenAI
 from tests.stages import default_policy, model_stage, route_stage, settings_with

@@ -15,9 +15,11 @@ from imbot.core.envelope import ChatType, Content, Envelope
 from imbot.core.errors import ConfigurationError
 from imbot.core.routing import MICROS, Routing
 from imbot.core.settings import DEFAULT_POLICY_FILE, Policy, Settings, load_policy, load_settings
+from imbot.routing.budgets import Budgets
 from imbot.routing.choice import Price, scopes_for, standing, worst_case_micros
+from imbot.routing.tiers import TierBook
 from imbot.streams.boundary import Emit
-from imbot.streams.stages import Budgets, Route, TierBook
+from imbot.streams.stages import Route
 from tests.envelopes import direct_envelope
 from tests.fakes.storage import FakeStorage
 from tests.stages import route_stage
@@ -357,7 +359,7 @@ def test_a_sandboxed_replay_is_paid_by_the_tenant_not_by_the_user() -> None:
 
 
 def test_models_with_an_open_circuit_leave_the_chain_unless_all_are_open() -> None:
-    from imbot.streams.stages import healthy
+    from imbot.routing.health import healthy
 
     assert healthy(("a", "b", "c"), frozenset({"a"})) == (("b", "c"), ("a",))
     assert healthy(("a", "b"), frozenset()) == (("a", "b"), ())
