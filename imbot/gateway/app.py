@@ -99,6 +99,9 @@ HTTP_LOG.addFilter(_ShortHttpErrors())
 # After an early answer (413, 408) aiohttp reads and drops the rest of the body for
 # this long, so the client sees the answer; then the connection is closed.
 _LINGER_S = 1.0
+# The status of an answer to a client that closed its request before it was read (nginx's
+# 499): never sent, it only tells the outcome apart from our own errors.
+_CLIENT_CLOSED_REQUEST = 499
 
 
 class CallbackHandler:
@@ -207,6 +210,15 @@ class CallbackHandler:
             return "bad_body", self._reject(
                 CallbackRejected(400, "bad_body", "request body could not be read")
             )
+        except ConnectionError as exc:
+            # The client closed or reset the connection before its body was whole
+            # (aiohttp's ClientConnectionResetError is a ConnectionResetError): its doing,
+            # not a fault of ours. Nobody is left to read the answer.
+            log.info(
+                "client went away before its body arrived",
+                extra={"error": type(exc).__name__, "content_length": request.content_length},
+            )
+            return "client_gone", _json({"error": "client_gone"}, _CLIENT_CLOSED_REQUEST)
         if raw is None:
             return "too_large", self._reject(
                 CallbackRejected(413, "body_too_large", f"body exceeds {self.max_body} bytes")
@@ -372,9 +384,10 @@ async def healthz(_: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """200 once a publish needs nothing but its produce request (``Publisher.ready``)."""
     if await request.app[PUBLISHER].ready():
         return _json({"status": "ready"})
-    return _json({"status": "kafka unreachable"}, 503)
+    return _json({"status": "kafka not ready"}, 503)
 
 
 async def metrics(_: web.Request) -> web.Response:

@@ -1,7 +1,9 @@
 """Kafka out of the gateway: a publisher that never blocks a request, and each msg_id once.
 
 ``Publisher`` owns the producer (started in the background, so the gateway answers by
-the fail policy while the broker is down) and the publish deadline (one sweeper over
+the fail policy while the broker is down), its readiness (the metadata of the topics it
+publishes to and a connection to their partitions' leaders, so the first publish after
+``/readyz`` says ready is as fast as any other) and the publish deadline (one sweeper over
 a FIFO of pending publishes instead of a timer per request). ``PublishOnce`` sits in
 front of it: a msg_id published recently, or being published right now, is not
 published again (Easemob may call twice for one message: two matching rules, an edit).
@@ -16,8 +18,9 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any, Literal
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
+from aiokafka.protocol.metadata import MetadataRequest
 
 from imbot.core import topics
 from imbot.core.kafka import new_producer
@@ -30,6 +33,11 @@ log = logging.getLogger("imbot.gateway")
 _DEADLINE = "imbot publish deadline"
 _SWEEP_S = 0.005  # deadlines are enforced to within this
 _CONNECT_BACKOFF = Backoff(base=0.2, cap=5.0)  # the broker down at start-up: keep trying
+# One attempt to get ready (metadata, leader connections) in the background; longer than
+# a readiness probe may wait, as a slow cluster still gets there.
+_WARM_TIMEOUT_S = 5.0
+# ``/readyz`` answers within this (the gateway's readinessProbe waits 3 s).
+_READY_TIMEOUT_S = 2.0
 
 
 class _Publish:
@@ -84,6 +92,15 @@ class Publisher:
     If the broker is down at start-up the gateway still answers callbacks (by the
     fail policy) and keeps trying to connect.
 
+    Ready (``ready``) means a publish now needs one produce round trip and nothing
+    else: the producer has the metadata of every topic the gateway publishes to (see
+    ``_prepare`` for a missing one) and a connection to each of their partitions'
+    leaders, and those leaders answer. Before, a broker that merely answered made the
+    gateway ready while its first publish still had to fetch the topic's metadata and
+    connect to the leader (TCP, TLS, SASL), and missed its deadline. Getting there is
+    retried in the background after the producer starts; a missing inbound topic keeps
+    the gateway not ready (asking never creates it with the broker's defaults).
+
     Deadlines: every publish gets the same timeout, so pending publishes expire in
     the order they started. One timer walks a FIFO of them instead of arming an
     ``asyncio.timeout`` per request (a timer handle, heap push and cancel each time,
@@ -94,6 +111,12 @@ class Publisher:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.topic = settings.topic(topics.INBOUND)
+        # Every topic it publishes to: the inbound one, and the side topic of ratings.
+        self.topics: tuple[str, ...] = (self.topic,)
+        if settings.policy.feedback.enabled:
+            self.topics += (settings.topic(topics.FEEDBACK),)
+        self._prepared = False  # the background preparation has succeeded once
+        self._missing_reported: frozenset[str] = frozenset()
         self.producer: AIOKafkaProducer | None = None
         self.on_late_ack: Callable[[str], None] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -116,9 +139,94 @@ class Publisher:
                 attempt += 1
                 await asyncio.sleep(_CONNECT_BACKOFF.delay(attempt))
                 continue
-            self.producer = producer
-            log.info("kafka producer ready", extra={"bootstrap": self.settings.kafka_bootstrap})
-            return
+            break
+        # Publishing may start now (a publish pays for what is still missing); ready waits.
+        self.producer = producer
+        attempt = 0
+        while (why := await self._prepare(producer, _WARM_TIMEOUT_S)) is not None:
+            attempt += 1
+            log.warning(
+                "kafka producer not ready to publish yet, retrying",
+                extra={"why": why, "attempt": attempt},
+            )
+            await asyncio.sleep(_CONNECT_BACKOFF.delay(attempt))
+        self._prepared = True
+        log.info(
+            "kafka producer ready",
+            extra={"bootstrap": self.settings.kafka_bootstrap, "topics": list(self.topics)},
+        )
+
+    async def _prepare(self, producer: AIOKafkaProducer, timeout: float) -> str | None:
+        """Make a publish to any partition of ``self.topics`` need nothing but its produce
+        request, within ``timeout`` seconds; None when done, else why not (no data).
+
+        The inbound topic must exist. A missing side topic (``imbot.feedback``) is
+        logged and left out: ratings then get the fail policy, but taking the gateway
+        out of service for it would refuse every AI message too."""
+        client = producer.client
+        try:
+            async with asyncio.timeout(timeout):
+                # Which topics exist? Asked without creating any: the metadata requests of
+                # aiokafka's own refresh would create a missing topic on a broker that
+                # auto-creates, with the broker's default partitions.
+                node = client.get_random_node()
+                if node is None:
+                    return "no broker known"
+                missing = await self._missing(client, node)
+                if self.topic in missing:
+                    return f"no such topic: {self.topic}"
+                self._report_missing(missing)
+                present = [topic for topic in self.topics if topic not in missing]
+                # Tracked from now on (refreshed with the cluster's metadata); the first
+                # time, this waits for their metadata.
+                await asyncio.gather(*(client.add_topic(topic) for topic in present))
+                leaders: set[int] = set()
+                for topic in present:
+                    partitions = client.cluster.partitions_for_topic(topic)
+                    if not partitions:
+                        client.force_metadata_update()  # for the next attempt
+                        return f"no metadata for {topic}"
+                    for partition in partitions:
+                        leader = client.cluster.leader_for_partition(
+                            TopicPartition(topic, partition)
+                        )
+                        if leader is None or leader < 0:
+                            client.force_metadata_update()
+                            return f"no leader for {topic}[{partition}]"
+                        leaders.add(leader)
+                for leader in sorted(leaders):
+                    if not await client.ready(leader):
+                        return f"leader {leader} not reachable"
+                # Each leader answers on the connection a publish will use (a broker
+                # whose sockets are open but that answers nothing is not ready).
+                for leader in sorted(leaders):
+                    if self.topic in await self._missing(client, leader):
+                        return f"no such topic on leader {leader}: {self.topic}"
+        except TimeoutError:
+            return f"not within {timeout:g}s"
+        except (KafkaError, OSError) as exc:
+            return type(exc).__name__
+        return None
+
+    async def _missing(self, client: Any, node_id: int) -> list[str]:
+        """The topics of ``self.topics`` that broker ``node_id`` does not know (or cannot
+        serve), asked without creating any."""
+        response = await client.send(
+            node_id, MetadataRequest(list(self.topics), allow_auto_topic_creation=False)
+        )
+        known = {entry[1] for entry in response.topics if entry[0] == 0}
+        return [topic for topic in self.topics if topic not in known]
+
+    def _report_missing(self, missing: list[str]) -> None:
+        """Log a side topic that is missing (or back) once, not on every readiness probe."""
+        now = frozenset(missing)
+        if now != self._missing_reported:
+            if now:
+                log.warning(
+                    "topic missing, its records get the fail policy",
+                    extra={"topics": sorted(now)},
+                )
+            self._missing_reported = now
 
     async def publish(
         self, key: bytes, value: bytes, msg_id: str, timeout: float, *, topic: str | None = None
@@ -166,14 +274,13 @@ class Publisher:
         )
 
     async def ready(self) -> bool:
+        """Ready to publish at once (see the class): answered within 2 s. Not before the
+        background preparation is done, so its requests are not still ahead of the
+        first publish on a leader's connection."""
         producer = self.producer
-        if producer is None:
+        if producer is None or not self._prepared:
             return False
-        try:
-            await asyncio.wait_for(producer.client.fetch_all_metadata(), 2.0)
-        except (KafkaError, OSError, TimeoutError):
-            return False
-        return True
+        return await self._prepare(producer, _READY_TIMEOUT_S) is None
 
     async def stop(self) -> None:
         if self._task is not None:
