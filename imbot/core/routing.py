@@ -209,3 +209,6 @@ class QuotaScope(BaseModel):
     label: str  # "user daily", "tenant monthly", … (what an answer or `imbot usage` shows)
     tokens: int | None = None
     micros: int | None = None
+    # Counted by every message (the tenant's): held against budget leases, never
+    # reserved per call in its row (storage.leases).
+    shared: bool = False

@@ -55,7 +55,10 @@ def scopes_for(
             ("monthly", f"m:{month}", quota.monthly),
         ):
             if budget.limited:
-                scopes.append(_scope(f"{prefix}:{stamp}", f"{who} {period}", budget))
+                scope = _scope(f"{prefix}:{stamp}", f"{who} {period}", budget)
+                if who == "tenant":
+                    scope = scope.model_copy(update={"shared": True})
+                scopes.append(scope)
     return scopes
 
 

@@ -174,6 +174,7 @@ class Storage:
         )
 
     async def close(self) -> None:
+        await self.quota.close()  # this worker's budget leases go back first
         await self.database.close()
 
 

@@ -16,18 +16,25 @@ is idempotent: a reservation is settled once. A reservation whose worker died is
 expired after its time to live: its amount goes back to the budget (``expire_stale``
 runs before a refused reservation is final, and periodically). Periods are part of
 the key (a new day is a new row), so a budget reset is never a write racing others.
+
+A *shared* scope (the tenant's budgets: every message counts against them) is not
+reserved per call in its row, which would make that row every message's queue: the
+call is held against this worker's lease of it (``storage.leases``), and only the
+call's own scopes (its user's, its group's) and its reservation row are written per
+call.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import DateTime, bindparam, text
 
 from imbot.core.routing import QuotaScope
 from imbot.storage.database import Database, sql
+from imbot.storage.leases import BudgetLeases, Lease, close_expired_leases
 from imbot.storage.schema import utcnow
 
 _ENSURE = sql(
@@ -46,13 +53,20 @@ _RESERVE = sql(
 )
 _HOLD = sql(
     "INSERT INTO quota_reservations (id, msg_id, user_id, tier, model, keys, tokens, micros,"
-    " state, created_at, expires_at) VALUES (:id, :msg_id, :user_id, :tier, :model, :keys,"
-    " :tokens, :micros, 'held', :now, :expires_at)",
+    " state, created_at, expires_at, lease_id) VALUES (:id, :msg_id, :user_id, :tier, :model,"
+    " :keys, :tokens, :micros, 'held', :now, :expires_at, :lease_id)",
     "expires_at",
 )
+# The lease a call is held under must still be open when its row is written (PostgreSQL:
+# a share lock, so a lease closing at that moment waits for the row and adopts it).
+_LEASE_OPEN = {
+    "postgresql": text("SELECT 1 FROM quota_leases WHERE id = :id AND state = 'open' FOR SHARE"),
+    "sqlite": text("SELECT 1 FROM quota_leases WHERE id = :id AND state = 'open'"),
+}
 _CLOSE = sql(
     "UPDATE quota_reservations SET state = :state, spent_tokens = :spent_tokens,"
     " spent_micros = :spent_micros, settled_at = :now WHERE id = :id AND state = 'held'"
+    " RETURNING keys, tokens, micros"
 )
 _ADD_SPENT = sql(
     "UPDATE quota_counters SET spent_tokens = spent_tokens + :spent_tokens,"
@@ -67,15 +81,26 @@ _MOVE = sql(
 _LATE = sql(
     "UPDATE quota_reservations SET spent_tokens = :spent_tokens, spent_micros = :spent_micros,"
     " settled_at = :now WHERE id = :id AND state = 'expired' AND settled_at IS NULL"
+    " RETURNING keys"
 )
+
+
+def _instant(moment: datetime) -> datetime:
+    """``moment`` in UTC (naive: taken as UTC), as the ledger's timestamps are written.
+
+    SQLite keeps timestamps as text without their zone, so a moment bound in another
+    zone would be compared as its wall time there; PostgreSQL compares instants.
+    """
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 @dataclass(frozen=True, slots=True)
 class Reservation:
     id: str
-    keys: tuple[str, ...]
+    keys: tuple[str, ...]  # the scopes reserved in their rows (not the leased ones)
     tokens: int
     micros: int
+    lease: Lease | None = None  # the lease its shared scopes are held under
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,11 +143,16 @@ class _Refused(Exception):
         self.label = label
 
 
+class _LeaseClosed(Exception):
+    """The lease closed between holding the call and writing its row."""
+
+
 class QuotaLedger:
     """Reserve, settle, expire; and read where each budget stands."""
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, leases: BudgetLeases | None = None) -> None:
         self._database = database
+        self.leases = leases or BudgetLeases(database)
 
     async def reserve(
         self,
@@ -163,82 +193,145 @@ class QuotaLedger:
         micros: int,
         ttl_s: float,
     ) -> Reservation | str:
-        ordered = sorted({s.key: s for s in scopes}.values(), key=lambda s: s.key)
+        shared = [s for s in scopes if s.shared]
+        own = sorted({s.key: s for s in scopes if not s.shared}.values(), key=lambda s: s.key)
+        for _ in range(2):  # a lease closed under this call: once more with a new one
+            lease: Lease | None = None
+            if shared:
+                held = await self.leases.hold(shared, tokens, micros, longest_call_s=ttl_s)
+                if isinstance(held, str):
+                    return held
+                lease = held
+            try:
+                await self._write_reservation(
+                    reservation_id, msg_id, user_id, tier, model, own, tokens, micros, ttl_s, lease
+                )
+            except _Refused as refused:
+                if lease is not None:
+                    self.leases.give_back(lease, tokens, micros)
+                return refused.label
+            except _LeaseClosed:
+                assert lease is not None
+                self.leases.give_back(lease, tokens, micros)
+                self.leases.forget(lease)
+                continue
+            except BaseException:
+                if lease is not None:
+                    self.leases.give_back(lease, tokens, micros)
+                raise
+            return Reservation(reservation_id, tuple(s.key for s in own), tokens, micros, lease)
+        return shared[0].label  # two leases closed under it: the budget is being swept
+
+    async def _write_reservation(
+        self,
+        reservation_id: str,
+        msg_id: str,
+        user_id: str,
+        tier: str,
+        model: str | None,
+        own: Sequence[QuotaScope],
+        tokens: int,
+        micros: int,
+        ttl_s: float,
+        lease: Lease | None,
+    ) -> None:
         now = utcnow()
-        try:
-            async with self._database.writing() as session:
-                await session.execute(_ENSURE, [{"key": s.key, "now": now} for s in ordered])
-                for s in ordered:
-                    result = await session.execute(
-                        _RESERVE,
-                        {
-                            "key": s.key,
-                            "tokens": tokens,
-                            "micros": micros,
-                            "limit_tokens": s.tokens,
-                            "limit_micros": s.micros,
-                            "now": now,
-                        },
-                    )
-                    if result.rowcount != 1:
-                        raise _Refused(s.label)
-                await session.execute(
-                    _HOLD,
+        async with self._database.writing() as session:
+            if lease is not None:
+                check = _LEASE_OPEN.get(session.dialect.name, _LEASE_OPEN["sqlite"])
+                if (await session.execute(check, {"id": lease.id})).first() is None:
+                    raise _LeaseClosed
+            if own:
+                await session.execute(_ENSURE, [{"key": s.key, "now": now} for s in own])
+            for s in own:
+                result = await session.execute(
+                    _RESERVE,
                     {
-                        "id": reservation_id,
-                        "msg_id": msg_id,
-                        "user_id": user_id,
-                        "tier": tier,
-                        "model": model,
-                        "keys": "\n".join(s.key for s in ordered),
+                        "key": s.key,
                         "tokens": tokens,
                         "micros": micros,
+                        "limit_tokens": s.tokens,
+                        "limit_micros": s.micros,
                         "now": now,
-                        "expires_at": now + timedelta(seconds=ttl_s),
                     },
                 )
-        except _Refused as refused:
-            return refused.label
-        return Reservation(reservation_id, tuple(s.key for s in ordered), tokens, micros)
+                if result.rowcount != 1:
+                    raise _Refused(s.label)
+            await session.execute(
+                _HOLD,
+                {
+                    "id": reservation_id,
+                    "msg_id": msg_id,
+                    "user_id": user_id,
+                    "tier": tier,
+                    "model": model,
+                    "keys": "\n".join(s.key for s in own),
+                    "tokens": tokens,
+                    "micros": micros,
+                    "now": now,
+                    "expires_at": now + timedelta(seconds=ttl_s),
+                    "lease_id": lease.id if lease is not None else None,
+                },
+            )
 
     async def settle(self, reservation: Reservation, *, tokens: int, micros: int) -> None:
         """Replace the reservation by what the call really spent (idempotent).
 
         A reservation already expired (its worker was thought dead) has had its amount
-        returned; the spend is still added, once.
+        returned; the spend is still added, once. The keys moved are the row's, not the
+        caller's: a call held under a lease that closed meanwhile was adopted as an
+        ordinary reservation of the lease's keys too.
         """
         now = utcnow()
-        spent = {"spent_tokens": max(0, tokens), "spent_micros": max(0, micros), "now": now}
+        spent_tokens, spent_micros = max(0, tokens), max(0, micros)
+        spent = {"spent_tokens": spent_tokens, "spent_micros": spent_micros, "now": now}
         async with self._database.writing() as session:
-            closed = await session.execute(
-                _CLOSE, {**spent, "id": reservation.id, "state": "settled"}
-            )
-            if closed.rowcount == 1:
+            closed = (
+                await session.execute(_CLOSE, {**spent, "id": reservation.id, "state": "settled"})
+            ).first()
+            if closed is not None:
+                keys, held_tokens, held_micros = closed
                 moves = [
-                    {
-                        **spent,
-                        "key": key,
-                        "tokens": reservation.tokens,
-                        "micros": reservation.micros,
-                    }
-                    for key in reservation.keys
+                    {**spent, "key": key, "tokens": held_tokens, "micros": held_micros}
+                    for key in sorted(_split(keys))
                 ]
-                await session.execute(_MOVE, moves)
-                return
-            late = await session.execute(_LATE, {**spent, "id": reservation.id})
-            if late.rowcount == 1:
-                await session.execute(_ADD_SPENT, [{**spent, "key": k} for k in reservation.keys])
+                if moves:
+                    await session.execute(_MOVE, moves)
+            else:
+                late = (await session.execute(_LATE, {**spent, "id": reservation.id})).first()
+                if late is not None and _split(late[0]):
+                    await session.execute(
+                        _ADD_SPENT, [{**spent, "key": k} for k in sorted(_split(late[0]))]
+                    )
+        if reservation.lease is not None:
+            self.leases.settled(
+                reservation.lease,
+                reservation.tokens,
+                reservation.micros,
+                spent_tokens,
+                spent_micros,
+            )
+
+    async def close(self) -> None:
+        """Return this worker's leases (it stops)."""
+        await self.leases.close_all()
 
     async def expire_stale(self, *, now: datetime | None = None, limit: int = 200) -> int:
-        """Return the amounts of reservations held past their time to live; how many."""
-        now = now or utcnow()
+        """Return the amounts of reservations held past their time to live; how many.
+
+        ``expires_at`` is a moment of the reserving worker's clock, ``now`` one of this
+        worker's (never the database's): both are compared as instants, bound as the
+        ledger's writes bind them.
+        """
+        now = _instant(now or utcnow())
         async with self._database.reading() as session:
             rows = (
                 await session.execute(
                     text(
                         "SELECT id, keys, tokens, micros FROM quota_reservations"
-                        " WHERE state = 'held' AND expires_at < :now ORDER BY expires_at LIMIT :n"
-                    ).bindparams(now=now, n=limit)
+                        " WHERE state = 'held' AND lease_id IS NULL AND expires_at < :now"
+                        " ORDER BY expires_at LIMIT :n"
+                    ).bindparams(bindparam("now", now, type_=DateTime(timezone=True)), n=limit)
                 )
             ).all()
         expired = 0
@@ -254,7 +347,7 @@ class QuotaLedger:
                         "now": None,
                     },
                 )
-                if closed.rowcount != 1:
+                if closed.first() is None:
                     continue  # settled meanwhile
                 await session.execute(
                     _MOVE,
@@ -267,10 +360,14 @@ class QuotaLedger:
                             "spent_micros": 0,
                             "now": now,
                         }
-                        for key in sorted(keys.split("\n"))
+                        for key in sorted(_split(keys))
                     ],
                 )
                 expired += 1
+        # The leases of workers that died: their calls held become reservations (expired
+        # here at their own time), what they settled is spent, the rest comes back.
+        expired += await close_expired_leases(self._database)
+        await self.leases.tidy()
         return expired
 
     async def states(self, scopes: Sequence[QuotaScope]) -> list[ScopeState]:
@@ -301,7 +398,7 @@ class QuotaLedger:
             params["user_id"] = user_id
         if since is not None:
             clauses.append("created_at >= :since")
-            params["since"] = since
+            params["since"] = _instant(since)
         query = text(
             "SELECT user_id, tier, model, count(*), sum(spent_tokens), sum(spent_micros)"
             " FROM quota_reservations WHERE "
@@ -316,6 +413,10 @@ class QuotaLedger:
             SpendRow(u, t, m or "", int(n), int(tok or 0), int(mic or 0))
             for u, t, m, n, tok, mic in rows
         ]
+
+
+def _split(keys: str | None) -> list[str]:
+    return [k for k in (keys or "").split("\n") if k]
 
 
 @dataclass(frozen=True, slots=True)

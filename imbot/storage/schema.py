@@ -180,10 +180,32 @@ class QuotaReservationRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     settled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # The budget lease its shared scopes were taken from (those keys are not in ``keys``).
+    lease_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     __table_args__ = (
         Index("ix_quota_reservations_state_expires", "state", "expires_at"),
         Index("ix_quota_reservations_user_created", "user_id", "created_at"),
+        Index("ix_quota_reservations_lease", "lease_id", "state"),
     )
+
+
+class QuotaLeaseRow(Base):
+    """A slice of shared budgets taken by one model worker (storage.leases)."""
+
+    __tablename__ = "quota_leases"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    keys: Mapped[str] = mapped_column(Text)
+    tokens: Mapped[int] = mapped_column(BigInteger)
+    micros: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(String(16))  # open, closed
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # What the calls settled under it spent (written when it closes).
+    spent_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    spent_micros: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    __table_args__ = (Index("ix_quota_leases_state_expires", "state", "expires_at"),)
 
 
 class UserTierRow(Base):
