@@ -1,6 +1,6 @@
 """Pipeline overhead, this tree against an earlier commit, alternated in one run.
 
-``bench.pipeline``'s PostgreSQL run (100 AI messages/s, zero-latency demo model, callback to
+``bench.pipeline_floor``'s PostgreSQL run (100 AI messages/s, zero-latency demo model, callback to
 delivered reply) on a ``git worktree`` of REV and on this tree, in turns, so a machine that
 is slower today than on another day (or busier for a minute) weighs on both alike. Each run
 is a separate process tree importing only its own tree's code.
@@ -27,7 +27,10 @@ import os, sys
 sys.path.insert(0, {tree!r})
 os.chdir({tree!r})
 os.environ["PYTHONPATH"] = {tree!r}
-from bench import pipeline
+try:
+    from bench import pipeline_floor as pipeline
+except ImportError:  # a tree from before the floor was moved beside the realistic bench
+    from bench import pipeline
 try:
     from imbot.devtools.broker import EmbeddedBroker
 except ImportError:  # a tree from before the one imbot namespace

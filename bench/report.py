@@ -37,3 +37,17 @@ def write_section(name: str, title: str, command: str, body: str) -> None:
         text = text.rstrip() + "\n\n" + section + "\n"
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text(text, encoding="utf-8")
+
+
+IMG_DIR = DOC.parent / "img"
+
+
+def image_path(name: str) -> Path:
+    """Where a benchmark's plot goes (docs/img/NAME), the folder made if need be."""
+    IMG_DIR.mkdir(parents=True, exist_ok=True)
+    return IMG_DIR / name
+
+
+def image_link(path: Path, alt: str) -> str:
+    """A Markdown image of ``path`` as docs/benchmarks.md reaches it (a relative link)."""
+    return f"![{alt}]({path.relative_to(DOC.parent).as_posix()})"

@@ -172,11 +172,50 @@ class OllamaConfig(_ModelEntry):
 
 
 class DemoConfig(_ModelEntry):
-    """Canned replies labelled as coming from the demo model. Not an LLM."""
+    """Canned replies labelled as coming from the demo model. Not an LLM.
+
+    ``latency_ms`` is one fixed delay per call. For a benchmark or a load test the model
+    can instead behave like a remote one: ``first_token_ms`` until its first token, then
+    ``tokens_per_s``, for a reply ``output_tokens`` long (its canned text padded with
+    labelled filler). Each is a uniform range ``[low, high]`` (or one number), drawn per
+    request (docs/models.md, "The demo model").
+    """
 
     provider: Literal["demo"]
     price: Price = Price(input=0, output=0, currency="CNY")
     latency_ms: float = Field(default=0.0, ge=0)
+    first_token_ms: tuple[float, float] | None = None
+    tokens_per_s: tuple[float, float] | None = None
+    output_tokens: tuple[int, int] | None = None
+
+    @field_validator("first_token_ms", "tokens_per_s", "output_tokens", mode="before")
+    @classmethod
+    def _one_number_is_a_range(cls, value: object) -> object:
+        return (value, value) if isinstance(value, int | float) else value
+
+    @field_validator("first_token_ms", "tokens_per_s", "output_tokens")
+    @classmethod
+    def _ordered_range(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not 0 <= value[0] <= value[1]:
+            raise ValueError("a range is [low, high] with 0 <= low <= high")
+        return value
+
+    @model_validator(mode="after")
+    def _one_kind_of_latency(self) -> DemoConfig:
+        if self.tokens_per_s is not None and self.tokens_per_s[0] <= 0:
+            raise ValueError("tokens_per_s must be above 0")
+        if self.latency_ms and (self.first_token_ms is not None or self.tokens_per_s is not None):
+            raise ValueError("latency_ms or first_token_ms/tokens_per_s, not both")
+        return self
+
+    @property
+    def shaped(self) -> bool:
+        """Whether a knob of the realistic latency or length is set."""
+        return (
+            self.first_token_ms is not None
+            or self.tokens_per_s is not None
+            or self.output_tokens is not None
+        )
 
 
 ModelConfig = Annotated[
