@@ -28,8 +28,8 @@ import orjson
 from bench.report import write_section
 from imbot.adapters import ChatMessage, ChatRequest, build_catalog
 from imbot.adapters.catalog import new_client
-from imbot.adapters.config import OpenAIConfig
 from imbot.adapters.openai import build_body
+from imbot.core.catalog import OpenAIConfig
 
 ROUNDS = 8
 PER_ROUND_C1 = 400

@@ -91,12 +91,12 @@ def load_questions(path: Path = QUESTIONS) -> list[Question]:
 def load_prices(policy: Policy) -> Prices:
     tier = policy.routing.tiers[TIER]
     models = {level.name: tier.models[level.name][0] for level in policy.routing.levels}
-    price = {level: policy.models[name]["price"] for level, name in models.items()}
+    price = {level: policy.models[name].price for level, name in models.items()}
     return Prices(
         routing=policy.routing,
         models=models,
-        input_price={level: float(p["input"]) for level, p in price.items()},
-        output_price={level: float(p["output"]) for level, p in price.items()},
+        input_price={level: p.input for level, p in price.items()},
+        output_price={level: p.output for level, p in price.items()},
         system_prompt=policy.routes["default"].system_prompt or "",
     )
 

@@ -25,9 +25,9 @@ from imbot.adapters.base import (
     UsageEvent,
 )
 from imbot.adapters.catalog import CatalogEntry, ModelCatalog, build_catalog
-from imbot.adapters.config import ModelConfig, Price
 from imbot.adapters.images import estimate_image_tokens, image_from_bytes, request_image_tokens
 from imbot.adapters.resilience import CircuitBreaker, CircuitOpenError
+from imbot.core.catalog import ModelConfig, Price
 from imbot.core.envelope import FinishReason
 
 __all__ = [

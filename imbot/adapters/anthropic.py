@@ -15,12 +15,12 @@ from imbot.adapters.base import (
     Usage,
     UsageEvent,
 )
-from imbot.adapters.config import AnthropicConfig
 from imbot.adapters.http_model import HttpChatModel, Parsed, StreamDecoder
 from imbot.adapters.json_fields import as_int, as_str, loads_object
 from imbot.adapters.provider_errors import classify_status, refine_fatal
 from imbot.adapters.rate_limit_headers import anthropic_reset_s
 from imbot.adapters.sse import SseEvent
+from imbot.core.catalog import AnthropicConfig
 from imbot.core.envelope import FinishReason
 from imbot.core.errors import FatalError, ImbotError, RetryableError
 

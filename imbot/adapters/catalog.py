@@ -35,18 +35,6 @@ from imbot.adapters.base import (
     StreamEvent,
     UnsupportedInput,
 )
-from imbot.adapters.config import (
-    AnthropicConfig,
-    CatalogConfig,
-    DashScopeConfig,
-    DemoConfig,
-    ErnieConfig,
-    ModelConfig,
-    OllamaConfig,
-    OpenAIConfig,
-    SparkConfig,
-    _ModelEntry,
-)
 from imbot.adapters.dashscope import DashScopeChatModel
 from imbot.adapters.demo import DemoChatModel
 from imbot.adapters.ernie import ErnieChatModel
@@ -62,6 +50,18 @@ from imbot.adapters.resilience import (
     InstrumentedModel,
 )
 from imbot.adapters.spark import SparkChatModel
+from imbot.core.catalog import (
+    AnthropicConfig,
+    CatalogConfig,
+    DashScopeConfig,
+    DemoConfig,
+    ErnieConfig,
+    ModelConfig,
+    OllamaConfig,
+    OpenAIConfig,
+    SparkConfig,
+    _ModelEntry,
+)
 from imbot.core.errors import ConfigurationError, ContentRejected, ImbotError, RetryableError
 from imbot.core.retry import Backoff, Deadline, retries_spent
 
@@ -112,12 +112,13 @@ def _provider_model(
 
 
 def build_catalog(
-    models: Mapping[str, Mapping[str, Any]],
+    models: Mapping[str, ModelConfig | Mapping[str, Any]],
     *,
     env: Mapping[str, str] | None = None,
     seed: int | None = None,
 ) -> ModelCatalog:
-    """Validate the ``models:`` section and build every model. Raises ConfigurationError."""
+    """Build every model of the ``models:`` section (a policy's, validated at load, or a
+    raw mapping, validated here). Raises ConfigurationError."""
     try:
         config = CatalogConfig.model_validate({"models": dict(models)})
     except ValidationError as exc:

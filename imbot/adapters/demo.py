@@ -31,8 +31,8 @@ from imbot.adapters.base import (
     UsageEvent,
     refuse_images,
 )
-from imbot.adapters.config import DemoConfig
 from imbot.adapters.images import request_image_tokens
+from imbot.core.catalog import DemoConfig
 from imbot.core.tokens import estimate_tokens
 
 LABEL = "【演示模型 demo】"

@@ -18,7 +18,6 @@ import httpx
 import orjson
 
 from imbot.adapters.base import ChatRequest, Delta, Done, StreamEvent, Usage, UsageEvent
-from imbot.adapters.config import ErnieConfig, _ModelEntry
 from imbot.adapters.http_model import (
     AuthExpired,
     HttpChatModel,
@@ -30,6 +29,7 @@ from imbot.adapters.http_model import (
 from imbot.adapters.json_fields import as_int, as_str, loads_object
 from imbot.adapters.provider_errors import classify_status
 from imbot.adapters.sse import SseEvent
+from imbot.core.catalog import ErnieConfig, _ModelEntry
 from imbot.core.envelope import FinishReason
 from imbot.core.errors import (
     ConfigurationError,

@@ -38,8 +38,8 @@ from imbot.adapters.base import (
     refuse_images,
 )
 from imbot.adapters.catalog import ModelCatalog, catalog_entry
-from imbot.adapters.config import Price, _ModelEntry
 from imbot.adapters.images import request_image_tokens
+from imbot.core.catalog import Price, _ModelEntry
 from imbot.core.envelope import FinishReason
 from imbot.core.tokens import estimate_tokens
 

@@ -34,9 +34,9 @@ from imbot.adapters.base import (
     Usage,
     refuse_images,
 )
-from imbot.adapters.config import _ModelEntry
 from imbot.adapters.provider_errors import redact
 from imbot.adapters.sse import SseEvent, SseParser
+from imbot.core.catalog import _ModelEntry
 from imbot.core.envelope import FinishReason
 from imbot.core.errors import ConfigurationError, ImbotError, RetryableError
 

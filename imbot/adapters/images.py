@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 
 from imbot.adapters.base import ChatRequest, ImageMediaType, ImagePart, UnsupportedInput
-from imbot.adapters.config import (
+from imbot.core.catalog import (
     AnthropicConfig,
     DashScopeConfig,
     DemoConfig,

@@ -17,11 +17,11 @@ from imbot.adapters.base import (
     Usage,
     UsageEvent,
 )
-from imbot.adapters.config import OllamaConfig
 from imbot.adapters.http_model import HttpChatModel, Parsed, StreamDecoder
 from imbot.adapters.json_fields import as_int, as_str, loads_object
 from imbot.adapters.provider_errors import classify_status, refine_fatal
 from imbot.adapters.sse import SseEvent
+from imbot.core.catalog import OllamaConfig
 from imbot.core.envelope import FinishReason
 from imbot.core.errors import ConfigurationError, ImbotError, RetryableError
 

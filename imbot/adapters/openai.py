@@ -18,12 +18,12 @@ from imbot.adapters.base import (
     Usage,
     UsageEvent,
 )
-from imbot.adapters.config import OpenAIConfig
 from imbot.adapters.http_model import HttpChatModel, Parsed, StreamDecoder
 from imbot.adapters.json_fields import as_int, as_str, loads_object
 from imbot.adapters.provider_errors import classify_status, refine_fatal
 from imbot.adapters.rate_limit_headers import openai_reset_s
 from imbot.adapters.sse import SseEvent
+from imbot.core.catalog import OpenAIConfig
 from imbot.core.envelope import FinishReason
 from imbot.core.errors import (
     ConfigurationError,

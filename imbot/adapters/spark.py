@@ -8,12 +8,12 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from imbot.adapters.base import ChatRequest, Delta, Done, StreamEvent, UsageEvent
-from imbot.adapters.config import SparkConfig
 from imbot.adapters.http_model import HttpChatModel, Parsed, StreamDecoder
 from imbot.adapters.json_fields import as_int, as_str, loads_object
 from imbot.adapters.openai import map_finish, parse_usage
 from imbot.adapters.provider_errors import classify_status
 from imbot.adapters.sse import SseEvent
+from imbot.core.catalog import SparkConfig
 from imbot.core.envelope import FinishReason
 from imbot.core.errors import (
     ConfigurationError,

@@ -115,7 +115,7 @@ Try:  .venv/bin/imbot simulate "介绍一下你自己"      Stop: Ctrl-C
 def _demo_only() -> bool:
     policy = load_settings().policy
     names = {m for r in policy.routes.values() for m in r.models} | policy.routing.model_names()
-    return all(policy.models[m].get("provider") == "demo" for m in names)
+    return all(policy.models[m].provider == "demo" for m in names)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from imbot.core.catalog import ModelConfig
 from imbot.core.errors import ConfigurationError
 from imbot.core.limits import USER_ID_MAX
 from imbot.core.routing import Routing
@@ -342,9 +343,9 @@ class Policy(_Frozen):
     bots: tuple[Bot, ...] = (Bot(id="ai_bot", name="AI"),)
     ai: AiRules = AiRules()
     callback: CallbackPolicy = CallbackPolicy()
-    # Model catalog and moderation config are validated by their owners
-    # (adapters.registry, moderation) so core stays free of their schemas.
-    models: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # The model catalog, validated here (core.catalog) so every service refuses the
+    # same bad entry; moderation config is validated by its owner (moderation).
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
     routes: dict[str, RoutePolicy] = Field(
         default_factory=lambda: {"default": RoutePolicy(models=("demo",))}
     )
@@ -395,6 +396,12 @@ def check_policy(policy: Policy, *, where: str = "policy") -> None:
             raise ConfigurationError(f"{where}: routing names unknown model {model!r}")
     if "default" not in policy.routes:
         raise ConfigurationError(f"{where}: needs a route named 'default'")
+    for name, entry in policy.models.items():
+        if entry.price.currency != policy.routing.currency:
+            raise ConfigurationError(
+                f"{where}: models.{name}.price is in {entry.price.currency}, the budgets in"
+                f" {policy.routing.currency} (routing.currency): one currency per policy"
+            )
 
 
 def load_settings(**overrides: Any) -> Settings:

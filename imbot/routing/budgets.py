@@ -12,7 +12,6 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from imbot.core.envelope import Completion, Envelope, QuotaView
-from imbot.core.errors import ConfigurationError
 from imbot.core.routing import QuotaScope, to_micros
 from imbot.core.settings import Policy, Settings
 from imbot.routing.choice import Price, scopes_for, standing, worst_case_micros
@@ -104,16 +103,7 @@ def tenant_of(settings: Settings) -> str:
 
 
 def policy_prices(policy: Policy) -> dict[str, Price]:
-    """Each catalog model's price in the policy's currency (the routing budgets' one)."""
-    prices = {}
-    for name, entry in policy.models.items():
-        price = entry.get("price")
-        if not isinstance(price, dict):
-            continue
-        if price.get("currency", policy.routing.currency) != policy.routing.currency:
-            raise ConfigurationError(
-                f"models.{name}.price is in {price.get('currency')}, the budgets in"
-                f" {policy.routing.currency} (routing.currency): one currency per policy"
-            )
-        prices[name] = Price(float(price.get("input", 0)), float(price.get("output", 0)))
-    return prices
+    """Each catalog model's price (in the policy's one currency: ``check_policy``)."""
+    return {
+        name: Price(entry.price.input, entry.price.output) for name, entry in policy.models.items()
+    }

@@ -21,14 +21,6 @@ from imbot.adapters import (
     openai,
     request_image_tokens,
 )
-from imbot.adapters.config import (
-    AnthropicConfig,
-    DashScopeConfig,
-    DemoConfig,
-    ErnieConfig,
-    OllamaConfig,
-    OpenAIConfig,
-)
 from imbot.adapters.images import (
     ANTHROPIC_MAX,
     OPENAI_UNKNOWN,
@@ -36,6 +28,14 @@ from imbot.adapters.images import (
     dashscope_image_tokens,
     openai_image_tokens,
     sniff_media_type,
+)
+from imbot.core.catalog import (
+    AnthropicConfig,
+    DashScopeConfig,
+    DemoConfig,
+    ErnieConfig,
+    OllamaConfig,
+    OpenAIConfig,
 )
 
 PRICE = {"input": 1, "output": 2, "currency": "USD"}

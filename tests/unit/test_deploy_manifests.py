@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, SecretStr
 
-from imbot.adapters import config as model_config
+from imbot.core import catalog as model_config
 from imbot.core import topics
 from imbot.core.settings import Settings, load_policy
 from imbot.gateway.app import create_app
@@ -300,7 +300,7 @@ def _provider_key_variables() -> set[str]:
                     names.add(info.default)
     policy = load_policy(Settings().policy_file)
     for entry in policy.models.values():
-        names |= {str(v) for k, v in entry.items() if k.endswith("_env") and v}
+        names |= {str(v) for k, v in entry.model_dump().items() if k.endswith("_env") and v}
     return names
 
 

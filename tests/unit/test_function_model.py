@@ -19,8 +19,8 @@ from imbot.adapters import (
     Usage,
     UsageEvent,
 )
-from imbot.adapters.config import CircuitConfig, Price, RetryConfig
 from imbot.adapters.function import FunctionConfig, FunctionModel, FunctionReply, function_catalog
+from imbot.core.catalog import CircuitConfig, Price, RetryConfig
 from imbot.core.errors import ContentRejected, FatalError, RetryableError
 from imbot.core.retry import spent_attempts
 

@@ -30,13 +30,39 @@ def test_the_default_policy_is_valid() -> None:
     assert policy.routing.enabled
     free = policy.routing.tiers[policy.routing.default_tier]
     assert set(free.models) == {level.name for level in policy.routing.levels}
-    assert all(policy.models[m]["provider"] == "demo" for m in policy.routing.model_names())
+    assert all(policy.models[m].provider == "demo" for m in policy.routing.model_names())
 
 
 def test_route_naming_an_unknown_model_is_a_configuration_error(tmp_path: Path) -> None:
     path = tmp_path / "policy.yaml"
     path.write_text("models: {demo: {provider: demo}}\nroutes: {default: {models: [gpt-x]}}\n")
     with pytest.raises(ConfigurationError, match="unknown model 'gpt-x'"):
+        load_policy(path)
+
+
+@pytest.mark.parametrize(
+    ("models", "error"),
+    [
+        # A model worker used to be the only one to refuse these (when it opened the
+        # catalog); the gateway and the route workers started on them.
+        ("{gpt: {provider: openai, model: gpt-4o}}", "price"),
+        ("{gpt: {provider: opnai, price: {input: 1, output: 2, currency: CNY}}}", "opnai"),
+        (
+            "{gpt: {provider: openai, price: {input: 1, output: 2, currency: CNY}, tmeout_s: 3}}",
+            "tmeout_s",
+        ),
+        (
+            "{gpt: {provider: openai, price: {input: 1, output: 2, currency: USD}}}",
+            "one currency per policy",
+        ),
+    ],
+)
+def test_a_models_block_a_model_worker_would_refuse_is_refused_at_load(
+    tmp_path: Path, models: str, error: str
+) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(f"models: {models}\nroutes: {{default: {{models: [gpt]}}}}\n")
+    with pytest.raises(ConfigurationError, match=error):
         load_policy(path)
 
 

@@ -23,7 +23,8 @@ log = logging.getLogger("imbot.stages")
 
 
 def is_demo(policy: Policy, model: str) -> bool:
-    return bool(policy.models.get(model, {}).get("provider") == "demo")
+    entry = policy.models.get(model)
+    return entry is not None and entry.provider == "demo"
 
 
 class Route(PipelineStage, stage="route"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from imbot.adapters.config import OllamaConfig, OpenAIConfig
+from imbot.core.catalog import OllamaConfig, OpenAIConfig
 
 PRICE = {"input": 1, "output": 2, "currency": "USD"}
 

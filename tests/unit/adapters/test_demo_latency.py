@@ -14,8 +14,8 @@ import pytest
 from pydantic import ValidationError
 
 from imbot.adapters.base import ChatMessage, ChatRequest, Delta, Done, UsageEvent
-from imbot.adapters.config import DemoConfig
 from imbot.adapters.demo import FILLER, LABEL, PIECE_CHARS, DemoChatModel, shaped_timing
+from imbot.core.catalog import DemoConfig
 from imbot.core.tokens import estimate_tokens
 
 

@@ -17,8 +17,8 @@ from imbot.adapters import (
     openai,
     spark,
 )
-from imbot.adapters.config import AnthropicConfig, OpenAIConfig
 from imbot.adapters.http_model import StreamDecoder
+from imbot.core.catalog import AnthropicConfig, OpenAIConfig
 from imbot.core.errors import ConfigurationError, ContentRejected, FatalError, RetryableError
 
 PRICE = {"input": 1, "output": 2, "currency": "USD"}

@@ -1,8 +1,10 @@
 """The model catalog schema: one entry per model id, discriminated by ``provider``.
 
-``core.settings.Policy.models`` keeps the raw mapping; ``build_catalog`` validates
-it here so core stays free of provider details. Prices and secrets' *names* live
-in the YAML; secret values come only from the environment.
+``core.settings.Policy.models`` is validated with it when the policy is loaded, so a
+``models:`` block a model worker would refuse is refused by every service at start-up
+(the gateway and route workers used to accept it), and prices are read from one typed
+place. ``imbot.adapters`` builds the models from it. Prices and secrets' *names* live in
+the YAML; secret values come only from the environment.
 """
 
 from __future__ import annotations
