@@ -63,6 +63,7 @@ def _route(settings: Settings, store: Storage) -> Route:
         tiers=TierBook(settings.policy.routing, store.tiers),
         quota=store.quota,
         budgets=Budgets.of(settings),
+        usage=store.usage,
     )
 
 

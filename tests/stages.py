@@ -41,6 +41,7 @@ def route_stage(settings: Settings, store: Any, *, circuits_ttl_s: float | None 
         circuits=None
         if circuits_ttl_s is None
         else OpenCircuits(store.health, ttl_s=circuits_ttl_s),
+        usage=store.usage,
     )
 
 

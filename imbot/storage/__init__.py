@@ -64,6 +64,8 @@ class UsageRecords(Protocol):
 
     async def record_usage(self, env: Envelope, c: Completion) -> None: ...
 
+    async def answered(self, msg_id: str) -> bool: ...
+
 
 class History(Protocol):
     """The history a route reads and a provider may ask to clear (``HistoryWindow``)."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import text
+
 from imbot.core.envelope import Completion, Envelope
 from imbot.storage.database import Database, GroupCommit, sql
 from imbot.storage.schema import UsageRow, utcnow
@@ -29,11 +31,23 @@ _INSERT_USAGE = sql(
 )
 
 
+_ANSWERED = text("SELECT 1 FROM usage WHERE msg_id = :msg_id")
+
+
 class UsageLedger:
     """One usage row per paid model call, group-committed (see ``GroupCommit``)."""
 
     def __init__(self, database: Database) -> None:
+        self._database = database
         self._usage = GroupCommit(database, _INSERT_USAGE)
+
+    async def answered(self, msg_id: str) -> bool:
+        """Whether a model call answered ``msg_id`` and its completion went on (the row
+        is written once the completion is published): a copy of the message seen again
+        (at-least-once delivery) needs no second call and no second answer."""
+        async with self._database.reading() as session:
+            row = (await session.execute(_ANSWERED, {"msg_id": msg_id})).first()
+        return row is not None
 
     async def record_usage(self, env: Envelope, c: Completion) -> None:
         """The tokens and cost of the model call that answered ``env`` (idempotent).

@@ -39,6 +39,9 @@ class FakeUsage:
             raise StorageUnavailable("database unavailable", error_class="OperationalError")
         self.rows.setdefault(env.msg_id, c)
 
+    async def answered(self, msg_id: str) -> bool:
+        return msg_id in self.rows
+
 
 @dataclass
 class FakeHistory:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import timedelta, timezone
 
 import pytest
 
@@ -116,6 +116,48 @@ async def test_expiry_leaves_live_reservations_alone(store: Storage) -> None:
     assert expired >= 0
     [user, _] = await store.quota.states(scopes)
     assert user.reserved_micros == 3_000
+
+
+# A zone other than UTC: where an operator (``imbot usage --since …+08:00``) or a caller
+# of ``expire_stale(now=…)`` may give a moment.
+SHANGHAI = timezone(timedelta(hours=8))
+
+
+async def test_expiry_compares_instants_whatever_the_zone_of_now(store: Storage) -> None:
+    """``expires_at`` is a moment of the reserving worker's clock; ``now`` one of the
+    expiring worker's. Compared as instants on both databases (SQLite keeps timestamps
+    as text: a moment in another zone must not be compared as its wall time there)."""
+    scopes = _scopes(f"u{uuid.uuid4().hex[:8]}", micros=10_000)
+    live = await _reserve(store.quota, scopes, micros=3_000, ttl=600)
+    assert isinstance(live, Reservation)
+    await store.quota.expire_stale(now=(utcnow() + timedelta(minutes=1)).astimezone(SHANGHAI))
+    [user, _] = await store.quota.states(scopes)
+    assert user.reserved_micros == 3_000  # 1 minute into its 10: still live
+    await store.quota.expire_stale(now=(utcnow() + timedelta(minutes=11)).astimezone(SHANGHAI))
+    [user, _] = await store.quota.states(scopes)
+    assert user.reserved_micros == 0  # past its time to live: returned
+
+
+async def test_spend_since_compares_instants_whatever_the_zone(store: Storage) -> None:
+    user = f"u{uuid.uuid4().hex[:8]}"
+    held = await store.quota.reserve(
+        reservation_id=uuid.uuid4().hex,
+        msg_id="m",
+        user_id=user,
+        tier="free",
+        model="demo-lite",
+        scopes=_scopes(user, micros=10_000),
+        tokens=10,
+        micros=1_000,
+        ttl_s=60,
+    )
+    assert isinstance(held, Reservation)
+    await store.quota.settle(held, tokens=5, micros=400)
+    earlier = (utcnow() - timedelta(minutes=1)).astimezone(SHANGHAI)
+    [row] = await store.quota.spend(user_id=user, since=earlier)
+    assert (row.calls, row.micros) == (1, 400)
+    later = (utcnow() + timedelta(minutes=1)).astimezone(SHANGHAI)
+    assert await store.quota.spend(user_id=user, since=later) == []
 
 
 async def test_spend_is_reported_by_user_tier_and_model(store: Storage) -> None:

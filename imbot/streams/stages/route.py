@@ -14,7 +14,7 @@ from imbot.routing.budgets import DEFAULT_OUTPUT_CAP, Budgets, budget_view
 from imbot.routing.complexity import score_complexity
 from imbot.routing.health import OpenCircuits, healthy
 from imbot.routing.tiers import TierBook
-from imbot.storage import History, QuotaStates
+from imbot.storage import History, QuotaStates, UsageRecords
 from imbot.streams.boundary import Emit
 from imbot.streams.metrics import ROUTE_DECISIONS
 from imbot.streams.stages.base import PipelineStage, Resources, answer
@@ -41,7 +41,9 @@ class Route(PipelineStage, stage="route"):
         quota: QuotaStates,
         budgets: Budgets,
         circuits: OpenCircuits | None = None,
+        usage: UsageRecords | None = None,
     ) -> None:
+        self.usage = usage
         self.policy = policy
         self.circuits = circuits
         self.routing = policy.routing
@@ -61,6 +63,7 @@ class Route(PipelineStage, stage="route"):
             quota=store.quota,
             budgets=Budgets.of(r.settings),
             circuits=OpenCircuits(store.health),
+            usage=store.usage,
         )
 
     async def handle(self, env: Envelope, *, deadline: float) -> Sequence[Emit]:
@@ -86,11 +89,12 @@ class Route(PipelineStage, stage="route"):
         if command == "help":
             ROUTE_DECISIONS.labels("command_help", tier or "").inc()
             return [answer(env, self.name, await self._help(env, tier), "command")]
-        return [await self._route(env, text, tier, images)]
+        routed = await self._route(env, text, tier, images)
+        return [] if routed is None else [routed]
 
     async def _route(
         self, env: Envelope, text: str, tier: str | None, images: tuple[ImageRef, ...]
-    ) -> Emit:
+    ) -> Emit | None:
         policy, routing = self.policy, self.routing
         bot = policy.bot(env.bot)
         route_name = bot.route if bot is not None and bot.route in policy.routes else "default"
@@ -139,6 +143,10 @@ class Route(PipelineStage, stage="route"):
                     chain, rule, level = cheapest, "downgrade", routing.levels[0].name
                     quota = standing_of(chain)
             if quota.state == "exhausted":
+                if self.usage is not None and await self.usage.answered(env.msg_id):
+                    # Its own first copy spent the budget: that copy's answer is the one.
+                    log.info("already answered: copy dropped", extra={"msg_id": env.msg_id})
+                    return None
                 ROUTE_DECISIONS.labels("quota_exhausted", tier).inc()
                 decision = RouteDecision(
                     route=route_name, models=(), rule="quota_exhausted", tier=tier, quota=quota
