@@ -2,8 +2,8 @@
 
 Every worker shares this database, so the budget is one number however many
 replicas run. A reservation is one transaction: for each scope the call counts
-against (the user's day and month, the tenant's, the group's), one conditional
-``UPDATE … SET reserved = reserved + x WHERE spent + reserved + x <= limit``. The
+against (the user's day and month, the group's), one conditional upsert
+(``… DO UPDATE SET reserved = reserved + x WHERE spent + reserved + x <= limit``). The
 check and the reservation are the same statement, so concurrent calls cannot all
 pass the check: the row lock orders them, and PostgreSQL re-evaluates the condition
 on the row as the previous transaction left it. Scopes are updated in key order, so
@@ -37,19 +37,20 @@ from imbot.storage.database import Database, sql
 from imbot.storage.leases import BudgetLeases, Lease, close_expired_leases
 from imbot.storage.schema import utcnow
 
-_ENSURE = sql(
+# A call's own scopes in one statement each: a scope's first call creates its row (a
+# call larger than the limit is refused before, in Python), later ones update it under
+# ``spent + reserved + x <= limit`` (PostgreSQL evaluates it on the locked, latest row).
+_UPSERT_RESERVE = sql(
     "INSERT INTO quota_counters (key, spent_tokens, spent_micros, reserved_tokens,"
-    " reserved_micros, updated_at) VALUES (:key, 0, 0, 0, 0, :now)"
-    " ON CONFLICT (key) DO NOTHING"
-)
-_RESERVE = sql(
-    "UPDATE quota_counters SET reserved_tokens = reserved_tokens + :tokens,"
-    " reserved_micros = reserved_micros + :micros, updated_at = :now"
-    " WHERE key = :key"
-    " AND (CAST(:limit_tokens AS BIGINT) IS NULL"
-    " OR spent_tokens + reserved_tokens + :tokens <= :limit_tokens)"
-    " AND (CAST(:limit_micros AS BIGINT) IS NULL"
-    " OR spent_micros + reserved_micros + :micros <= :limit_micros)"
+    " reserved_micros, updated_at) VALUES (:key, 0, 0, :tokens, :micros, :now)"
+    " ON CONFLICT (key) DO UPDATE SET"
+    " reserved_tokens = quota_counters.reserved_tokens + excluded.reserved_tokens,"
+    " reserved_micros = quota_counters.reserved_micros + excluded.reserved_micros,"
+    " updated_at = excluded.updated_at"
+    " WHERE (CAST(:limit_tokens AS BIGINT) IS NULL OR quota_counters.spent_tokens"
+    " + quota_counters.reserved_tokens + excluded.reserved_tokens <= :limit_tokens)"
+    " AND (CAST(:limit_micros AS BIGINT) IS NULL OR quota_counters.spent_micros"
+    " + quota_counters.reserved_micros + excluded.reserved_micros <= :limit_micros)"
 )
 _HOLD = sql(
     "INSERT INTO quota_reservations (id, msg_id, user_id, tier, model, keys, tokens, micros,"
@@ -241,11 +242,13 @@ class QuotaLedger:
                 check = _LEASE_OPEN.get(session.dialect.name, _LEASE_OPEN["sqlite"])
                 if (await session.execute(check, {"id": lease.id})).first() is None:
                     raise _LeaseClosed
-            if own:
-                await session.execute(_ENSURE, [{"key": s.key, "now": now} for s in own])
             for s in own:
+                if (s.tokens is not None and tokens > s.tokens) or (
+                    s.micros is not None and micros > s.micros
+                ):
+                    raise _Refused(s.label)  # more than the whole budget
                 result = await session.execute(
-                    _RESERVE,
+                    _UPSERT_RESERVE,
                     {
                         "key": s.key,
                         "tokens": tokens,
