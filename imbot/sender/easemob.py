@@ -21,6 +21,23 @@ other 403 (forbidden operation, banned)    ``FatalError``
 timeouts, dropped connections              ``RetryableError``
 =========================================  =====================================
 
+Stream messages (reference §3.6, ``send_stream_chunk``) answer with the same classes,
+and with Easemob's stream codes in a 400:
+
+=========================================  =====================================
+14031 unknown ``msgId``, 14032 over 128 KB  ``StreamClosed``: the stream takes no
+in total, 14033 over 30 s since the last    more chunks (what was shown stays);
+chunk, 14034 over 30 min, 14035 after       send the rest as a normal message
+``finish``
+14038 ``seq`` not above the last one        ``ChunkAlreadySent``: Easemob has this
+                                           chunk (a resend after a lost answer)
+14001/14002/14005/14030/14036/14037         ``FatalError(reason="bad_request")``
+=========================================  =====================================
+
+A typing indicator (reference §3.5, ``send_typing``) is a ``cmd`` message with
+``action: "TypingBegin"`` routed ``ROUTE_ONLINE``; it only shows where the client app
+handles that action.
+
 Neither the client secret nor a token ever appears in a log line or an
 exception message.
 
@@ -44,7 +61,13 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from imbot.core.errors import ConfigurationError, FatalError, ImbotError, RetryableError
+from imbot.core.errors import (
+    ConfigurationError,
+    FatalError,
+    FatalReason,
+    ImbotError,
+    RetryableError,
+)
 from imbot.core.retry import retry_after_s
 from imbot.sender.metrics import REQUEST_SECONDS, REQUESTS, TOKEN_REFRESHES
 from imbot.sender.pacing import Pacer
@@ -93,6 +116,29 @@ class AttachmentTooLarge(FatalError):
 class AttachmentUnavailable(FatalError):
     """The file cannot be had: not this app's file URL, a wrong or missing ``secret``
     (403), or expired/unknown (404, ``file_expired`` after the default 7 days)."""
+
+
+StreamTarget = Literal["user", "chatgroup"]
+
+# Stream message error codes (reference §3.6).
+_STREAM_CLOSED_CODES: Mapping[int, FatalReason] = {
+    14031: "not_found",  # unknown msgId (or one Easemob no longer holds)
+    14032: "bad_request",  # the text passed 128 KB in total: the stream ended
+    14033: "other",  # more than 30 s since the last chunk: the stream ended
+    14034: "other",  # more than 30 min since the first chunk
+    14035: "other",  # a chunk after finish
+}
+_SEQ_TOO_SMALL_CODE = 14038
+
+
+class StreamClosed(FatalError):
+    """The stream takes no more chunks (14031–14035, see the module docstring): the user
+    keeps what was shown; whatever was not sent must go as a normal message."""
+
+
+class ChunkAlreadySent(FatalError):
+    """14038: a chunk with this ``seq`` or a later one was already taken, so Easemob shows
+    it already (a resend after a lost answer). Not to be sent again."""
 
 
 class AnswerLost(RetryableError):
@@ -153,6 +199,22 @@ def classify(
     if status in (400, 405, 415):
         return FatalError(text, reason="bad_request", **kw)
     return FatalError(text, **kw)
+
+
+def classify_stream(response: httpx.Response) -> ImbotError:
+    """The error a non-2xx answer to a stream chunk stands for (see the module docstring)."""
+    if response.status_code == 400:
+        error, description, error_code = _error_fields(response)
+        text = f"Easemob 400 {error}: {description}".strip().rstrip(":")
+        kw: dict[str, Any] = {"provider": _PROVIDER, "status": 400, "code": str(error_code)}
+        reason = _STREAM_CLOSED_CODES.get(error_code) if error_code is not None else None
+        if reason is not None:
+            return StreamClosed(text, reason=reason, **kw)
+        if error_code == _SEQ_TOO_SMALL_CODE:
+            return ChunkAlreadySent(text, reason="bad_request", **kw)
+    # Stream messages are limited per second (100 msgs/s per App Key): a quota answer
+    # is over within about a second.
+    return classify(response, kind="stream", quota_retry_after_s=1.0)
 
 
 class EasemobClient:
@@ -313,6 +375,87 @@ class EasemobClient:
             raise classify(response, kind=kind, quota_retry_after_s=self._quota_retry_after[kind])
         return _message_id(response, to)
 
+    async def send_typing(
+        self,
+        kind: TargetKind,
+        *,
+        sender: str,
+        to: str,
+        action: Literal["TypingBegin", "TypingEnd"] = "TypingBegin",
+        paced: bool = False,
+    ) -> str:
+        """Show ``sender`` as typing to ``to`` (reference §3.5): a ``cmd`` message with
+        ``action`` routed ``ROUTE_ONLINE`` (offline users never get a stale indicator);
+        returns Easemob's message id. Clients hide it after a few seconds without a new one.
+        """
+        body: dict[str, Any] = {
+            "from": sender,
+            "to": [to],
+            "type": "cmd",
+            "body": {"action": action},
+            "routetype": "ROUTE_ONLINE",
+        }
+        token = await self.token()
+        response = await self._post(kind, body, token, paced=paced)
+        if response.status_code == 401:
+            token = await self.token(stale=token)
+            response = await self._post(kind, body, token)
+        if response.status_code != 200:
+            raise classify(response, kind=kind, quota_retry_after_s=self._quota_retry_after[kind])
+        return _message_id(response, to)
+
+    async def send_stream_chunk(
+        self,
+        target: StreamTarget,
+        *,
+        sender: str,
+        to: str,
+        text: str,
+        seq: int,
+        msg_id: str | None = None,
+        finish: bool = False,
+        finish_reason: int | None = None,
+        markdown: bool = False,
+        ext: Mapping[str, Any] | None = None,
+        paced: bool = False,
+    ) -> str:
+        """Send one chunk of a stream message to a user or a group (≤ 200 members);
+        returns the stream's ``msgId``.
+
+        The first chunk (``msg_id=None``, usually ``seq=0``) opens the stream and takes
+        ``markdown`` and ``ext``; every later chunk passes the ``msgId`` the first returned
+        and a larger ``seq``, within 30 s of the previous one; ``finish`` ends the stream
+        (``finish_reason``: our own code, kept by Easemob). Errors: see the module
+        docstring (``StreamClosed``, ``ChunkAlreadySent``, the send classes). An
+        ``AnswerLost`` on a later chunk can be resolved by resending it (14038 then means
+        it arrived); on a first chunk, the stream's id is unknown.
+        """
+        chunk: dict[str, Any] = {"msg": text, "seq": seq}
+        if msg_id is None:
+            chunk["type"] = "markdown" if markdown else "text"
+        else:
+            chunk["msgId"] = msg_id
+        if finish:
+            chunk["finish"] = True
+            if finish_reason is not None:
+                chunk["finishReason"] = finish_reason
+        body: dict[str, Any] = {"from": sender, "to": to, "body": chunk}
+        if ext is not None and msg_id is None:
+            body["ext"] = dict(ext)  # only the first chunk's ext counts; never null
+        path = f"/stream_message/{target}"
+        label = f"stream_{target}"
+        token = await self.token()
+        response = await self._post(label, body, token, paced=paced, path=path)
+        if response.status_code == 401:
+            log.warning("easemob rejected the app token; fetching a new one", extra={"kind": label})
+            token = await self.token(stale=token)
+            response = await self._post(label, body, token, path=path)
+        if response.status_code != 200:
+            raise classify_stream(response)
+        if msg_id is not None:
+            return msg_id
+        return _stream_id(response)
+
     async def download_file(
         self,
         url: str,
@@ -400,14 +543,22 @@ class EasemobClient:
             await self._pacer.acquire()
 
     async def _post(
-        self, kind: TargetKind, body: dict[str, Any], token: str, *, paced: bool = False
+        self,
+        kind: str,
+        body: dict[str, Any],
+        token: str,
+        *,
+        paced: bool = False,
+        path: str | None = None,
     ) -> httpx.Response:
+        """POST a message call (``path``: another than ``/messages/{kind}``; ``kind`` then
+        only labels the metrics)."""
         if self._pacer is not None and not paced:
             await self._pacer.acquire()
         started = time.perf_counter()
         try:
             response = await self._http.post(
-                f"{self._prefix}/messages/{kind}",
+                f"{self._prefix}{path or f'/messages/{kind}'}",
                 json=body,
                 headers={"Authorization": f"Bearer {token}"},
             )
@@ -492,3 +643,19 @@ def _message_id(response: httpx.Response, to: str) -> str:
             "Easemob answered 200 without a message id", provider=_PROVIDER, status=200
         )
     return str(message_id)
+
+
+def _stream_id(response: httpx.Response) -> str:
+    """The ``data.msgId`` a stream's first chunk is answered with."""
+    try:
+        data = response.json().get("data")
+    except (ValueError, AttributeError):
+        data = None
+    msg_id = data.get("msgId") if isinstance(data, dict) else None
+    if not msg_id:
+        raise AnswerLost(
+            "Easemob answered a stream's first chunk without a msgId",
+            provider=_PROVIDER,
+            status=200,
+        )
+    return str(msg_id)

@@ -15,6 +15,12 @@ Real HTTP, the documented wire format (reference §3):
   Bearer token checked as for sends; a restricted file needs ``share-secret`` (header or
   ``?share-secret=``): missing or wrong → 403 ``forbidden_op`` (Easemob's exact answer to a
   wrong secret is undocumented); unknown uuid → 404 ``entity_not_found``.
+- ``POST /{org}/{app}/stream_message/user|chatgroup``: stream messages (reference §3.6),
+  Bearer token checked as for sends, counted against the same ``rate_limit`` (429), the
+  chunk validated with Easemob's codes 14001–14038 (``imbot/simulator/streams.py`` lists
+  each check); the first chunk answers ``data.msgId``, a later one an empty ``data``.
+  A ``cmd`` message sent to ``messages/…`` with ``body.action`` ``TypingBegin``/``TypingEnd``
+  is a typing indicator (reference §3.5) on the client view.
 
 The admin API under ``/_sim`` (JSON):
 
@@ -30,14 +36,34 @@ The admin API under ``/_sim`` (JSON):
       {"expire_tokens": true}      every issued token is now expired → 401
       {"file_delay_ms": 500}       a download sends its headers, then waits this long
       {"file_chunked": true}       downloads are chunked, without Content-Length
+      {"status": 503, "endpoint": "stream", "count": 1, "applied": true}
+                                   the next stream chunks answer this (``after``, ``error_code``
+                                   as above); ``applied``: the chunk is taken and shown
+                                   first (Easemob took it, its answer was lost)
+      {"stream_chunk_gap_s": 30, "stream_total_s": 1800, "stream_max_bytes": 131072}
+                                   the stream limits (14033, 14034, 14032), e.g. a short gap
 
   ``status``/``count`` queue the next ``count`` answers of that status
   (``after``: let that many sends succeed first); 401 also expires the token used.
 - ``GET /_sim/messages?to=&since=&kind=`` — delivered messages (``since``: ms epoch).
 - ``GET /_sim/wait?to=alice&count=1&timeout=10[&since=]`` — long-poll until that many
   messages for ``to`` arrived (or the timeout passed); answers like ``/_sim/messages``.
-- ``GET /_sim/stats`` — token and send request counts, answers by status.
-- ``POST /_sim/reset`` — forget messages, failures, limits and counters (tokens stay valid).
+- ``GET /_sim/screen?user=alice|group=g1|room=r1[&peer=ai_bot][&finished=1&timeout=10]`` —
+  the client view: what that user's 1:1 chats (or that group or room) show, in order::
+
+      {"items": [{"kind": "message", "id", "from", "type", "text" (txt), "body", "ext", "at"},
+                 {"kind": "stream", "id" (msgId), "from", "to", "text" (the chunks so far),
+                  "format": "text"|"markdown", "ext", "finished", "finish_reason",
+                  "ended": null|14032|14033|14034, "chunks", "seq", "at", "updated_at"},
+                 {"kind": "typing", "id", "from", "action": "TypingBegin"|"TypingEnd",
+                  "routetype", "at"}],
+       "typing": ["ai_bot"]}     senders whose typing indicator shows now
+
+  ``at``: ms epoch; ``peer``: only what that sender sent; ``finished=N``: long-poll until N
+  streams there are finished or ended (or ``timeout`` seconds passed, then ``timed_out``).
+- ``GET /_sim/stats`` — token, send and stream request counts, answers by status.
+- ``POST /_sim/reset`` — forget messages, streams, failures, limits and counters (tokens
+  stay valid).
 - ``POST /_sim/callback`` — sign a before-send callback like Easemob and POST it to
   the gateway (see ``fire_callback``).
 """
@@ -49,7 +75,7 @@ import secrets
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from uuid import uuid4
 
@@ -57,7 +83,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from imbot.simulator import wire
+from imbot.simulator import streams, wire
 from imbot.simulator.callbacks import build_callback, new_message_id
 
 
@@ -88,6 +114,7 @@ class Fault:
     error: str | None = None
     error_code: int | None = None
     retry_after: str | None = None
+    applied: bool = False  # stream chunks: taken (and shown) before this answer
 
     def response(self) -> web.Response:
         headers = {"Retry-After": self.retry_after} if self.retry_after else None
@@ -115,6 +142,8 @@ class Behaviour:
     quota_window_s: float = 60.0
     file_delay_s: float = 0.0
     file_chunked: bool = False
+    stream_faults: deque[Fault | None] = field(default_factory=deque)
+    stream_limits: streams.StreamLimits = field(default_factory=streams.StreamLimits)
 
     @classmethod
     def from_config(cls, config: SimulatorConfig) -> Behaviour:
@@ -140,8 +169,10 @@ class SimulatorState:
     tokens: dict[str, float] = field(default_factory=dict)  # token -> expiry (monotonic)
     messages: list[dict[str, Any]] = field(default_factory=list)
     files: dict[str, StoredFile] = field(default_factory=dict)  # uuid -> file (kept by reset)
+    streams: streams.StreamBook = field(default_factory=streams.StreamBook)
     token_requests: int = 0
     send_requests: int = 0
+    stream_requests: int = 0
     answers: Counter[str] = field(default_factory=Counter)  # "token 200", "users 429", ...
     admitted: deque[float] = field(default_factory=deque)  # send times in the last second
     sent_in_window: deque[tuple[float, int]] = field(default_factory=deque)  # for the quota
@@ -151,7 +182,8 @@ class SimulatorState:
     def reset(self) -> None:
         self.behaviour = Behaviour.from_config(self.config)
         self.messages.clear()
-        self.token_requests = self.send_requests = 0
+        self.streams.clear()
+        self.token_requests = self.send_requests = self.stream_requests = 0
         self.answers.clear()
         self.admitted.clear()
         self.sent_in_window.clear()
@@ -333,6 +365,56 @@ async def send(request: web.Request) -> web.Response:
     )
 
 
+async def stream_message(request: web.Request) -> web.Response:
+    """``POST /{org}/{app}/stream_message/user|chatgroup``: one chunk (reference §3.6)."""
+    state = request.app[STATE]
+    target: streams.StreamTarget = "user" if request.match_info["target"] == "user" else "chatgroup"
+    state.stream_requests += 1
+    if (wrong := _ours(request)) is not None:
+        return wrong
+    if request.content_type != "application/json":
+        return wire.error_response(415)
+    refused, presented = _unauthorized(request)
+    if refused is not None:
+        return refused
+    behaviour = state.behaviour
+    if behaviour.delay_s:
+        await asyncio.sleep(behaviour.delay_s)
+    fault = behaviour.stream_faults.popleft() if behaviour.stream_faults else None
+    if fault is not None and not fault.applied:
+        if fault.status == 401:
+            state.tokens[presented] = 0.0
+        return fault.response()
+    if _over_rate(state, time.monotonic()):
+        return wire.error_response(429)
+    chunk = streams.parse_chunk(await _json(request))
+    if isinstance(chunk, web.Response):
+        return chunk
+    taken = state.streams.accept(target, chunk, new_message_id(), behaviour.stream_limits)
+    if isinstance(taken, int):
+        return streams.stream_error(taken)
+    assert state.arrived is not None
+    async with state.arrived:
+        state.arrived.notify_all()
+    if fault is not None:  # applied: Easemob took the chunk, its answer is lost
+        return fault.response()
+    cfg = state.config
+    path = f"/stream_message/{target}"
+    return web.json_response(
+        {
+            "path": path,
+            "uri": f"{request.scheme}://{request.host}/{cfg.org}/{cfg.app}{path}",
+            "timestamp": int(taken.updated_at),
+            "organization": cfg.org,
+            "application": "sim-app-uuid",
+            "action": "post",
+            "data": {"msgId": taken.msg_id} if chunk.msg_id is None else {},
+            "duration": 0,
+            "applicationName": cfg.app,
+        }
+    )
+
+
 # Easemob's default attachment limit (reference §3.8).
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 _FILE_CHUNK = 64 * 1024
@@ -479,12 +561,49 @@ async def wait_messages(request: web.Request) -> web.Response:
     )
 
 
+_SCREEN_KINDS = {"user": "users", "group": "chatgroups", "room": "chatrooms"}
+
+
+async def client_screen(request: web.Request) -> web.Response:
+    """The client view of one user's 1:1 chats, a group or a room (module docstring)."""
+    state = request.app[STATE]
+    given = [(name, request.query[name]) for name in _SCREEN_KINDS if request.query.get(name)]
+    if len(given) != 1:
+        return _admin_error("give one of user, group, room")
+    (name, to), peer = given[0], request.query.get("peer") or None
+    kind = _SCREEN_KINDS[name]
+    finished = int(_float(request, "finished") or 0)
+    timeout = _float(request, "timeout")
+
+    def view() -> dict[str, Any]:
+        return streams.screen(
+            state.messages, state.streams.streams.values(), kind=kind, to=to, peer=peer
+        )
+
+    def done() -> bool:
+        items = view()["items"]
+        ended = [i for i in items if i["kind"] == "stream" and (i["finished"] or i["ended"])]
+        return len(ended) >= finished
+
+    timed_out = False
+    if finished:
+        assert state.arrived is not None
+        try:
+            async with asyncio.timeout(10.0 if timeout is None else timeout), state.arrived:
+                await state.arrived.wait_for(done)
+        except TimeoutError:
+            timed_out = True
+    return web.json_response({**view(), "timed_out": timed_out})
+
+
 async def stats(request: web.Request) -> web.Response:
     state = request.app[STATE]
     return web.json_response(
         {
             "token_requests": state.token_requests,
             "send_requests": state.send_requests,
+            "stream_requests": state.stream_requests,
+            "streams": len(state.streams.streams),
             "messages": len(state.messages),
             "answers": dict(state.answers),
             "pending_faults": len(state.behaviour.send_faults),
@@ -511,10 +630,15 @@ async def inject(request: web.Request) -> web.Response:
                 error=body.get("error"),
                 error_code=int(body["error_code"]) if body.get("error_code") else None,
                 retry_after=str(body["retry_after"]) if body.get("retry_after") else None,
+                applied=bool(body.get("applied", False)),
             )
             count = int(body.get("count", 1))
-            if body.get("endpoint", "messages") == "token":
+            endpoint = body.get("endpoint", "messages")
+            if endpoint == "token":
                 b.token_faults.extend([fault] * count)
+            elif endpoint == "stream":
+                b.stream_faults.extend([None] * int(body.get("after", 0)))
+                b.stream_faults.extend([fault] * count)
             else:
                 b.send_faults.extend([None] * int(body.get("after", 0)))
                 b.send_faults.extend([fault] * count)
@@ -538,12 +662,26 @@ async def inject(request: web.Request) -> web.Response:
             b.file_delay_s = float(body["file_delay_ms"] or 0) / 1000
         if "file_chunked" in body:
             b.file_chunked = bool(body["file_chunked"])
+        limits = b.stream_limits
+        if "stream_chunk_gap_s" in body:
+            limits = replace(limits, chunk_gap_s=float(body["stream_chunk_gap_s"]))
+        if "stream_total_s" in body:
+            limits = replace(limits, total_s=float(body["stream_total_s"]))
+        if "stream_max_bytes" in body:
+            limits = replace(limits, max_bytes=int(body["stream_max_bytes"]))
+        b.stream_limits = limits
     except (TypeError, ValueError, KeyError) as exc:
         return _admin_error(f"bad value: {exc}")
     if body.get("expire_tokens"):
         for value in state.tokens:
             state.tokens[value] = 0.0
-    return web.json_response({"pending": len(b.send_faults), "pending_token": len(b.token_faults)})
+    return web.json_response(
+        {
+            "pending": len(b.send_faults),
+            "pending_token": len(b.token_faults),
+            "pending_stream": len(b.stream_faults),
+        }
+    )
 
 
 async def reset(request: web.Request) -> web.Response:
@@ -645,10 +783,15 @@ def create_app(config: SimulatorConfig) -> web.Application:
     app.router.add_post(
         "/{org}/{app}/messages/{kind:users|chatgroups|chatrooms}", _counted("messages", send)
     )
+    app.router.add_post(
+        "/{org}/{app}/stream_message/{target:user|chatgroup}",
+        _counted("stream", stream_message),
+    )
     app.router.add_post("/{org}/{app}/chatfiles", _counted("chatfiles", upload_file))
     app.router.add_get("/{org}/{app}/chatfiles/{uuid}", _counted("chatfiles", download_file))
     app.router.add_get("/_sim/messages", list_messages)
     app.router.add_get("/_sim/wait", wait_messages)
+    app.router.add_get("/_sim/screen", client_screen)
     app.router.add_get("/_sim/stats", stats)
     app.router.add_post("/_sim/inject", inject)
     app.router.add_post("/_sim/reset", reset)
