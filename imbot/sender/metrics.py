@@ -22,7 +22,8 @@ PACING_WAIT = Histogram(
 
 REQUESTS = Counter(
     "imbot_easemob_requests_total",
-    "Easemob REST calls by endpoint (token, users, chatgroups, chatrooms, chatfiles) and "
+    "Easemob REST calls by endpoint (token, users, chatgroups, chatrooms, chatfiles, "
+    "stream_user, stream_chatgroup) and "
     "status class",
     ["endpoint", "status_class"],
 )
