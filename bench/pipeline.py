@@ -532,8 +532,11 @@ def run_point(plan: Plan) -> Point:
         finally:
             stack.stop()
             _drop_postgres(db_url)
-    shutil.rmtree(root, ignore_errors=True)  # kept when the point failed: its logs are there
     point.saturated = _saturated(point)
+    if not point.saturated or os.environ.get("IMBOT_BENCH_DROP_LOGS"):
+        shutil.rmtree(root, ignore_errors=True)  # kept when the point failed or saturated
+    else:
+        print(f"  logs kept in {root}/logs", flush=True)
     return point
 
 
