@@ -26,6 +26,7 @@ call.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -238,7 +239,10 @@ class QuotaLedger:
     ) -> None:
         now = utcnow()
         async with self._database.writing() as session:
-            if lease is not None:
+            # A lease is closed by someone else only past its expiry (its window, the
+            # longest call and a margin, from when it was taken): checked only when this
+            # call was held so late that it could be (a worker frozen for minutes).
+            if lease is not None and time.monotonic() >= lease.close_by:
                 check = _LEASE_OPEN.get(session.dialect.name, _LEASE_OPEN["sqlite"])
                 if (await session.execute(check, {"id": lease.id})).first() is None:
                     raise _LeaseClosed
