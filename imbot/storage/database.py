@@ -116,6 +116,13 @@ async def _our_errors() -> AsyncIterator[None]:
     except SQLAlchemyError as exc:
         # Not chained: the driver's message can quote the failing row (user text).
         raise translated(exc) from None
+    except Exception as exc:
+        # A driver's error that SQLAlchemy let through unwrapped (asyncpg refusing a
+        # new connection): ours when it says the server cannot take us now.
+        ours = translated(exc)
+        if ours is exc:
+            raise
+        raise ours from None
 
 
 class Database:

@@ -26,6 +26,8 @@ def describe_db_error(exc: BaseException) -> str:
     """
     parts = [type(exc).__name__]
     orig = getattr(exc, "orig", None)
+    if orig is None and not isinstance(exc, SQLAlchemyError):
+        orig = exc  # a driver's own error, not wrapped by SQLAlchemy
     driver = orig.__cause__ if orig is not None and orig.__cause__ is not None else orig
     if driver is not None:
         parts.append(f"({type(driver).__module__.split('.')[0]}.{type(driver).__name__})")
@@ -45,19 +47,42 @@ def describe_db_error(exc: BaseException) -> str:
     return " ".join(parts)
 
 
+# SQLSTATE classes of a server that cannot take us now: connection exceptions (08),
+# insufficient resources (53: too many connections, out of memory or disk), operator
+# intervention (57P: shutting down, starting up, cannot connect now).
+_UNAVAILABLE_SQLSTATES = ("08", "53", "57P")
+
+
+def _server_unavailable(error: BaseException | None) -> bool:
+    sqlstate = getattr(error, "sqlstate", None)
+    return isinstance(sqlstate, str) and sqlstate.startswith(_UNAVAILABLE_SQLSTATES)
+
+
 def transient(exc: SQLAlchemyError) -> bool:
     """Database trouble a retry can cure: a connection lost or refused, SQLite busy,
-    no pooled connection free in time. Constraint violations and SQL errors are not."""
+    no pooled connection free in time, a server out of connections. Constraint
+    violations and SQL errors are not."""
     if isinstance(exc, PoolTimeoutError):
         return True
-    return isinstance(exc, DBAPIError) and (
-        exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
+    if not isinstance(exc, DBAPIError):
+        return False
+    orig = exc.orig
+    driver = orig.__cause__ if orig is not None and orig.__cause__ is not None else orig
+    return (
+        exc.connection_invalidated
+        or isinstance(exc, OperationalError | InterfaceError)
+        or _server_unavailable(driver)
     )
 
 
 def translated(exc: BaseException) -> BaseException:
-    """``exc`` as one of our errors if it is SQLAlchemy's, else ``exc`` itself."""
+    """``exc`` as one of our errors if it is SQLAlchemy's, else ``exc`` itself — except
+    a driver's own error that escaped SQLAlchemy's wrapping (asyncpg refusing a new
+    connection, ``TooManyConnectionsError``, raises through the pool as itself): a server
+    that cannot take us now is ``StorageUnavailable`` too, never a bug for the DLQ."""
     if not isinstance(exc, SQLAlchemyError):
+        if _server_unavailable(exc):
+            return StorageUnavailable(describe_db_error(exc), error_class=type(exc).__name__)
         return exc
     kind = StorageUnavailable if transient(exc) else StorageError
     return kind(describe_db_error(exc), error_class=type(exc).__name__)
