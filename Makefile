@@ -4,8 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test lint typecheck imports unit integration e2e bench wrk clean deploy-check deploy-policy \
-	promtool monitoring-check
+.PHONY: dev test lint typecheck imports unit integration e2e bench chaos wrk clean deploy-check \
+	deploy-policy promtool monitoring-check
 
 # (Re)install when pyproject.toml changes; works from a fresh clone with only python3.
 $(STAMP): pyproject.toml
@@ -94,8 +94,17 @@ integration: $(STAMP)
 e2e: $(STAMP)
 	$(PYTEST) tests/e2e $(PYTEST_ARGS)
 
-bench: $(STAMP) wrk
+# The benchmarks' plots need matplotlib (the `bench` extra): installed once, again when
+# pyproject.toml changes. `make test` does not need it.
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+# bench.pipeline (the realistic workload's latency-versus-rate curve) takes up to 50 minutes.
+bench: $(STAMP) $(BENCH_STAMP) wrk
 	$(BIN)/python -m bench.gateway
+	$(BIN)/python -m bench.pipeline_floor
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.startup
 	$(BIN)/python -m bench.adapters_overhead
@@ -104,6 +113,13 @@ bench: $(STAMP) wrk
 	$(BIN)/python -m bench.sender_throughput
 	$(BIN)/python -m bench.routing
 	$(BIN)/python -m bench.quota
+
+# Before a release: every stage and the sender at two replicas, replicas killed (SIGKILL and
+# SIGTERM) and restarted at random under load, ten runs on fresh brokers and PostgreSQL
+# databases; fails when an accepted message is lost or a whole reply is delivered twice.
+# Writes the "Chaos" section of docs/benchmarks.md (tests/e2e/test_chaos.py is the short one).
+chaos: $(STAMP)
+	$(BIN)/python -m bench.chaos --messages 1000 --rate 25 --runs 10
 
 clean:
 	rm -rf $(VENV) .imbot .mypy_cache .ruff_cache

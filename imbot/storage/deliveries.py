@@ -145,7 +145,11 @@ _MARK_FAILED = sql(
     "INSERT INTO deliveries (msg_id, part, parts, target_kind, target, status, attempts,"
     " error, created_at) VALUES (:msg_id, :part, :parts, :target_kind, :target, :status, 1,"
     " :error, :now) ON CONFLICT (msg_id, part) DO UPDATE SET status = excluded.status,"
-    " attempts = deliveries.attempts + 1, error = excluded.error, claimed_until = NULL"
+    " attempts = deliveries.attempts + 1, claimed_until = NULL,"
+    # A part whose fate at Easemob is unknown stays marked so: a later send of it is the
+    # documented duplicate, not an unexplained one (the failure is in the logs).
+    " error = CASE WHEN deliveries.error LIKE 'uncertain:%' THEN deliveries.error"
+    " ELSE excluded.error END"
     " WHERE deliveries.status != 'sent' AND (deliveries.claimed_by IS NULL"
     " OR deliveries.claimed_by = :claimant)"
 )

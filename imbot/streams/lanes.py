@@ -200,6 +200,11 @@ class KeyedLanes:
         for task in waiting:  # no new work begins on a partition being given up
             task.cancel()
         running = {task for task, started in tasks if started and not task.done()}
+        if partitions is None:
+            # Stopping: work left running at an earlier revocation stops too, within the
+            # same grace; it must not outlive the resources (a closed Easemob client, a
+            # closed database) the worker closes next.
+            running |= {t for t in self._abandoned.values() if not t.done()}
         cut_short = len(waiting)
         cancelled = set(waiting)
         try:
@@ -221,6 +226,12 @@ class KeyedLanes:
                         cancelled.add(left)
                     else:
                         self._abandoned[(tp, offset)] = left
+            if partitions is None and cancel:
+                for left in running:
+                    if not left.done() and left not in cancelled:
+                        left.cancel()
+                        cancelled.add(left)
+                self._abandoned.clear()
         if cancelled:  # let them unwind (close what they opened) before the caller goes on
             await asyncio.wait(cancelled, timeout=1.0)
         return cut_short

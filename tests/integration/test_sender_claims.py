@@ -176,3 +176,27 @@ def _digest() -> str:
     from imbot.sender.service import reply_digest
 
     return reply_digest(TEXT)
+
+
+async def test_a_failed_attempt_on_an_uncertain_part_keeps_it_marked(store: Storage) -> None:
+    """A sender died with part 0 claimed (its fate at Easemob unknown); the next sender's
+    attempt fails (its Easemob client closed under it, say) before a third one sends the
+    part. The row still says the part is uncertain, so the user's possible second copy is
+    the documented one (found by the chaos test: the failure's error overwrote the mark)."""
+    user = f"u{uuid.uuid4().hex[:8]}"
+    msg_id = uuid.uuid4().hex
+    where: DeliveryTarget = {"parts": 1, "target_kind": "users", "target": user}
+    assert await store.deliveries.claim_part(msg_id, 0, "dead:0", lease_s=0.01, **where)
+    await asyncio.sleep(0.05)
+    claim = await store.deliveries.claim_part(msg_id, 0, "second:0", lease_s=5, **where)
+    assert claim is not None
+    assert claim.uncertain
+    await store.deliveries.mark_failed(
+        msg_id, 0, "client has been closed", final=False, claimant="second:0", **where
+    )
+    ledger = await store.deliveries.ledger(msg_id)
+    assert ledger[0].status == "retrying"
+    assert ledger[0].error == UNCERTAIN_CLAIM
+    third = await store.deliveries.claim_part(msg_id, 0, "third:0", lease_s=5, **where)
+    assert third is not None
+    assert (await store.deliveries.ledger(msg_id))[0].error == UNCERTAIN_CLAIM

@@ -180,3 +180,26 @@ async def test_a_handler_that_raises_stops_the_lanes_and_holds_its_partition() -
     assert isinstance(lanes.escaped, RuntimeError)
     assert handled == [0]  # offset 2, same conversation, never ran after the escape
     assert ledger.positions() == {"p0": 1}
+
+
+async def test_stopping_also_stops_work_left_running_at_an_earlier_revocation() -> None:
+    """Work a rebalance left running must not outlive the worker's stop: the worker closes
+    its Easemob client and database next, and a handler still using them would fail and
+    send its record to the DLQ (found by the chaos test)."""
+    handler = Gates()
+    stream = FakeStream()
+    ledger: CommitLedger[str] = CommitLedger()
+    ledger.assign({"p0"}, generation=0)
+    lanes = KeyedLanes(handler, ledger=ledger, max_in_flight=4, grace=0)
+    consumer = asyncio.create_task(lanes.consume(stream))
+    await stream.queue.put(FakeEvent(b"chat:a", "p0", 0))
+    await until(lambda: handler.running == 1)
+    ledger.close({"p0"})
+    assert await lanes.release({"p0"}, grace=0, cancel=False) == 1  # left running
+    ledger.revoke({"p0"})
+    assert handler.running == 1
+    consumer.cancel()  # the worker stops
+    with contextlib.suppress(asyncio.CancelledError):
+        await consumer
+    assert handler.running == 0  # cancelled, not left to finish after the stop
+    assert handler.finished == []
