@@ -696,8 +696,8 @@ def plot(points: list[Point], path: Path, smoke: bool) -> bool:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(
-        "imbot pipeline, default policy, PostgreSQL, one box (× saturated; never answered: top)",
-        fontsize=11,
+        "imbot pipeline, default policy, PostgreSQL, one box\n(× saturated; never answered: top)",
+        fontsize=10,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
