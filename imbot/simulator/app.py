@@ -294,20 +294,30 @@ def _over_quota(state: SimulatorState, now: float, count: int) -> bool:
     return False
 
 
+async def _admitted(request: web.Request) -> tuple[web.Response | None, Any]:
+    """What every send checks first (this app's path, a JSON body, a valid token), then
+    the configured delay: (the refusal, None) or (None, the token presented)."""
+    if (wrong := _ours(request)) is not None:
+        return wrong, None
+    if request.content_type != "application/json":
+        return wire.error_response(415), None
+    refused, presented = _unauthorized(request)
+    if refused is not None:
+        return refused, None
+    delay = request.app[STATE].behaviour.delay_s
+    if delay:
+        await asyncio.sleep(delay)
+    return None, presented
+
+
 async def send(request: web.Request) -> web.Response:
     state = request.app[STATE]
     kind = request.match_info["kind"]
     state.send_requests += 1
-    if (wrong := _ours(request)) is not None:
-        return wrong
-    if request.content_type != "application/json":
-        return wire.error_response(415)
-    refused, presented = _unauthorized(request)
+    refused, presented = await _admitted(request)
     if refused is not None:
         return refused
     behaviour = state.behaviour
-    if behaviour.delay_s:
-        await asyncio.sleep(behaviour.delay_s)
     if behaviour.send_faults:
         fault = behaviour.send_faults.popleft()
         if fault is not None:
@@ -370,16 +380,10 @@ async def stream_message(request: web.Request) -> web.Response:
     state = request.app[STATE]
     target: streams.StreamTarget = "user" if request.match_info["target"] == "user" else "chatgroup"
     state.stream_requests += 1
-    if (wrong := _ours(request)) is not None:
-        return wrong
-    if request.content_type != "application/json":
-        return wire.error_response(415)
-    refused, presented = _unauthorized(request)
+    refused, presented = await _admitted(request)
     if refused is not None:
         return refused
     behaviour = state.behaviour
-    if behaviour.delay_s:
-        await asyncio.sleep(behaviour.delay_s)
     fault = behaviour.stream_faults.popleft() if behaviour.stream_faults else None
     if fault is not None and not fault.applied:
         if fault.status == 401:
