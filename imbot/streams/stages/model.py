@@ -158,10 +158,11 @@ class CallModel(PipelineStage, stage="model"):
                 extra={"msg_id": env.msg_id, "error": type(exc).__name__},
             )
             return [answer(env, self.name, self.replies.unsupported, "unsupported")]
-        if await self.usage.answered(env.msg_id):
+        if env.replay is None and await self.usage.answered(env.msg_id):
             # A copy of a message this stage already answered (a route worker died before
             # committing it, and it was routed again): its answer is on its way; a second
-            # call would be paid twice, and a quota reply could reach the user first.
+            # call would be paid twice, and a quota reply could reach the user first. An
+            # operator's replay is meant to call the model again.
             log.info("already answered: copy dropped", extra={"msg_id": env.msg_id})
             return []
         request = chat_request(env, images)

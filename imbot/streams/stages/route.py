@@ -143,7 +143,8 @@ class Route(PipelineStage, stage="route"):
                     chain, rule, level = cheapest, "downgrade", routing.levels[0].name
                     quota = standing_of(chain)
             if quota.state == "exhausted":
-                if self.usage is not None and await self.usage.answered(env.msg_id):
+                usage = self.usage if env.replay is None else None  # a replay runs again
+                if usage is not None and await usage.answered(env.msg_id):
                     # Its own first copy spent the budget: that copy's answer is the one.
                     log.info("already answered: copy dropped", extra={"msg_id": env.msg_id})
                     return None
