@@ -51,6 +51,7 @@ from datetime import timedelta
 from sqlalchemy import bindparam, text
 
 from imbot.core.routing import QuotaScope
+from imbot.storage.counters import RESERVE
 from imbot.storage.database import Database, sql
 from imbot.storage.schema import utcnow
 
@@ -58,24 +59,10 @@ SHARE = 0.25  # a slice takes at most this share of what is left of a budget
 GROWTH = 1.5  # a slice is the last window's demand times this
 MARGIN_S = 60.0  # a lease's expiry is past its window and the longest call by this much
 
-_ENSURE = sql(
-    "INSERT INTO quota_counters (key, spent_tokens, spent_micros, reserved_tokens,"
-    " reserved_micros, updated_at) VALUES (:key, 0, 0, 0, 0, :now)"
-    " ON CONFLICT (key) DO NOTHING"
-)
 _READ = text(
     "SELECT key, spent_tokens + reserved_tokens, spent_micros + reserved_micros"
     " FROM quota_counters WHERE key IN :keys"
 ).bindparams(bindparam("keys", expanding=True))
-_TAKE = sql(
-    "UPDATE quota_counters SET reserved_tokens = reserved_tokens + :tokens,"
-    " reserved_micros = reserved_micros + :micros, updated_at = :now"
-    " WHERE key = :key"
-    " AND (CAST(:limit_tokens AS BIGINT) IS NULL"
-    " OR spent_tokens + reserved_tokens + :tokens <= :limit_tokens)"
-    " AND (CAST(:limit_micros AS BIGINT) IS NULL"
-    " OR spent_micros + reserved_micros + :micros <= :limit_micros)"
-)
 _OPEN = sql(
     "INSERT INTO quota_leases (id, keys, tokens, micros, state, created_at, expires_at)"
     " VALUES (:id, :keys, :tokens, :micros, 'open', :now, :expires_at)",
@@ -83,6 +70,7 @@ _OPEN = sql(
 )
 _CLOSE = sql(
     "UPDATE quota_leases SET state = 'closed', closed_at = :now WHERE id = :id AND state = 'open'"
+    " RETURNING keys, tokens, micros"
 )
 _SETTLED_UNDER = text(
     "SELECT COALESCE(SUM(spent_tokens), 0), COALESCE(SUM(spent_micros), 0)"
@@ -141,12 +129,18 @@ class _Demand:
     """What this worker's calls asked of one set of shared scopes, recently."""
 
     asks: deque[tuple[float, int, int]] = field(default_factory=deque)
+    tokens: int = 0  # the sums of ``asks``, kept as they change (a call's hot path)
+    micros: int = 0
 
     def add(self, now: float, tokens: int, micros: int, window_s: float) -> tuple[int, int]:
         self.asks.append((now, tokens, micros))
+        self.tokens += tokens
+        self.micros += micros
         while self.asks and self.asks[0][0] < now - window_s:
-            self.asks.popleft()
-        return sum(a[1] for a in self.asks), sum(a[2] for a in self.asks)
+            _, old_tokens, old_micros = self.asks.popleft()
+            self.tokens -= old_tokens
+            self.micros -= old_micros
+        return self.tokens, self.micros
 
 
 class BudgetLeases:
@@ -246,7 +240,7 @@ class BudgetLeases:
             # slice is only unavailable until then).
             return
 
-    async def tidy(self) -> None:
+    def tidy(self) -> None:
         """Close what is due: leases past their window that nothing holds, and leases
         at their deadline whatever holds them (those calls become reservations)."""
         now = time.monotonic()
@@ -278,7 +272,6 @@ class BudgetLeases:
         now = utcnow()
         keys = [s.key for s in ordered]
         async with self._database.writing() as session:
-            await session.execute(_ENSURE, [{"key": k, "now": now} for k in keys])
             used = {
                 row[0]: (int(row[1]), int(row[2]))
                 for row in (await session.execute(_READ, {"keys": keys})).all()
@@ -286,7 +279,7 @@ class BudgetLeases:
             slice_tokens = max(tokens, int(asked[0] * GROWTH))
             slice_micros = max(micros, int(asked[1] * GROWTH))
             for s in ordered:
-                used_tokens, used_micros = used.get(s.key, (0, 0))
+                used_tokens, used_micros = used.get(s.key, (0, 0))  # no row yet: nothing used
                 if s.tokens is not None:
                     left = s.tokens - used_tokens
                     if left < tokens:
@@ -299,7 +292,7 @@ class BudgetLeases:
                     slice_micros = min(slice_micros, max(micros, int(left * SHARE)))
             for s in ordered:
                 result = await session.execute(
-                    _TAKE,
+                    RESERVE,
                     {
                         "key": s.key,
                         "tokens": slice_tokens,
@@ -348,19 +341,9 @@ async def close_lease(database: Database, lease_id: str) -> bool:
     """Close ``lease_id`` (see the module's note); False when it was closed already."""
     now = utcnow()
     async with database.writing() as session:
-        row = (
-            await session.execute(
-                text(
-                    "SELECT keys, tokens, micros FROM quota_leases WHERE id = :id AND state = 'open'"
-                ),
-                {"id": lease_id},
-            )
-        ).first()
+        row = (await session.execute(_CLOSE, {"id": lease_id, "now": now})).first()
         if row is None:
-            return False
-        closed = await session.execute(_CLOSE, {"id": lease_id, "now": now})
-        if closed.rowcount != 1:
-            return False  # another sweep closed it meanwhile
+            return False  # closed already (by its worker or another sweep)
         keys, slice_tokens, slice_micros = row
         spent = (await session.execute(_SETTLED_UNDER, {"id": lease_id})).one()
         held = (await session.execute(_HELD_UNDER, {"id": lease_id})).one()

@@ -34,25 +34,11 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import DateTime, bindparam, text
 
 from imbot.core.routing import QuotaScope
+from imbot.storage.counters import RESERVE
 from imbot.storage.database import Database, sql
 from imbot.storage.leases import BudgetLeases, Lease, close_expired_leases
 from imbot.storage.schema import utcnow
 
-# A call's own scopes in one statement each: a scope's first call creates its row (a
-# call larger than the limit is refused before, in Python), later ones update it under
-# ``spent + reserved + x <= limit`` (PostgreSQL evaluates it on the locked, latest row).
-_UPSERT_RESERVE = sql(
-    "INSERT INTO quota_counters (key, spent_tokens, spent_micros, reserved_tokens,"
-    " reserved_micros, updated_at) VALUES (:key, 0, 0, :tokens, :micros, :now)"
-    " ON CONFLICT (key) DO UPDATE SET"
-    " reserved_tokens = quota_counters.reserved_tokens + excluded.reserved_tokens,"
-    " reserved_micros = quota_counters.reserved_micros + excluded.reserved_micros,"
-    " updated_at = excluded.updated_at"
-    " WHERE (CAST(:limit_tokens AS BIGINT) IS NULL OR quota_counters.spent_tokens"
-    " + quota_counters.reserved_tokens + excluded.reserved_tokens <= :limit_tokens)"
-    " AND (CAST(:limit_micros AS BIGINT) IS NULL OR quota_counters.spent_micros"
-    " + quota_counters.reserved_micros + excluded.reserved_micros <= :limit_micros)"
-)
 _HOLD = sql(
     "INSERT INTO quota_reservations (id, msg_id, user_id, tier, model, keys, tokens, micros,"
     " state, created_at, expires_at, lease_id) VALUES (:id, :msg_id, :user_id, :tier, :model,"
@@ -252,7 +238,7 @@ class QuotaLedger:
                 ):
                     raise _Refused(s.label)  # more than the whole budget
                 result = await session.execute(
-                    _UPSERT_RESERVE,
+                    RESERVE,
                     {
                         "key": s.key,
                         "tokens": tokens,
@@ -374,7 +360,7 @@ class QuotaLedger:
         # The leases of workers that died: their calls held become reservations (expired
         # here at their own time), what they settled is spent, the rest comes back.
         expired += await close_expired_leases(self._database)
-        await self.leases.tidy()
+        self.leases.tidy()
         return expired
 
     async def states(self, scopes: Sequence[QuotaScope]) -> list[ScopeState]:

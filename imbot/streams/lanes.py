@@ -169,13 +169,14 @@ class KeyedLanes:
             exc_info=exc,
             extra={"partition": str(message.tp), "offset": message.offset},
         )
-        if self.escaped is None:
-            self.escaped = exc
-            # No lane of this worker takes another record: the worker is going down,
-            # and a later record of this conversation must not overtake this one.
-            self.ledger.close()
-            if self._consumer is not None:
-                self._consumer.cancel()  # take no further record
+        if self.escaped is not None:
+            return  # the worker is already going down
+        self.escaped = exc
+        # No lane of this worker takes another record: the worker is going down, and a
+        # later record of this conversation must not overtake this one.
+        self.ledger.close()
+        if self._consumer is not None:
+            self._consumer.cancel()  # take no further record
         if self.on_escape is not None:
             result = self.on_escape(exc)
             if inspect.isawaitable(result):
