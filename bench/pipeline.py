@@ -45,6 +45,7 @@ import os
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -311,6 +312,39 @@ class CpuSnapshot:
         return out
 
 
+def _profile(pids: dict[str, int], seconds: float) -> list[subprocess.Popen[bytes]]:
+    """py-spy on the worker and the sender over the measured window, collapsed stacks into
+    ``$IMBOT_BENCH_PROFILE/<process>-<pid>.txt`` (nothing when the variable is unset)."""
+    out = os.environ.get("IMBOT_BENCH_PROFILE")
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not out or not Path(spy).exists():
+        return []
+    Path(out).mkdir(parents=True, exist_ok=True)
+    return [
+        subprocess.Popen(
+            [
+                spy,
+                "record",
+                "--nonblocking",
+                "--format",
+                "raw",
+                "-r",
+                "200",
+                "-d",
+                str(max(1, round(seconds))),
+                "-p",
+                str(pid),
+                "-o",
+                f"{out}/{name}-{pid}.txt",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for name, pid in pids.items()
+        if name in ("worker", "sender", "gateway")
+    ]
+
+
 async def _drive(plan: Plan, stack: DevStack, pids: dict[str, int], database: str) -> Point:
     """Send the schedule, poll the simulator for replies, return the measured window."""
     pool = questions()
@@ -323,6 +357,7 @@ async def _drive(plan: Plan, stack: DevStack, pids: dict[str, int], database: st
     replies: dict[str, float] = {}  # msg_id -> ms epoch of its first reply part
     errors = 0
     window: dict[str, CpuSnapshot] = {}
+    profilers: list[subprocess.Popen[bytes]] = []
     done = asyncio.Event()  # every measured message has had a reply
 
     def msg_id(n: int) -> str:
@@ -395,6 +430,7 @@ async def _drive(plan: Plan, stack: DevStack, pids: dict[str, int], database: st
                 await asyncio.sleep(delay)
             if n == first_measured:
                 window["start"] = CpuSnapshot.take(pids, database)
+                profilers = _profile(pids, plan.duration_s)
             if n == end_measured:
                 window["end"] = CpuSnapshot.take(pids, database)
             task = asyncio.create_task(post(session, n, scheduled))
@@ -402,6 +438,8 @@ async def _drive(plan: Plan, stack: DevStack, pids: dict[str, int], database: st
             task.add_done_callback(posts.discard)
         if "end" not in window:
             window["end"] = CpuSnapshot.take(pids, database)
+        for profiler in profilers:
+            profiler.wait()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(
                 done.wait(), timeout=max(0.0, window_end + plan.deadline_s + 1.5 - time.time())

@@ -146,7 +146,9 @@ class DatabaseCallIds:
         attempt = 0
         while True:
             try:
-                self._pool = await asyncpg.create_pool(self.dsn, min_size=2, max_size=10)
+                self._pool = await asyncpg.create_pool(
+                    self.dsn, min_size=2, max_size=10, reset=_keep_session
+                )
             except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
                 log.warning(
                     "replay store not reachable, retrying", extra={"error": type(exc).__name__}
@@ -223,6 +225,13 @@ def replay_store_kind(settings: Settings) -> str:
             " (or IMBOT_CALLBACK_REPLAY_STORE=off)"
         )
     return kind
+
+
+async def _keep_session(_connection: asyncpg.Connection) -> None:
+    """A connection goes back to the pool as it is: these statements leave no session
+    state behind (no locks, listeners or settings), so asyncpg's default reset (one
+    more round trip, ``pg_advisory_unlock_all()`` and friends, per callback) buys
+    nothing. An open transaction is still rolled back by the pool itself."""
 
 
 def asyncpg_dsn(database_url: str) -> str:

@@ -139,6 +139,11 @@ class Database:
         # round trip to the server instead of three (BEGIN, SELECT, ROLLBACK).
         self._reader = engine.execution_options(isolation_level="AUTOCOMMIT")
 
+    @property
+    def dialect(self) -> str:
+        """``postgresql`` or ``sqlite``."""
+        return self._dialect
+
     @contextlib.asynccontextmanager
     async def writing(self) -> AsyncIterator[AsyncConnection]:
         """A write transaction (serialised per process on SQLite)."""

@@ -72,6 +72,15 @@ _LATE = sql(
     " RETURNING keys"
 )
 
+# PostgreSQL: a reservation and a settlement in one round trip each (migration 0009).
+_RESERVE_FN = sql(
+    "SELECT imbot_quota_reserve(CAST(:keys AS TEXT[]), CAST(:limit_tokens AS BIGINT[]),"
+    " CAST(:limit_micros AS BIGINT[]), :tokens, :micros, :now, :id, :msg_id, :user_id,"
+    " :tier, :model, :expires_at, :lease_id)",
+    "expires_at",
+)
+_SETTLE_FN = sql("SELECT imbot_quota_settle(:id, :spent_tokens, :spent_micros, :now)")
+
 
 def _instant(moment: datetime) -> datetime:
     """``moment`` in UTC (naive: taken as UTC), as the ledger's timestamps are written.
@@ -224,19 +233,46 @@ class QuotaLedger:
         lease: Lease | None,
     ) -> None:
         now = utcnow()
+        for s in own:
+            if (s.tokens is not None and tokens > s.tokens) or (
+                s.micros is not None and micros > s.micros
+            ):
+                raise _Refused(s.label)  # more than the whole budget
+        # A lease is closed by someone else only past its expiry (its window, the longest
+        # call and a margin, from when it was taken): checked only when this call was
+        # held so late that it could be (a worker frozen for minutes).
+        check_lease = lease is not None and time.monotonic() >= lease.close_by
+        hold = {
+            "id": reservation_id,
+            "msg_id": msg_id,
+            "user_id": user_id,
+            "tier": tier,
+            "model": model,
+            "tokens": tokens,
+            "micros": micros,
+            "now": now,
+            "expires_at": now + timedelta(seconds=ttl_s),
+            "lease_id": lease.id if lease is not None else None,
+        }
+        if self._database.dialect == "postgresql" and not check_lease:
+            # The same statements in one function call: one round trip (migration 0009).
+            limits = {
+                "keys": [s.key for s in own],
+                "limit_tokens": [s.tokens for s in own],
+                "limit_micros": [s.micros for s in own],
+            }
+            async with self._database.writing_one() as session:
+                refused = (await session.execute(_RESERVE_FN, {**hold, **limits})).scalar_one()
+            if refused:
+                raise _Refused(own[refused - 1].label)
+            return
         async with self._database.writing() as session:
-            # A lease is closed by someone else only past its expiry (its window, the
-            # longest call and a margin, from when it was taken): checked only when this
-            # call was held so late that it could be (a worker frozen for minutes).
-            if lease is not None and time.monotonic() >= lease.close_by:
+            if check_lease:
+                assert lease is not None
                 check = _LEASE_OPEN.get(session.dialect.name, _LEASE_OPEN["sqlite"])
                 if (await session.execute(check, {"id": lease.id})).first() is None:
                     raise _LeaseClosed
             for s in own:
-                if (s.tokens is not None and tokens > s.tokens) or (
-                    s.micros is not None and micros > s.micros
-                ):
-                    raise _Refused(s.label)  # more than the whole budget
                 result = await session.execute(
                     RESERVE,
                     {
@@ -250,22 +286,7 @@ class QuotaLedger:
                 )
                 if result.rowcount != 1:
                     raise _Refused(s.label)
-            await session.execute(
-                _HOLD,
-                {
-                    "id": reservation_id,
-                    "msg_id": msg_id,
-                    "user_id": user_id,
-                    "tier": tier,
-                    "model": model,
-                    "keys": "\n".join(s.key for s in own),
-                    "tokens": tokens,
-                    "micros": micros,
-                    "now": now,
-                    "expires_at": now + timedelta(seconds=ttl_s),
-                    "lease_id": lease.id if lease is not None else None,
-                },
-            )
+            await session.execute(_HOLD, {**hold, "keys": "\n".join(s.key for s in own)})
 
     async def settle(self, reservation: Reservation, *, tokens: int, micros: int) -> None:
         """Replace the reservation by what the call really spent (idempotent).
@@ -278,9 +299,25 @@ class QuotaLedger:
         now = utcnow()
         spent_tokens, spent_micros = max(0, tokens), max(0, micros)
         spent = {"spent_tokens": spent_tokens, "spent_micros": spent_micros, "now": now}
+        if self._database.dialect == "postgresql":
+            # The same statements in one function call: one round trip (migration 0009).
+            async with self._database.writing_one() as session:
+                await session.execute(_SETTLE_FN, {**spent, "id": reservation.id})
+        else:
+            await self._settle_in_transaction(reservation.id, spent)
+        if reservation.lease is not None:
+            self.leases.settled(
+                reservation.lease,
+                reservation.tokens,
+                reservation.micros,
+                spent_tokens,
+                spent_micros,
+            )
+
+    async def _settle_in_transaction(self, reservation_id: str, spent: dict[str, object]) -> None:
         async with self._database.writing() as session:
             closed = (
-                await session.execute(_CLOSE, {**spent, "id": reservation.id, "state": "settled"})
+                await session.execute(_CLOSE, {**spent, "id": reservation_id, "state": "settled"})
             ).first()
             if closed is not None:
                 keys, held_tokens, held_micros = closed
@@ -291,19 +328,11 @@ class QuotaLedger:
                 if moves:
                     await session.execute(_MOVE, moves)
             else:
-                late = (await session.execute(_LATE, {**spent, "id": reservation.id})).first()
+                late = (await session.execute(_LATE, {**spent, "id": reservation_id})).first()
                 if late is not None and _split(late[0]):
                     await session.execute(
                         _ADD_SPENT, [{**spent, "key": k} for k in sorted(_split(late[0]))]
                     )
-        if reservation.lease is not None:
-            self.leases.settled(
-                reservation.lease,
-                reservation.tokens,
-                reservation.micros,
-                spent_tokens,
-                spent_micros,
-            )
 
     async def close(self) -> None:
         """Return this worker's leases (it stops)."""
