@@ -199,6 +199,9 @@ def policy(latency: str, budgets: bool, concurrency: int) -> dict[str, Any]:
         if entry.get("provider") == "demo":
             # A remote model takes as many calls at once as the pipeline sends it.
             entry.update(LATENCY[latency], max_concurrency=concurrency)
+    # Whole messages: latency here is to the first reply part at Easemob (a streamed
+    # answer's first words are bench.streaming's measure).
+    data["streaming"] = {"enabled": False, "typing": False}
     if not budgets:
         for tier in data["routing"]["tiers"].values():
             tier.pop("quota", None)

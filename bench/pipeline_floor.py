@@ -45,6 +45,7 @@ models:
   demo: {provider: demo, latency_ms: 0, price: {input: 0, output: 0, currency: CNY}}
 routes:
   default: {models: [demo], system_prompt: 你是助手。, history_turns: 4}
+streaming: {enabled: false, typing: false}
 """
 
 

@@ -68,6 +68,7 @@ models:
     price: {{input: 0, output: 0, currency: CNY}}
 routes:
   default: {{models: [demo], history_turns: 0}}
+streaming: {{enabled: false, typing: false}}
 """
 MODEL = ["-m", "imbot", "worker", "--stage", "model"]
 

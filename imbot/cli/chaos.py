@@ -344,6 +344,9 @@ def chaos_policy(path: Path, model_latency_ms: int) -> Path:
     for model in policy["models"].values():
         if model.get("provider") == "demo":
             model["latency_ms"] = model_latency_ms
+    # Whole replies: the checks below count complete messages at the simulated Easemob
+    # (a streamed answer is checked by tests/e2e/test_streaming.py).
+    policy["streaming"] = {"enabled": False, "typing": False}
     policy["callback"].update(
         ai_message="intercept",
         intercept_code=INTERCEPT_CODE,

@@ -305,10 +305,41 @@ def simulate(
         }
         if chat_type != "chat":
             request.update(to=group_id, group_id=group_id, mention=[bot])
+        screen = {"chat": "user", "group": "group", "groupchat": "group"}.get(chat_type, "room")
+        streams_before = _finished_streams(client, screen, target)
         fired = client.post("/_sim/callback", json=request)
         fired.raise_for_status()
-        waited = client.get(
-            "/_sim/wait", params={"to": target, "count": before + 1, "timeout": timeout}
-        )
-        waited.raise_for_status()
-        return {"callback": fired.json(), "replies": waited.json()["messages"][before:]}
+        deadline = time.monotonic() + timeout
+        seen = before
+        while True:
+            # A reply is a message (not a cmd: a typing indicator), or a stream message
+            # once it has finished (docs/streaming.md), shown as a message here.
+            wait = max(0.0, min(0.5, deadline - time.monotonic()))
+            waited = client.get(
+                "/_sim/wait", params={"to": target, "count": seen + 1, "timeout": wait}
+            )
+            waited.raise_for_status()
+            messages = waited.json()["messages"]
+            seen = len(messages)
+            replies = [m for m in messages[before:] if m.get("type") != "cmd"]
+            streams = _finished_streams(client, screen, target)[len(streams_before) :]
+            if replies or streams or time.monotonic() >= deadline:
+                return {"callback": fired.json(), "replies": replies + streams}
+
+
+def _finished_streams(client: httpx.Client, screen: str, target: str) -> list[dict[str, object]]:
+    """The finished stream messages ``target``'s screen shows, as messages."""
+    items = client.get("/_sim/screen", params={screen: target}).raise_for_status().json()["items"]
+    return [
+        {
+            "id": i["id"],
+            "from": i["from"],
+            "to": [target],
+            "type": "txt",
+            "body": {"msg": i["text"]},
+            "ext": i["ext"],
+            "stream": True,
+        }
+        for i in items
+        if i["kind"] == "stream" and i["finished"]
+    ]

@@ -105,6 +105,10 @@ class RouteDecision(_Model):
     quota: QuotaView = QuotaView()
     images: tuple[ImageRef, ...] = ()  # images to fetch and show a vision model
     stream: bool = False  # call the model as a stream (routes.<name>.stream)
+    # Show the answer as it is written (policy ``streaming``): an Easemob stream message
+    # fed by the model stage's chunks; else "typing" (a typing indicator while the model
+    # runs) or "" (neither).
+    live: Literal["stream", "typing", ""] = ""
     skipped: tuple[str, ...] = ()  # left out of the chain: their circuit was open
 
 
@@ -118,6 +122,7 @@ class Completion(_Model):
     cost: float | None = None
     currency: str | None = None
     latency_ms: float = 0.0
+    first_token_ms: float | None = None  # a streamed call's first words, from its start
     provider_request_id: str | None = None
     attempts: int = 1
 
@@ -156,6 +161,20 @@ class ReplayMark(_Model):
     at: float = Field(default_factory=now_ms)
 
 
+class Partial(_Model):
+    """A record of ``imbot.chunks`` / ``imbot.chunks.reviewed``: the answer so far.
+
+    ``text`` is the whole text so far, never a delta: a chunk record stands alone, so a
+    redelivered, late or lost one changes nothing (the review and the sender need no
+    state of their own, and the sender sends only what its ledger has not). On
+    ``imbot.chunks`` it is the model's raw text; on ``imbot.chunks.reviewed`` the part
+    the output review released. ``typing``: no text, show that the bot is typing."""
+
+    kind: Literal["text", "typing"] = "text"
+    text: str = ""
+    seq: int = 0  # the model stage's count of chunk records of this call
+
+
 class Envelope(_Model):
     schema_version: int = SCHEMA_VERSION
     msg_id: str  # Easemob's id of the user's message: the idempotency key end to end
@@ -177,6 +196,7 @@ class Envelope(_Model):
     reply: Reply | None = None
     delivery: Delivery | None = None
     replay: ReplayMark | None = None
+    partial: Partial | None = None  # only on the chunk topics
 
     def stamped(self, stage: str, **changes: Any) -> Envelope:
         """A copy with ``changes`` applied and ``stage``'s completion time recorded."""

@@ -247,6 +247,28 @@ class RoutePolicy(_Frozen):
     stream: bool = False
 
 
+class Streaming(_Frozen):
+    """Answers shown as they are written (docs/streaming.md): an Easemob stream message in
+    1:1 chats and groups, the reviewed text growing sentence by sentence; a typing
+    indicator where a whole message is sent instead."""
+
+    enabled: bool = True
+    # Where an answer is streamed: "chat" (1:1) and "group". Easemob streams to groups of
+    # at most 200 members; leave "group" out when the app has larger groups. Chatrooms
+    # never stream (no stream endpoint).
+    chat_types: tuple[Literal["chat", "group"], ...] = ("chat", "group")
+    # The model stage publishes the text so far at most this often (seconds).
+    chunk_interval_s: float = Field(default=0.4, ge=0.05, le=10.0)
+    # The review holds back an unfinished sentence; one longer than this many characters
+    # is released up to its last clause break (，、, a space) so the user is not kept waiting.
+    max_hold_chars: int = Field(default=120, ge=1, le=4000)
+    # Where the answer is not streamed (chatrooms, larger groups, streaming off): a cmd
+    # TypingBegin to the asker when the model call starts, repeated while it runs.
+    # What it shows depends on the client app handling that action.
+    typing: bool = True
+    typing_every_s: float = Field(default=5.0, ge=1.0, le=60.0)
+
+
 class Replies(_Frozen):
     fallback: str = "抱歉，AI 助手暂时无法回答，请稍后再试。"
     blocked_input: str = "抱歉，这个问题我无法回答。"
@@ -353,6 +375,7 @@ class Policy(_Frozen):
     moderation: dict[str, Any] = Field(default_factory=dict)
     replies: Replies = Replies()
     feedback: Feedback = Feedback()
+    streaming: Streaming = Streaming()
 
     @cached_property
     def bot_ids(self) -> frozenset[str]:

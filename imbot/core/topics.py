@@ -17,11 +17,28 @@ SANDBOX: Final = "imbot.sandbox"
 # the feedback side stage, which records them; no stage writes on from there.
 FEEDBACK: Final = "imbot.feedback"
 
+# The answer as it is written (docs/streaming.md): the model stage's text so far, and the
+# part of it the output review released, which the sender streams to the user.
+CHUNKS: Final = "imbot.chunks"
+CHUNKS_REVIEWED: Final = "imbot.chunks.reviewed"
+
 # What ``ensure_topics`` creates, in the order a message meets them. The stages that
 # read and write them are declared in streams.pipeline (core imports nothing above it),
 # and tests/unit/test_pipeline_table.py checks this list against that table. A topic
 # name under a prefix is ``Settings.topic``.
-ALL: Final = (INBOUND, MODERATED, ROUTED, COMPLETED, OUTBOUND, DELIVERED, SANDBOX, FEEDBACK, DLQ)
+ALL: Final = (
+    INBOUND,
+    MODERATED,
+    ROUTED,
+    COMPLETED,
+    OUTBOUND,
+    DELIVERED,
+    SANDBOX,
+    FEEDBACK,
+    CHUNKS,
+    CHUNKS_REVIEWED,
+    DLQ,
+)
 
 # Topics of the operator tools, not of the pipeline: the marks ``imbot dlq requeue`` leaves
 # (one per requeued DLQ record), so no record is requeued twice by two operators. Created

@@ -128,6 +128,9 @@ class Moderator:
             raise ConfigurationError(f"cannot read a moderation file: {exc}") from None
         self.normaliser = Normaliser(self.variants)
         self.automaton: Any = None
+        # The longest lexicon word, normalised: a streamed answer is held back by at least
+        # about this much (moderation.release).
+        self.longest_word = 0
         if entries:
             automaton = ahocorasick.Automaton()
             for word, category, action in entries:
@@ -138,6 +141,7 @@ class Moderator:
                 # Two entries that normalise alike (炸彈 and 炸弹): the stricter action stands.
                 if previous is None or _SEVERITY[action] > _SEVERITY[previous[3]]:
                     automaton.add_word(norm, (len(norm), f"{category}:{word}", category, action))
+                self.longest_word = max(self.longest_word, len(norm))
             automaton.make_automaton()
             self.automaton = automaton
         self.pii_actions: dict[str, PiiAction] = {

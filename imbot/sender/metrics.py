@@ -38,3 +38,48 @@ REQUEST_SECONDS = Histogram(
 TOKEN_REFRESHES = Counter(
     "imbot_easemob_token_refreshes_total", "App tokens fetched, by cause", ["cause"]
 )
+
+STREAM_FIRST_CHUNK = Histogram(
+    "imbot_stream_first_chunk_seconds",
+    "From the callback at the gateway to the first chunk of a streamed answer accepted"
+    " by Easemob: when the user starts reading",
+    buckets=(0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 8, 13, 20, 30, 60),
+)
+STREAM_CHUNKS = Counter(
+    "imbot_stream_chunks_total",
+    "Records of answers being written at the sender, by outcome: sent (a chunk Easemob"
+    " accepted), stale (nothing new), closed (the stream had finished), diverged (not the"
+    " text the stream shows), claimed_elsewhere, failed, sandboxed, typing, typing_failed",
+    ["outcome"],
+)
+STREAMS_STARTED = Counter(
+    "imbot_streams_started_total", "Stream messages opened (their first chunk accepted)"
+)
+STREAMS_FINISHED = Counter(
+    "imbot_streams_finished_total",
+    "Stream messages finished, by reason: the reply's kind (answer, blocked_output,"
+    " fallback, …), diverged (another answer than the one streamed), closed_by_easemob"
+    " (the rest went as a normal message)",
+    ["reason"],
+)
+for _outcome in (
+    "sent",
+    "stale",
+    "closed",
+    "diverged",
+    "claimed_elsewhere",
+    "failed",
+    "sandboxed",
+    "typing",
+    "typing_failed",
+):
+    STREAM_CHUNKS.labels(_outcome)
+for _reason in (
+    "answer",
+    "blocked_output",
+    "fallback",
+    "diverged",
+    "closed_by_easemob",
+    "uncertain",
+):
+    STREAMS_FINISHED.labels(_reason)

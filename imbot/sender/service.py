@@ -42,19 +42,20 @@ ledger row's ``error`` (see README "Delivery guarantee").
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import time
 import uuid
 
-from imbot.core.envelope import ChatType, Delivery, Envelope
+from imbot.core.envelope import Delivery, Envelope
 from imbot.core.errors import FatalError, RetryableError
 from imbot.core.settings import Settings
 from imbot.sender.easemob import AnswerLost, EasemobClient, MessageTooLarge, TargetKind
 from imbot.sender.metrics import PARTS_SENT, UNCERTAIN_PARTS
 from imbot.sender.pacing import Pacer
 from imbot.sender.split import part_end, split_reply
+from imbot.sender.stream import StreamSender, stream_ledger_id
+from imbot.sender.targets import reply_digest, reply_target
 from imbot.storage import UNCERTAIN_ANSWER, DeliveryLedger, unstorable
 
 log = logging.getLogger("imbot.sender")
@@ -62,17 +63,6 @@ log = logging.getLogger("imbot.sender")
 
 # Below this a 413 is not about our part size any more (ext or Easemob's limit).
 _MIN_PART_BYTES = 256
-_KINDS: dict[ChatType, TargetKind] = {
-    ChatType.direct: "users",
-    ChatType.group: "chatgroups",
-    ChatType.chatroom: "chatrooms",
-}
-
-
-def reply_target(env: Envelope) -> tuple[TargetKind, str]:
-    """Who receives the reply: the asker in 1:1, the group or chatroom otherwise."""
-    kind = _KINDS[env.chat_type]
-    return kind, env.sender if kind == "users" else env.to
 
 
 class ReplySender:
@@ -94,6 +84,9 @@ class ReplySender:
         # this process or another) is another claimant and waits for the first.
         self._name = uuid.uuid4().hex[:16]
         self._calls = itertools.count()
+        # Answers streamed as they are written (docs/streaming.md): the chunks, and the
+        # end of a stream when its final reply comes through here.
+        self.streams = StreamSender(client, store, claim_lease_s=claim_lease_s)
 
     @classmethod
     def from_settings(cls, settings: Settings, store: DeliveryLedger) -> ReplySender:
@@ -125,8 +118,7 @@ class ReplySender:
         reply = env.reply
         if reply is None:
             raise ValueError("outbound record without a reply")
-        text = reply.text
-        digest = reply_digest(text)
+        full = text = reply.text
         kind, target = reply_target(env)
         # The fallback apology has a ledger of its own: a real answer that comes later
         # (the DLQ record replayed once the outage is over) is still delivered. An
@@ -138,10 +130,24 @@ class ReplySender:
                 log.info("fallback for an answered message, not sent", extra={"msg_id": env.msg_id})
                 return Delivery(parts=len(answered), duplicate=True)
         ledger_id = fallback_ledger_id(env.msg_id) if reply.kind == "fallback" else env.msg_id
-        if (field := unstorable(env, ledger_id)) is not None:
-            # Refused before anything is sent: the ledger and history rows written
-            # after Easemob's acceptance must never fail (a replay would resend).
-            raise FatalError(f"{field} too long to store, not sent", reason="bad_request")
+        for written in (ledger_id, stream_ledger_id(env.msg_id)):
+            if (field := unstorable(env, written)) is not None:
+                # Refused before anything is sent: the ledger and history rows written
+                # after Easemob's acceptance must never fail (a replay would resend).
+                raise FatalError(f"{field} too long to store, not sent", reason="bad_request")
+        if env.route is not None and env.route.live == "stream" and kind != "chatrooms":
+            # The answer may be streaming already: its end finishes the stream, and only
+            # what the stream does not show goes as a normal message (none, usually).
+            finished = await self.streams.finish(env, text, reply.kind)
+            if finished.rest_from is not None:
+                text = text[finished.rest_from :]
+            if finished.rest_from is None or not text:
+                await self.store.record_exchange(env, full, reply_kind=reply.kind)
+                streamed = (finished.stream_id,) if finished.stream_id else ()
+                return Delivery(
+                    parts=finished.chunks, easemob_msg_ids=streamed, duplicate=finished.duplicate
+                )
+        digest = reply_digest(text)
         ledger = await self.store.ledger(ledger_id)
 
         # Skip what was sent already: parts 0, 1, … as long as the ledger has them.
@@ -249,7 +255,7 @@ class ReplySender:
         duplicate = resumed == len(ids)
         # Idempotent, and after every ledger row: a record whose parts were all sent
         # before (a duplicate, or a retry after this write failed) completes it.
-        await self.store.record_exchange(env, text, reply_kind=reply.kind)
+        await self.store.record_exchange(env, full, reply_kind=reply.kind)
         if duplicate:
             PARTS_SENT.labels("duplicate").inc()
             log.info("duplicate outbound record, nothing sent", extra={"msg_id": env.msg_id})
@@ -282,8 +288,3 @@ class ReplySender:
 def fallback_ledger_id(msg_id: str) -> str:
     """Where the ledger keeps the parts of the fallback apology for ``msg_id``."""
     return f"{msg_id}#fallback"
-
-
-def reply_digest(text: str) -> str:
-    """Identifies a reply's text in the ledger (not a secret: a checksum)."""
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()

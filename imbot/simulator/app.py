@@ -61,7 +61,8 @@ The admin API under ``/_sim`` (JSON):
 
   ``at``: ms epoch; ``peer``: only what that sender sent; ``finished=N``: long-poll until N
   streams there are finished or ended (or ``timeout`` seconds passed, then ``timed_out``).
-- ``GET /_sim/stats`` — token, send and stream request counts, answers by status.
+- ``GET /_sim/stats`` — token, send and stream request counts, answers by status, the
+  busiest sliding second of send and stream calls (with a ``rate_limit``).
 - ``POST /_sim/reset`` — forget messages, streams, failures, limits and counters (tokens
   stay valid).
 - ``POST /_sim/callback`` — sign a before-send callback like Easemob and POST it to
@@ -173,6 +174,8 @@ class SimulatorState:
     token_requests: int = 0
     send_requests: int = 0
     stream_requests: int = 0
+    # Most send and stream calls admitted within one sliding second (with a rate_limit).
+    busiest_second: int = 0
     answers: Counter[str] = field(default_factory=Counter)  # "token 200", "users 429", ...
     admitted: deque[float] = field(default_factory=deque)  # send times in the last second
     sent_in_window: deque[tuple[float, int]] = field(default_factory=deque)  # for the quota
@@ -184,6 +187,7 @@ class SimulatorState:
         self.messages.clear()
         self.streams.clear()
         self.token_requests = self.send_requests = self.stream_requests = 0
+        self.busiest_second = 0
         self.answers.clear()
         self.admitted.clear()
         self.sent_in_window.clear()
@@ -278,6 +282,7 @@ def _over_rate(state: SimulatorState, now: float) -> bool:
     if len(state.admitted) >= limit:
         return True
     state.admitted.append(now)
+    state.busiest_second = max(state.busiest_second, len(state.admitted))
     return False
 
 
@@ -610,6 +615,7 @@ async def stats(request: web.Request) -> web.Response:
             "streams": len(state.streams.streams),
             "messages": len(state.messages),
             "answers": dict(state.answers),
+            "busiest_second": state.busiest_second,
             "pending_faults": len(state.behaviour.send_faults),
         }
     )

@@ -29,6 +29,7 @@ class LedgerRow:
     end_offset: int | None = None
     reply_digest: str | None = None
     error: str | None = None
+    parts: int | None = None  # how many parts the reply had when this one was written
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +140,14 @@ _MARK_SENT = sql(
     " error = CASE WHEN deliveries.error LIKE 'uncertain:%' THEN deliveries.error END"
     " WHERE deliveries.status != 'sent'"
 )
+# A part recorded as sent unless the part has a row already (claimed or sent): one
+# statement, so nobody can claim it in between. Returns the part when written.
+_SENT_IF_ABSENT = sql(
+    "INSERT INTO deliveries (msg_id, part, parts, target_kind, target, status,"
+    " easemob_msg_id, end_offset, reply_digest, attempts, created_at, sent_at) VALUES"
+    " (:msg_id, :part, :parts, :target_kind, :target, 'sent', :easemob_msg_id, :end_offset,"
+    " :reply_digest, 0, :now, :now) ON CONFLICT (msg_id, part) DO NOTHING RETURNING part"
+)
 # Releases the claim (``claimant``) of the attempt that failed; never touches a part
 # sent, or claimed by someone else since.
 _MARK_FAILED = sql(
@@ -177,6 +186,7 @@ class DeliveryLedger:
             DeliveryRow.end_offset,
             DeliveryRow.reply_digest,
             DeliveryRow.error,
+            DeliveryRow.parts,
         ).where(DeliveryRow.msg_id == msg_id)
         async with self._database.reading() as session:
             rows = (await session.execute(query)).all()
@@ -248,6 +258,33 @@ class DeliveryLedger:
         }
         async with self._database.writing_one() as session:
             await session.execute(_MARK_SENT, values)
+
+    async def sent_if_absent(
+        self,
+        msg_id: str,
+        part: int,
+        *,
+        end_offset: int,
+        reply_digest: str,
+        parts: int,
+        target_kind: str,
+        target: str,
+    ) -> bool:
+        """Record ``part`` as sent with nothing sent to Easemob (a ledger closed before it
+        was opened), unless the part has a row already; True when written."""
+        values = {
+            "msg_id": msg_id,
+            "part": part,
+            "parts": parts,
+            "target_kind": target_kind,
+            "target": target,
+            "easemob_msg_id": "",
+            "end_offset": end_offset,
+            "reply_digest": reply_digest,
+            "now": utcnow(),
+        }
+        async with self._database.writing_one() as session:
+            return (await session.execute(_SENT_IF_ABSENT, values)).first() is not None
 
     async def mark_failed(
         self,

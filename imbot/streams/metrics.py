@@ -65,3 +65,22 @@ BUDGET_DAILY_COST = Gauge(
     " the cost-rate alert",
     ["scope"],
 )
+
+STREAM_REVIEWS = Counter(
+    "imbot_stream_reviews_total",
+    "Records of answers still being written through the output review, by outcome:"
+    " released (a longer prefix may be shown), held (nothing new yet), blocked (the"
+    " stream ends with the configured reply)",
+    ["outcome"],
+)
+CHUNK_RECORDS = Counter(
+    "imbot_stream_chunk_records_total",
+    "Records of answers still being written that the model stage published, by kind"
+    " (text, typing) and outcome (published, failed: the final reply still goes out)",
+    ["kind", "outcome"],
+)
+for _outcome in ("released", "held", "blocked"):
+    STREAM_REVIEWS.labels(_outcome)
+for _kind in ("text", "typing"):
+    for _outcome in ("published", "failed"):
+        CHUNK_RECORDS.labels(_kind, _outcome)

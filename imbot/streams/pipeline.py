@@ -7,8 +7,9 @@ input (the last row names its own); a stage that decides the final answer early
 also writes to the sender's input (``early``).
 
 Beside the chain, ``SIDE`` holds side rows: a stage that reads a topic of its own
-(fed from outside the chain, e.g. the gateway's feedback records) and writes nothing
-on. ``ROWS`` is both, the chain first.
+(fed from outside the chain: the gateway's feedback records, the model stage's chunks
+of an answer being written) and writes on, if at all, only to another side row's
+input. ``ROWS`` is both, the chain first.
 
 Everything else is derived from these rows: the CLI's stage names, the worker's
 default stage list, the resources a worker opens, replay's stage-to-topic map,
@@ -75,11 +76,16 @@ def _chained(*rows: StageSpec) -> tuple[StageSpec, ...]:
 
 
 def _side(*rows: StageSpec) -> tuple[StageSpec, ...]:
-    """Rows off the chain: each reads its own topic and writes nothing on (no forward,
-    nothing early), so no other row's input depends on it."""
+    """Rows off the chain: each reads its own topic and writes nothing on (nothing
+    early), except forward to another side row's input, so no chain row's input
+    depends on them."""
+    inputs = {row.input for row in rows}
     for row in rows:
-        if row.forward or row.early:
-            raise ValueError(f"side stage {row.name!r} writes nothing on: no forward, no early")
+        if row.early or (row.forward and row.forward not in inputs):
+            raise ValueError(
+                f"side stage {row.name!r} writes nothing on: nothing early, forward only"
+                " to another side row"
+            )
     return rows
 
 
@@ -121,6 +127,24 @@ SIDE: Final = _side(
         "feedback",
         topics.FEEDBACK,
         needs=("storage",),
+        answers_on_failure=False,
+        process="sender",
+    ),
+    # The answer as it is written (docs/streaming.md): the model stage publishes the text
+    # so far; the output review releases what may be shown; the sender streams it. Each
+    # record stands alone (the whole text so far), and the final envelope on the chain
+    # finishes the stream, so nobody waits on these rows: no fallback reply.
+    _row(
+        "review-stream",
+        topics.CHUNKS,
+        needs=("moderator",),
+        answers_on_failure=False,
+        forward=topics.CHUNKS_REVIEWED,
+    ),
+    _row(
+        "send-stream",
+        topics.CHUNKS_REVIEWED,
+        needs=("sender",),
         answers_on_failure=False,
         process="sender",
     ),

@@ -69,7 +69,11 @@ def envelope_view(env: Envelope) -> dict[str, Any]:
             "quota": r.quota.model_dump(mode="json"),
             "images": len(r.images),
             "stream": r.stream,
+            "live": r.live,
         }
+    if (p := env.partial) is not None:
+        # A chunk record of the answer being written (docs/streaming.md): its size only.
+        view["chunk"] = {"kind": p.kind, "seq": p.seq, "text_len": len(p.text)}
     if (c := env.completion) is not None:
         view["completion"] = {
             "model": c.model,

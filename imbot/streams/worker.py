@@ -127,24 +127,25 @@ class Runtime:
             self.closers.append(self._store.close)
         return self._store
 
-    async def open_resources(self, needs: Collection[Resource]) -> Resources:
+    async def open_resources(
+        self, needs: Collection[Resource], outputs: Outputs | None = None
+    ) -> Resources:
         """The parts ``needs`` names (opened by ``OPENERS``), and no other; the storage
         is opened once per process and shared (the sender writes its ledger there)."""
         parts: dict[str, Any] = {}
         for resource, opener in OPENERS.items():
             if resource in needs:
                 parts[resource] = await opener(self)
-        return Resources(self.settings, **parts)
+        return Resources(self.settings, outputs=outputs, **parts)
 
     async def _open(self) -> None:
         settings = self.settings
         await ensure_topics(settings)
-        resources = await self.open_resources(needs_of(self.stages))
         producer = new_producer(settings)
         await producer.start()
         self.closers.append(producer.stop)
         self.outputs = Outputs(settings, producer)
-        self.resources = resources
+        self.resources = await self.open_resources(needs_of(self.stages), self.outputs)
         log.info("worker ready", extra={"stages": list(self.stages)})
 
     async def close(self) -> None:

@@ -7,8 +7,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from imbot.cli.devstack import DevStack
+from imbot.core.settings import DEFAULT_POLICY_FILE
 from imbot.devtools.broker import EmbeddedBroker
 
 
@@ -21,8 +23,15 @@ def stack(
         db_url = f"sqlite+aiosqlite:///{root}/imbot.db"
     else:
         db_url = str(request.getfixturevalue("pg_url"))
+    # Whole replies: these tests count messages at the simulated Easemob (an answer
+    # streamed as it is written has its own stack, test_streaming.py).
+    policy = yaml.safe_load(DEFAULT_POLICY_FILE.read_text(encoding="utf-8"))
+    policy["streaming"] = {"enabled": False, "typing": False}
+    policy_file = root / "policy.yaml"
+    policy_file.write_text(yaml.safe_dump(policy, allow_unicode=True), encoding="utf-8")
     dev = DevStack(
         env={
+            "IMBOT_POLICY_FILE": str(policy_file),
             "IMBOT_KAFKA_BOOTSTRAP": broker.bootstrap,
             "IMBOT_KAFKA_EMBEDDED": "true",
             "IMBOT_TOPIC_PREFIX": f"e{uuid.uuid4().hex[:6]}.",

@@ -19,8 +19,9 @@ from imbot.core.envelope import DlqRecord, Envelope, Reply, encode_envelope
 from imbot.core.kafka import ensure_topics, new_producer
 from imbot.core.settings import Settings
 from imbot.devtools.broker import consume_all
-from imbot.sender.service import ReplySender, reply_digest
+from imbot.sender.service import ReplySender
 from imbot.sender.split import part_end, split_reply
+from imbot.sender.targets import reply_digest
 from imbot.storage import open_storage
 from imbot.streams.boundary import Boundary, Outputs
 from imbot.streams.stages import Resources, Send

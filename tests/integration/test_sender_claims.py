@@ -173,7 +173,7 @@ async def test_easemobs_lost_answer_is_counted_and_the_part_resent(
 
 
 def _digest() -> str:
-    from imbot.sender.service import reply_digest
+    from imbot.sender.targets import reply_digest
 
     return reply_digest(TEXT)
 

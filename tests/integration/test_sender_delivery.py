@@ -13,8 +13,9 @@ import pytest
 from imbot.core.envelope import ChatType, Content, Envelope, Reply, ReplyKind
 from imbot.core.errors import ConfigurationError, FatalError, RetryableError
 from imbot.sender.easemob import EasemobClient, MessageTooLarge
-from imbot.sender.service import ReplySender, reply_digest
+from imbot.sender.service import ReplySender
 from imbot.sender.split import split_reply
+from imbot.sender.targets import reply_digest
 from imbot.storage import Storage, open_storage
 from tests.integration.conftest import new_easemob_client
 from tests.rows import count_rows

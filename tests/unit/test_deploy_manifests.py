@@ -21,7 +21,7 @@ from imbot.core import topics
 from imbot.core.settings import Settings, load_policy
 from imbot.gateway.app import create_app
 from imbot.streams.health import health_app
-from imbot.streams.pipeline import PIPELINE
+from imbot.streams.pipeline import PROCESSING_STAGES, ROWS
 from tests.unit.test_deploy_matches_pipeline import settings_of
 from tests.unit.test_deploy_schemas import (
     DEPLOY,
@@ -95,7 +95,8 @@ def _image_user() -> int:
 
 def test_every_pod_is_hardened(overlay: Rendered) -> None:
     pods = _pods(overlay)
-    assert len(pods) == len(PIPELINE) + 2  # the stages, the gateway, the migration Job
+    # One per worker stage, the sender, the gateway, the migration Job.
+    assert len(pods) == len(PROCESSING_STAGES) + 3
     for pod in pods:
         name, spec = _name(pod), pod_spec(pod)
         assert spec is not None
@@ -325,7 +326,7 @@ def test_each_pod_reads_only_the_secrets_it_needs(overlay: Rendered) -> None:
         for pod in pods - {"imbot-migrate"}:
             args = next(containers(deployments[pod]))["args"]
             row = next(
-                (r for r in PIPELINE if r.name == args[-1] or r.process == args[0] == "sender"),
+                (r for r in ROWS if r.name == args[-1] or r.process == args[0] == "sender"),
                 None,
             )
             if secret == "imbot-callback":

@@ -99,7 +99,7 @@ def test_a_stage_named_in_the_args_is_recognised() -> None:
     assert _stages(["worker", "--stage=model"]) == ["model"]
     assert _stages(["worker"]) == list(PROCESSING_STAGES)
     assert _stages(["sender"]) == list(SENDER_STAGES)
-    assert _stages(["sender"]) == ["send", "feedback"]
+    assert _stages(["sender"]) == ["send", "feedback", "send-stream"]
     assert _stages(["gateway"]) is None
 
 

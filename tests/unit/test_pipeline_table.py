@@ -47,7 +47,16 @@ def test_the_table_reads_as_the_pipeline_top_to_bottom() -> None:
         "moderate-out",
         "send",
     ]
-    assert STAGE_NAMES == ("moderate-in", "route", "model", "moderate-out", "send", "feedback")
+    assert STAGE_NAMES == (
+        "moderate-in",
+        "route",
+        "model",
+        "moderate-out",
+        "send",
+        "feedback",
+        "review-stream",
+        "send-stream",
+    )
     assert [(row.input, row.forward) for row in PIPELINE] == [
         (topics.INBOUND, topics.MODERATED),
         (topics.MODERATED, topics.ROUTED),
@@ -55,14 +64,29 @@ def test_the_table_reads_as_the_pipeline_top_to_bottom() -> None:
         (topics.COMPLETED, topics.OUTBOUND),
         (topics.OUTBOUND, topics.DELIVERED),
     ]
-    assert PROCESSING_STAGES == ("moderate-in", "route", "model", "moderate-out")
-    assert SENDER_STAGES == ("send", "feedback")
+    assert PROCESSING_STAGES == ("moderate-in", "route", "model", "moderate-out", "review-stream")
+    assert SENDER_STAGES == ("send", "feedback", "send-stream")
 
 
-def test_side_rows_read_their_own_topic_and_write_nothing_on() -> None:
-    """The feedback row: fed by the gateway, not by the chain, run by the sender."""
-    assert [(row.name, row.input) for row in SIDE] == [("feedback", topics.FEEDBACK)]
-    [feedback] = SIDE
+def test_side_rows_read_their_own_topic_and_write_on_only_to_side_rows() -> None:
+    """The feedback row: fed by the gateway, not by the chain, run by the sender. The
+    streaming rows: fed by the model stage's chunk records, reviewed, then sent."""
+    assert [(row.name, row.input, row.forward) for row in SIDE] == [
+        ("feedback", topics.FEEDBACK, ""),
+        ("review-stream", topics.CHUNKS, topics.CHUNKS_REVIEWED),
+        ("send-stream", topics.CHUNKS_REVIEWED, ""),
+    ]
+    feedback, review, send = SIDE
+    assert (review.process, review.needs, review.answers_on_failure) == (
+        "worker",
+        frozenset({"moderator"}),
+        False,
+    )
+    assert (send.process, send.needs, send.answers_on_failure) == (
+        "sender",
+        frozenset({"sender"}),
+        False,
+    )
     assert (feedback.forward, feedback.early, feedback.outputs) == ("", (), ())
     assert (feedback.process, feedback.needs, feedback.answers_on_failure) == (
         "sender",
@@ -80,6 +104,13 @@ def test_a_side_row_that_writes_on_or_shares_a_topic_is_refused() -> None:
     forward = pipeline.StageSpec("s", "t.s", frozenset(), answers_on_failure=False, forward="t.x")
     with pytest.raises(ValueError, match="writes nothing on"):
         pipeline._side(forward)
+    onto_chain = pipeline.StageSpec(
+        "s", "t.s", frozenset(), answers_on_failure=False, forward=topics.OUTBOUND
+    )
+    with pytest.raises(ValueError, match="writes nothing on"):
+        pipeline._side(onto_chain)
+    reader = pipeline.StageSpec("r", "t.x", frozenset(), answers_on_failure=False)
+    assert pipeline._side(forward, reader) == (forward, reader)  # to another side row
     early = pipeline.StageSpec("s", "t.s", frozenset(), answers_on_failure=False, early=("t.x",))
     with pytest.raises(ValueError, match="writes nothing on"):
         pipeline._side(early)
@@ -178,6 +209,7 @@ def test_the_worker_opens_only_what_its_stages_need() -> None:
     assert "sender" not in pipeline.needs_of(PROCESSING_STAGES)
     assert pipeline.needs_of(["send"]) == {"sender"}
     assert pipeline.needs_of(SENDER_STAGES) == {"sender", "storage"}  # the feedback table
+    assert pipeline.needs_of(["review-stream"]) == {"moderator"}
     assert pipeline.needs_of(["route"]) == {"storage"}
 
 

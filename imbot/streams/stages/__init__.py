@@ -22,8 +22,10 @@ from imbot.streams.stages.feedback import RecordFeedback
 from imbot.streams.stages.model import CallModel, Files, chat_request
 from imbot.streams.stages.moderate_in import ModerateIn
 from imbot.streams.stages.moderate_out import ModerateOut
+from imbot.streams.stages.review_stream import ReviewStream
 from imbot.streams.stages.route import Route
 from imbot.streams.stages.send import Send
+from imbot.streams.stages.send_stream import SendStream
 
 __all__ = [
     "STAGES",
@@ -34,8 +36,10 @@ __all__ = [
     "PipelineStage",
     "RecordFeedback",
     "Resources",
+    "ReviewStream",
     "Route",
     "Send",
+    "SendStream",
     "chat_request",
 ]
 

@@ -15,7 +15,7 @@ from imbot.core.settings import Policy, Replies, Settings
 from imbot.moderation.metrics import MODERATION_DECISIONS
 from imbot.storage import AuditEntry, AuditLog, StageStorage
 from imbot.streams import pipeline
-from imbot.streams.boundary import AfterPublish, Emit
+from imbot.streams.boundary import AfterPublish, Emit, Outputs
 from imbot.streams.metrics import REPLIES
 from imbot.streams.pipeline import StageSpec
 
@@ -42,9 +42,13 @@ class Resources:
         catalog: ModelCatalog | None = None,
         sender: ReplySender | None = None,
         easemob: EasemobClient | None = None,
+        outputs: Outputs | None = None,
     ) -> None:
         self.settings = settings
         self.policy: Policy = settings.policy
+        # Where a stage publishes records of its own while it works (the model stage's
+        # chunks of an answer being written); None in a process that publishes none.
+        self.outputs = outputs
         self._parts: dict[pipeline.Resource, Any] = {
             "storage": storage,
             "moderator": moderator,

@@ -9,7 +9,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Protocol, Self
 
@@ -25,7 +25,15 @@ from imbot.adapters import (
     UsageEvent,
     image_from_bytes,
 )
-from imbot.core.envelope import Completion, Envelope, QuotaView, RouteDecision
+from imbot.core import topics
+from imbot.core.envelope import (
+    Completion,
+    Envelope,
+    Partial,
+    QuotaView,
+    RouteDecision,
+    encode_envelope,
+)
 from imbot.core.errors import (
     ConfigurationError,
     ContentRejected,
@@ -40,8 +48,8 @@ from imbot.core.tokens import estimate_tokens
 from imbot.moderation.metrics import MODERATION_DECISIONS
 from imbot.routing.budgets import DEFAULT_OUTPUT_CAP, Budgets
 from imbot.storage import AuditEntry, AuditLog, Health, History, Quotas, Reservation, UsageRecords
-from imbot.streams.boundary import AfterPublish, Emit
-from imbot.streams.metrics import QUOTA_SETTLE_LOST, ROUTE_DECISIONS, USAGE_LOST
+from imbot.streams.boundary import AfterPublish, Emit, Outputs
+from imbot.streams.metrics import CHUNK_RECORDS, QUOTA_SETTLE_LOST, ROUTE_DECISIONS, USAGE_LOST
 from imbot.streams.stages.base import PipelineStage, Resources, answer
 
 if TYPE_CHECKING:  # loaded only by the workers that run these stages
@@ -113,8 +121,12 @@ class CallModel(PipelineStage, stage="model"):
         budgets: Budgets,
         files: Files | None = None,
         health: Health | None = None,
+        chunks: Outputs | None = None,
     ) -> None:
         self.health = health
+        # Where the answer goes as it is written (docs/streaming.md); None: nowhere.
+        self.chunks = chunks
+        self.streaming = policy.streaming
         self._circuits: dict[str, str] = {}  # model → the state last written to health
         self.replies = policy.replies
         self.routing = policy.routing
@@ -140,6 +152,7 @@ class CallModel(PipelineStage, stage="model"):
             budgets=Budgets.of(r.settings),
             files=r.easemob,
             health=store.health,
+            chunks=r.outputs,
         )
 
     async def handle(self, env: Envelope, *, deadline: float) -> Sequence[Emit | AfterPublish]:
@@ -186,10 +199,13 @@ class CallModel(PipelineStage, stage="model"):
             )
             env = env.model_copy(update={"route": route})
         try:
-            if route.stream:
+            if route.stream or (route.live == "stream" and self.chunks is not None):
                 result = await self._streamed(env, route, request, remaining, held)
             else:
-                result = await self.catalog.complete(route.models, request, deadline_s=remaining)
+                async with self._typing(env, route):
+                    result = await self.catalog.complete(
+                        route.models, request, deadline_s=remaining
+                    )
         except ContentRejected as exc:
             await self._report_circuits(route.models)
             await self._settle(env, held, None)
@@ -225,6 +241,7 @@ class CallModel(PipelineStage, stage="model"):
             cost=result.cost,
             currency=result.currency,
             latency_ms=result.latency_ms,
+            first_token_ms=result.first_token_ms,
             provider_request_id=result.provider_request_id,
             attempts=result.attempts,
         )
@@ -303,10 +320,13 @@ class CallModel(PipelineStage, stage="model"):
         an estimate of the prompt and the text received, before the error goes on."""
         text: list[str] = []
         usage: Usage | None = None
+        live = _Live(self, env) if route.live == "stream" else None
         try:
             async for event in self.catalog.stream(route.models, request, deadline_s=remaining):
                 if isinstance(event, Delta):
                     text.append(event.text)
+                    if live is not None and live.due():
+                        await live.publish("".join(text))
                 elif isinstance(event, UsageEvent):
                     usage = event.usage
                 elif event.result is not None:
@@ -321,6 +341,54 @@ class CallModel(PipelineStage, stage="model"):
             await self._settle(env, held, _partial(route.models[0], partial))
             raise _PaidFailure(exc) from None
         raise RetryableError("the model's stream ended without its end event", code="stream_cut")
+
+    async def publish_partial(self, env: Envelope, partial: Partial) -> None:
+        """A record of the answer being written (best effort: the final reply follows on
+        the chain whatever happens to it). Small: without the history."""
+        if self.chunks is None:
+            return
+        route = env.route
+        if route is not None and route.history:
+            route = route.model_copy(update={"history": ()})
+        record = env.model_copy(update={"route": route, "partial": partial})
+        try:
+            await asyncio.wait_for(
+                self.chunks.publish(
+                    topics.CHUNKS, env.conversation_id.encode(), encode_envelope(record)
+                ),
+                timeout=_CHUNK_PUBLISH_S,
+            )
+        except Exception as exc:
+            CHUNK_RECORDS.labels(partial.kind, "failed").inc()
+            log.info(
+                "chunk record not published",
+                extra={"msg_id": env.msg_id, "error": type(exc).__name__},
+            )
+        else:
+            CHUNK_RECORDS.labels(partial.kind, "published").inc()
+
+    @contextlib.asynccontextmanager
+    async def _typing(self, env: Envelope, route: RouteDecision) -> AsyncIterator[None]:
+        """While the call runs, the user sees that the bot is typing (``route.live``
+        "typing"): from a second into the call (a quicker answer needs none), then every
+        ``streaming.typing_every_s``."""
+        if route.live != "typing" or self.chunks is None:
+            yield
+            return
+
+        async def tick() -> None:
+            await asyncio.sleep(min(_TYPING_AFTER_S, self.streaming.typing_every_s))
+            while True:
+                await self.publish_partial(env, Partial(kind="typing"))
+                await asyncio.sleep(self.streaming.typing_every_s)
+
+        ticker = asyncio.create_task(tick())
+        try:
+            yield
+        finally:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
 
     async def _images(self, route: RouteDecision) -> list[ImagePart]:
         """The route's images, downloaded from Easemob (bounded in size and time)."""
@@ -393,6 +461,31 @@ class CallModel(PipelineStage, stage="model"):
                 env,
                 functools.partial(self.history.clear_history, env.conversation_id),
             )
+
+
+_CHUNK_PUBLISH_S = 2.0  # a chunk record later than this is not worth waiting for
+_TYPING_AFTER_S = 1.0
+
+
+class _Live:
+    """The model's text so far, published as it grows: at most every
+    ``streaming.chunk_interval_s`` (the review and the sender turn these into chunks of
+    whole sentences)."""
+
+    def __init__(self, stage: CallModel, env: Envelope) -> None:
+        self.stage = stage
+        self.env = env
+        self.every = stage.streaming.chunk_interval_s
+        self.last = time.monotonic()
+        self.seq = 0
+
+    def due(self) -> bool:
+        return time.monotonic() - self.last >= self.every
+
+    async def publish(self, text: str) -> None:
+        self.last = time.monotonic()
+        await self.stage.publish_partial(self.env, Partial(text=text, seq=self.seq))
+        self.seq += 1
 
 
 async def _after_call_write(what: str, env: Envelope, write: Callable[[], Awaitable[None]]) -> bool:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Self
+from typing import Literal, Self
 
-from imbot.core.envelope import Envelope, ImageRef, QuotaView, RouteDecision, Turn
+from imbot.core.envelope import ChatType, Envelope, ImageRef, QuotaView, RouteDecision, Turn
 from imbot.core.routing import MICROS
 from imbot.core.settings import Policy, RoutePolicy
 from imbot.core.tokens import estimate_tokens
@@ -175,8 +175,18 @@ class Route(PipelineStage, stage="route"):
             quota=quota,
             images=images,
             stream=route.stream,
+            live=self._live(env),
         )
         return Emit(self.forward, env.stamped(self.name, route=decision))
+
+    def _live(self, env: Envelope) -> Literal["stream", "typing", ""]:
+        """How the user sees the answer coming (policy ``streaming``): streamed in the
+        chats it is on for, else a typing indicator where that is on."""
+        streaming = self.policy.streaming
+        where = {ChatType.direct: "chat", ChatType.group: "group"}.get(env.chat_type)
+        if streaming.enabled and where in streaming.chat_types:
+            return "stream"
+        return "typing" if streaming.typing else ""
 
     async def _history(
         self, env: Envelope, route: RoutePolicy, chain: Sequence[str]
