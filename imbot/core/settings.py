@@ -257,11 +257,17 @@ class Streaming(_Frozen):
     # at most 200 members; leave "group" out when the app has larger groups. Chatrooms
     # never stream (no stream endpoint).
     chat_types: tuple[Literal["chat", "group"], ...] = ("chat", "group")
-    # The model stage publishes the text so far at most this often (seconds).
+    # The model stage publishes the text so far at most this often (seconds), once a
+    # sentence or a clause has ended since the last time.
     chunk_interval_s: float = Field(default=0.4, ge=0.05, le=10.0)
-    # The review holds back an unfinished sentence; one longer than this many characters
-    # is released up to its last clause break (，、, a space) so the user is not kept waiting.
-    max_hold_chars: int = Field(default=120, ge=1, le=4000)
+    # ... and a model worker publishes at most this many such records a second in all
+    # (each can become an Easemob call; the app has 100 a second, whole messages
+    # included): with N model workers, about (100 - room for whole messages) / N.
+    max_chunk_records_per_s: float = Field(default=60.0, gt=0.0)
+    # The review holds back an unfinished sentence; one that has grown longer than this
+    # many characters is released up to its last clause break (，、, a space) so the user
+    # is not kept waiting.
+    max_hold_chars: int = Field(default=16, ge=1, le=4000)
     # Where the answer is not streamed (chatrooms, larger groups, streaming off): a cmd
     # TypingBegin to the asker when the model call starts, repeated while it runs.
     # What it shows depends on the client app handling that action.

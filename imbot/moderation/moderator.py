@@ -180,6 +180,26 @@ class Moderator:
             raise ConfigurationError(f"invalid moderation config: {exc}") from None
         return cls(config, base_dir=base_dir)
 
+    def word_may_span(self, before: str, after: str) -> bool:
+        """Could a lexicon word begin in ``before`` and go on into text not written yet?
+
+        ``before`` is the text up to a cut, ``after`` what follows it so far. A word that
+        spans the cut and ends within ``after`` is whole in ``before + after``, so the
+        review of that text finds it; only one that goes on past ``after`` can be missed.
+        That needs ``after`` (normalised) shorter than the longest word, and an ending of
+        ``before`` (normalised) that some word begins with.
+        """
+        if self.automaton is None:
+            return False
+        tail = self.normaliser(after).text
+        if len(tail) + 1 >= self.longest_word:
+            return False
+        head = self.normaliser(before[-4 * self.longest_word :]).text
+        return any(
+            self.automaton.match(head[-k:] + tail)
+            for k in range(1, min(len(head), self.longest_word - len(tail) - 1) + 1)
+        )
+
     # -- detectors ---------------------------------------------------------------
 
     def _lexicon(self, text: str) -> list[Finding]:

@@ -46,6 +46,7 @@ from imbot.core.retry import Backoff
 from imbot.core.settings import Policy
 from imbot.core.tokens import estimate_tokens
 from imbot.moderation.metrics import MODERATION_DECISIONS
+from imbot.moderation.release import CLAUSE_BREAKS, SENTENCE_ENDS
 from imbot.routing.budgets import DEFAULT_OUTPUT_CAP, Budgets
 from imbot.storage import AuditEntry, AuditLog, Health, History, Quotas, Reservation, UsageRecords
 from imbot.streams.boundary import AfterPublish, Emit, Outputs
@@ -127,6 +128,7 @@ class CallModel(PipelineStage, stage="model"):
         # Where the answer goes as it is written (docs/streaming.md); None: nowhere.
         self.chunks = chunks
         self.streaming = policy.streaming
+        self.live_streams = 0  # calls of this worker streaming to a user now
         self._circuits: dict[str, str] = {}  # model → the state last written to health
         self.replies = policy.replies
         self.routing = policy.routing
@@ -320,12 +322,14 @@ class CallModel(PipelineStage, stage="model"):
         an estimate of the prompt and the text received, before the error goes on."""
         text: list[str] = []
         usage: Usage | None = None
-        live = _Live(self, env) if route.live == "stream" else None
+        live = _Live(self, env) if route.live == "stream" and self.chunks is not None else None
+        if live is not None:
+            self.live_streams += 1
         try:
             async for event in self.catalog.stream(route.models, request, deadline_s=remaining):
                 if isinstance(event, Delta):
                     text.append(event.text)
-                    if live is not None and live.due():
+                    if live is not None and live.due(event.text):
                         await live.publish("".join(text))
                 elif isinstance(event, UsageEvent):
                     usage = event.usage
@@ -340,6 +344,9 @@ class CallModel(PipelineStage, stage="model"):
             )
             await self._settle(env, held, _partial(route.models[0], partial))
             raise _PaidFailure(exc) from None
+        finally:
+            if live is not None:
+                self.live_streams -= 1
         raise RetryableError("the model's stream ended without its end event", code="stream_cut")
 
     async def publish_partial(self, env: Envelope, partial: Partial) -> None:
@@ -468,24 +475,39 @@ _TYPING_AFTER_S = 1.0
 
 
 class _Live:
-    """The model's text so far, published as it grows: at most every
-    ``streaming.chunk_interval_s`` (the review and the sender turn these into chunks of
-    whole sentences)."""
+    """The model's text so far, published as it grows: once a sentence or a clause has
+    ended since the last record (the review releases nothing else), and at most every
+    ``streaming.chunk_interval_s`` — less often when this worker streams so many answers
+    at once that its records would pass ``streaming.max_chunk_records_per_s``: each
+    record can become an Easemob call, and the app has 100 a second."""
 
     def __init__(self, stage: CallModel, env: Envelope) -> None:
         self.stage = stage
         self.env = env
-        self.every = stage.streaming.chunk_interval_s
         self.last = time.monotonic()
         self.seq = 0
+        self.ended = False  # a sentence or a clause ended since the last record
 
-    def due(self) -> bool:
-        return time.monotonic() - self.last >= self.every
+    def due(self, delta: str) -> bool:
+        if not self.ended:
+            self.ended = any(ch in _BREAKS for ch in delta)
+        if not self.ended:
+            return False
+        streaming = self.stage.streaming
+        every = max(
+            streaming.chunk_interval_s,
+            self.stage.live_streams / streaming.max_chunk_records_per_s,
+        )
+        return time.monotonic() - self.last >= every
 
     async def publish(self, text: str) -> None:
         self.last = time.monotonic()
+        self.ended = False
         await self.stage.publish_partial(self.env, Partial(text=text, seq=self.seq))
         self.seq += 1
+
+
+_BREAKS = SENTENCE_ENDS | CLAUSE_BREAKS
 
 
 async def _after_call_write(what: str, env: Envelope, write: Callable[[], Awaitable[None]]) -> bool:

@@ -16,18 +16,14 @@ from imbot.streams.stages.base import PipelineStage, Resources
 if TYPE_CHECKING:  # loaded only by the workers that run these stages
     from imbot.moderation import Moderator
 
-# Held back at the end of the text at least (PII values: an 18-digit id card, a grouped
-# bank card, an e-mail address), and at least twice the longest lexicon word (a word
-# spread out with separators the normaliser drops).
-MIN_HOLD_CHARS = 32
-
 
 class ReviewStream(PipelineStage, stage="review-stream"):
     """Each record is the model's text so far. The whole of it is reviewed, so a word
     split across the model's tokens (or across chunks) is still caught; what may be
     shown is the masked text up to the release point (``moderation.release``): whole
-    sentences only, short of the end by more than any word the review looks for. A
-    block ends the stream: the record goes on with the configured reply and no text.
+    sentences (or the clauses of a long one), never where a lexicon word could begin
+    and go on into text not written yet. A block ends the stream: the record goes on
+    with the configured reply and no text.
 
     Stateless: a record stands alone (the text so far, not a delta), so a redelivered
     or late one is harmless (the sender sends only what its ledger has not). The final
@@ -37,7 +33,6 @@ class ReviewStream(PipelineStage, stage="review-stream"):
         self.replies = policy.replies
         self.streaming = policy.streaming
         self.moderator = moderator
-        self.hold_chars = max(MIN_HOLD_CHARS, 2 * moderator.longest_word)
 
     @classmethod
     def build(cls, r: Resources) -> Self:
@@ -52,8 +47,11 @@ class ReviewStream(PipelineStage, stage="review-stream"):
         prompt = env.route.system_prompt if env.route else None
         if self.moderator.check_output(part.text, system_prompt=prompt).action == "block":
             return [self._blocked(env)]
+        text = part.text
         cut = release_point(
-            part.text, hold_chars=self.hold_chars, max_hold_chars=self.streaming.max_hold_chars
+            text,
+            max_hold_chars=self.streaming.max_hold_chars,
+            safe=lambda at: not self.moderator.word_may_span(text[:at], text[at:]),
         )
         if cut == 0:
             STREAM_REVIEWS.labels("held").inc()
