@@ -89,8 +89,12 @@ class DevStack:
     cwd: Path | None = None
     broker: EmbeddedBroker | None = None
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    # Each worker's and the sender's Prometheus port (IMBOT_WORKER_METRICS_PORT per
+    # process: two processes on one port would stop the second).
+    metrics_ports: dict[str, int] = field(default_factory=dict)
     _args: dict[str, list[str]] = field(default_factory=dict)
     _logs: list[IO[bytes]] = field(default_factory=list)
+    _metrics_base: int = 0
 
     def base_env(self) -> dict[str, str]:
         env = {**os.environ, **self.env}
@@ -106,6 +110,10 @@ class DevStack:
         if not self.simulator_port:
             self.simulator_port = _port_or_free(8090) if self.usual_ports else free_port()
         env["IMBOT_GATEWAY_PORT"] = str(self.gateway_port)
+        # IMBOT_WORKER_METRICS_PORT, when set, is the first of the ports the stage
+        # processes get one each (the worker's, then the sender's, …); else usual ports
+        # from 9101 when free (`imbot dev`), free ones otherwise.
+        self._metrics_base = int(env.pop("IMBOT_WORKER_METRICS_PORT", "") or 0)
         env.setdefault("IMBOT_CALLBACK_SECRETS", self.secret)
         self.secret = env["IMBOT_CALLBACK_SECRETS"].split(",")[0].strip()
         env.setdefault("IMBOT_DATABASE_URL", "sqlite+aiosqlite:///./.imbot/imbot.db")
@@ -133,15 +141,36 @@ class DevStack:
         out = (self.log_dir / f"{name}.log").open("ab")
         self._logs.append(out)
         self._args[name] = args
+        extra = {"IMBOT_PARENT_PID": str(os.getpid())}
+        if args[2:3] in (["worker"], ["sender"]):
+            extra["IMBOT_WORKER_METRICS_PORT"] = str(self._metrics_port(name))
         self.procs[name] = subprocess.Popen(
             [sys.executable, "-c", _LAUNCHER, *args],
-            env={**env, "IMBOT_PARENT_PID": str(os.getpid())},
+            env={**env, **extra},
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=self.cwd,
             start_new_session=True,  # Ctrl-C in the terminal reaches `imbot dev` only
             preexec_fn=ends_with_parent(),  # only prctl after fork: no locks, no imports
         )
+
+    def _metrics_port(self, name: str) -> int:
+        """The service's own metrics port, kept across its restarts."""
+        if name not in self.metrics_ports:
+            if self._metrics_base:
+                port = self._metrics_base + len(self.metrics_ports)
+            elif self.usual_ports:
+                port = _port_or_free(9101 + len(self.metrics_ports))
+            else:
+                port = free_port()
+            self.metrics_ports[name] = port
+        return self.metrics_ports[name]
+
+    def metrics_urls(self) -> dict[str, str]:
+        """Every service's /metrics: the gateway's and each stage process's."""
+        urls = {"gateway": f"http://127.0.0.1:{self.gateway_port}/metrics"}
+        urls.update({n: f"http://127.0.0.1:{p}/metrics" for n, p in self.metrics_ports.items()})
+        return urls
 
     def start(self, *, worker_stages: tuple[str, ...] | None = None) -> None:
         env = self.base_env()

@@ -84,6 +84,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
         took = time.monotonic() - started
         replies = result["replies"]
         first = replies[0]["body"]["msg"] if isinstance(replies, list) and replies else "(none yet)"
+        metrics = "\n                        ".join(
+            f"{url}   ({name})" for name, url in stack.metrics_urls().items()
+        )
         print(
             f"""
 imbot is running (first reply after {took:.1f}s).
@@ -93,7 +96,7 @@ imbot is running (first reply after {took:.1f}s).
   Kafka (embedded)      {env["IMBOT_KAFKA_BOOTSTRAP"]}
   database              {env["IMBOT_DATABASE_URL"]}
   Easemob simulator     {stack.simulator_url}   (messages: {stack.simulator_url}/_sim/messages)
-  metrics               http://127.0.0.1:{stack.gateway_port}/metrics
+  metrics               {metrics}
   logs                  {stack.log_dir}/
 
   model: {"DEMO MODEL (canned replies, not an LLM) — configure a real provider in the policy file" if _demo_only() else "as configured in the policy file"}

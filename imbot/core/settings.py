@@ -116,7 +116,9 @@ class Settings(BaseSettings):
     # that takes the partition over. Messages not started yet are given up at once.
     # Keep it below the pod's terminationGracePeriodSeconds.
     stage_stop_grace_s: float = 20.0
-    worker_metrics_port: int = 0  # 0: no metrics server (imbot dev picks ports)
+    # 0: no metrics server. `imbot dev` gives each stage process its own port (from this
+    # one when it is set, else from 9101 when free) and prints them.
+    worker_metrics_port: int = 0
     worker_metrics_host: str = "127.0.0.1"  # where a worker's metrics server listens
     worker_lag_interval_s: float = 15.0  # how often a worker reads its group's consumer lag
     worker_group: str = ""  # consumer group; default derived from the stages run

@@ -248,3 +248,15 @@ async def test_a_sandboxed_replay_runs_every_stage_and_reaches_no_user(stack: De
     assert env.delivery is None  # never sent
     await asyncio.sleep(1)
     assert len(_messages(stack, user)) == 1  # the user saw the first answer only
+
+
+def test_every_process_serves_its_own_metrics(stack: DevStack) -> None:
+    """The worker and the sender each get a port of their own (one port for both made the
+    second fail to start), and each one's page shows its own stages' series."""
+    urls = stack.metrics_urls()
+    assert set(urls) >= {"gateway", "worker", "sender"}
+    assert len(set(urls.values())) == len(urls)
+    pages = {name: httpx.get(url, timeout=5).text for name, url in urls.items()}
+    assert 'imbot_stage_messages_total{stage="route",outcome="ok"}' in pages["worker"]
+    assert 'stage="send"' in pages["sender"]
+    assert "imbot_gateway" in pages["gateway"]
