@@ -43,6 +43,7 @@ from typing import Any
 import httpx
 import orjson
 import yaml
+from aiokafka import AIOKafkaConsumer
 
 from bench.loadgen import percentile
 from bench.pipeline_floor import _cpu_seconds, _drop_postgres, _postgres_cpu_seconds, _postgres_url
@@ -80,6 +81,8 @@ class Sample:
     first_ms: float | None = None  # first visible words
     whole_ms: float | None = None
     model_first_ms: float | None = None  # the model's first token
+    published_ms: float | None = None  # the model stage's first record of the text so far
+    released_ms: float | None = None  # the review's first record with text to show
     model_last_ms: float | None = None
     shown: str = ""
     answer: str = ""
@@ -108,6 +111,12 @@ class Result:
                 out.append((s.whole_ms - s.model_last_ms) / 1000)  # type: ignore[operator]
             elif name == "model_first" and s.model_first_ms is not None:
                 out.append((s.model_first_ms - s.sent_ms) / 1000)
+            elif name == "to_publish" and None not in (s.published_ms, s.model_first_ms):
+                out.append((s.published_ms - s.model_first_ms) / 1000)  # type: ignore[operator]
+            elif name == "to_release" and None not in (s.released_ms, s.published_ms):
+                out.append((s.released_ms - s.published_ms) / 1000)  # type: ignore[operator]
+            elif name == "to_screen" and None not in (s.first_ms, s.released_ms):
+                out.append((s.first_ms - s.released_ms) / 1000)  # type: ignore[operator]
         return out
 
     @property
@@ -187,6 +196,18 @@ async def _collect(stack: DevStack, result: Result, users: list[str]) -> None:
         len(result.samples),
         timeout=15,
     )
+    prefix = stack.env["IMBOT_TOPIC_PREFIX"]
+    for topic, field_name in (
+        (topics.CHUNKS, "published_ms"),
+        (topics.CHUNKS_REVIEWED, "released_ms"),
+    ):
+        for at_ms, raw in await _timed(stack.env["IMBOT_KAFKA_BOOTSTRAP"], prefix + topic):
+            chunk = decode_envelope(raw)
+            sample = result.samples.get(chunk.msg_id)
+            if sample is None or chunk.partial is None or not chunk.partial.text:
+                continue
+            if getattr(sample, field_name) is None or at_ms < getattr(sample, field_name):
+                setattr(sample, field_name, at_ms)
     for _, value in records:
         env = decode_envelope(value)
         sample = result.samples.get(env.msg_id)
@@ -208,6 +229,21 @@ async def _collect(stack: DevStack, result: Result, users: list[str]) -> None:
             sample.chunks = int(item["chunks"])
         else:
             sample.first_ms = sample.whole_ms = float(item["at"])
+
+
+async def _timed(bootstrap: str, topic: str) -> list[tuple[float, bytes]]:
+    """Every record of ``topic`` with its timestamp (ms), until none comes for a second."""
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None
+    )
+    await consumer.start()
+    out: list[tuple[float, bytes]] = []
+    try:
+        while batch := await consumer.getmany(timeout_ms=1000):
+            out += [(r.timestamp, r.value) for rs in batch.values() for r in rs if r.value]
+    finally:
+        await consumer.stop()
+    return out
 
 
 def run(mode: str, streams: int, rounds: int) -> Result:
@@ -281,6 +317,21 @@ def report(results: list[Result], streams: int, rounds: int, write: bool) -> Non
             f" {_p(whole_lag, 0.99)} | {statistics.fmean(chunks) if chunks else 0:.1f} |"
             f" {r.calls}, {r.busiest_second} | {r.refused_429} | {r.intact}/{len(r.samples)} |"
         )
+    streamed_results = [r for r in results if r.mode == "streamed"]
+    if streamed_results:
+        r = streamed_results[0]
+        rows += [
+            "",
+            "Where the first words' time goes, streamed (medians, seconds): from the model's"
+            " first token to the model stage's first record of the text so far (the first"
+            " clause being written), to the review's first release, to the screen (the"
+            " sender, its pacing, Easemob):",
+            "",
+            "| to the first record | to the first release | to the screen |",
+            "|---|---|---|",
+            f"| {_p(r.series('to_publish'), 0.5)} | {_p(r.series('to_release'), 0.5)} |"
+            f" {_p(r.series('to_screen'), 0.5)} |",
+        ]
     names = ["gateway", "worker", "sender", "broker", "postgres", "simulator"]
     rows += [
         "",
@@ -307,6 +358,19 @@ def report(results: list[Result], streams: int, rounds: int, write: bool) -> Non
             f" {streamed.intact} of {len(streamed.samples)} answers whole and exact on the"
             " screen."
         )
+    for r in results:
+        broken = [(k, x) for k, x in r.samples.items() if x.shown != x.answer]
+        for msg_id, x in broken[:5]:
+            at = next(
+                (i for i, (a, b) in enumerate(zip(x.shown, x.answer, strict=False)) if a != b),
+                min(len(x.shown), len(x.answer)),
+            )
+            print(
+                f"  {r.mode}: {msg_id} shown {len(x.shown)} chars, answer {len(x.answer)},"
+                f" first difference at {at}: {x.shown[max(0, at - 5) : at + 15]!r} /"
+                f" {x.answer[max(0, at - 5) : at + 15]!r}",
+                flush=True,
+            )
     body = (
         "\n".join(rows)
         + verdict

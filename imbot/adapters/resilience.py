@@ -197,6 +197,10 @@ class InstrumentedModel(WrapperModel):
         super().__init__(wrapped)
         self.provider = provider
         self._ok = metrics.CALLS.labels(self.name, provider, "ok")
+        # The failures the model-error alert counts exist at zero from the start: a series
+        # first seen at 1 has no earlier sample, and rate() would miss that first failure.
+        for kind in ("RetryableError", "FatalError", "TimeoutError", "ContentRejected"):
+            metrics.CALLS.labels(self.name, provider, kind)
         self._latency = metrics.MODEL_SECONDS.labels(self.name)
         self._tokens_in = metrics.TOKENS.labels(self.name, "input")
         self._tokens_out = metrics.TOKENS.labels(self.name, "output")

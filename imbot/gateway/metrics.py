@@ -37,3 +37,32 @@ FEEDBACK = Counter(
     "Users' ratings of the bot's answers, published to imbot.feedback, by rating",
     ["rating"],
 )
+
+# Known label sets exist from the start, at zero: a series that first appears at 1 has
+# no earlier sample, so rate() and increase() would miss that first event (the first
+# publish failure after a restart would never reach an alert).
+OUTCOMES = (
+    "published",
+    "not_ai",
+    "duplicate",
+    "blocked",
+    "feedback",
+    "replayed",
+    "client_gone",
+    "bad_json",
+    "bad_body",
+    "body_timeout",
+    "too_large",
+    "internal_error",
+    "publish_failed",
+    "replay_store_failed",
+)
+for _outcome in OUTCOMES:
+    CALLBACKS.labels(_outcome)
+    CALLBACK_SECONDS.labels(_outcome)
+for _why in ("timeout", "kafka_error", "not_connected", "cancelled"):
+    PUBLISH_FAILURES.labels(_why)
+for _why in ("timeout", "not_connected"):
+    REPLAY_STORE_FAILURES.labels(_why)
+for _rating in ("up", "down"):
+    FEEDBACK.labels(_rating)

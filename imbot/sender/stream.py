@@ -137,6 +137,11 @@ class StreamSender:
         self.claim_lease_s = claim_lease_s
         self._name = uuid.uuid4().hex[:16]
         self._calls = 0
+        # What this sender last wrote of each stream it is sending: a conversation's
+        # chunks all come to one sender (keyed records), so the ledger is read once per
+        # stream, not once per chunk. A stale entry (another sender went on after a
+        # rebalance) only makes a claim fail, and is dropped then.
+        self._known: dict[str, StreamState] = {}
 
     def _claimant(self) -> str:
         self._calls += 1
@@ -153,8 +158,9 @@ class StreamSender:
         kind, target = reply_target(env)
         if part.kind == "typing":
             return await self._typing(env, kind, target)
-        state = await self.state(env.msg_id)
+        state = self._known.get(env.msg_id) or await self.state(env.msg_id)
         if kind not in _STREAM_TARGETS or state.closed is not None:
+            self._known.pop(env.msg_id, None)
             return _count("closed")
         if env.reply is not None:  # the review blocked the text: the stream ends here
             if state.sent == 0:
@@ -178,6 +184,7 @@ class StreamSender:
             target_kind=kind, target=target,
         )  # fmt: skip
         if claim is None:
+            self._known.pop(env.msg_id, None)
             return _count("claimed_elsewhere")
         try:
             stream_id = await self.client.send_stream_chunk(
@@ -201,10 +208,15 @@ class StreamSender:
                 extra={"msg_id": env.msg_id, "seq": seq, "error": type(exc).__name__},
             )
             return _count("failed")
+        digest = reply_digest(text)
         await self.store.mark_sent(
-            ledger_id, seq, stream_id, end_offset=len(text), reply_digest=reply_digest(text),
+            ledger_id, seq, stream_id, end_offset=len(text), reply_digest=digest,
             parts=0, target_kind=kind, target=target,
         )  # fmt: skip
+        row = LedgerRow(seq, "sent", stream_id, claim.attempt, len(text), digest, None, 0)
+        if len(self._known) >= _KNOWN_MAX:
+            self._known.clear()
+        self._known[env.msg_id] = StreamState({**state.rows, seq: row})
         if seq == 0:
             STREAMS_STARTED.inc()
             STREAM_FIRST_CHUNK.observe(max(0.0, time.time() - env.received_at / 1000))
@@ -212,6 +224,7 @@ class StreamSender:
 
     async def finish(self, env: Envelope, text: str, reply_kind: str) -> Finished:
         """End the stream answering ``env`` with the final reply ``text`` (idempotent)."""
+        self._known.pop(env.msg_id, None)
         kind, target = reply_target(env)
         # Most often no chunk was sent (a quick model): one statement closes the stream's
         # ledger before the reply goes as a message, so a chunk coming later is not sent.
@@ -253,6 +266,7 @@ class StreamSender:
         rest_from: int | None = None,
     ) -> Finished:
         """Send the stream's last chunk (``last``) and close its ledger."""
+        self._known.pop(env.msg_id, None)
         kind, target = reply_target(env)
         seq, ledger_id = state.sent, stream_ledger_id(env.msg_id)
         claimant = self._claimant()
@@ -326,6 +340,7 @@ class StreamSender:
     async def _close(self, env: Envelope, seq: int, *, rest_from: int, claimed: bool) -> None:
         """Close the stream's ledger at ``seq`` (claimed by this call already, or not):
         what the stream does not show goes as a message."""
+        self._known.pop(env.msg_id, None)
         kind, target = reply_target(env)
         ledger_id = stream_ledger_id(env.msg_id)
         if not claimed:
@@ -354,6 +369,9 @@ class StreamSender:
             )
             return _count("typing_failed")
         return _count("typing")
+
+
+_KNOWN_MAX = 10_000  # streams remembered at once (a few minutes of a busy app)
 
 
 def _ext(env: Envelope, kind: TargetKind) -> dict[str, Any]:

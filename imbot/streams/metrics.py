@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 from prometheus_client import Counter, Gauge, Histogram
+
+from imbot.core.envelope import ReplyKind
+from imbot.core.errors import FatalReason
 
 REPLIES = Counter("imbot_replies_total", "Replies decided, by kind", ["kind"])
 
@@ -84,3 +89,32 @@ for _outcome in ("released", "held", "blocked"):
 for _kind in ("text", "typing"):
     for _outcome in ("published", "failed"):
         CHUNK_RECORDS.labels(_kind, _outcome)
+
+# Known label sets exist from the start, at zero (a series first seen at 1 has no
+# earlier sample, so increase() and rate() miss its first event: the first DLQ record
+# of a kind after a restart would never reach ImbotDLQRecords). ``known_stage_series``
+# creates a stage's when the worker that runs it starts.
+OUTCOMES = ("ok", "undecodable", "exhausted", "fatal", "error", "unpublishable")
+# The DLQ reasons: a FatalError's reason, else the error's kind.
+DLQ_REASONS = (
+    *get_args(FatalReason),
+    "UndecodableError",
+    "RetryableError",
+    "StorageUnavailable",
+    "StorageError",
+    "ConfigurationError",
+    "TimeoutError",
+    "ConnectionError",
+    "unexpected",
+)
+for _kind in get_args(ReplyKind):
+    REPLIES.labels(_kind)
+
+
+def known_stage_series(stage: str) -> None:
+    """A stage's counters at zero, before its first record."""
+    for outcome in OUTCOMES:
+        PROCESSED.labels(stage, outcome)
+    for reason in DLQ_REASONS:
+        DLQ_RECORDS.labels(stage, reason)
+    STAGE_SECONDS.labels(stage)

@@ -24,7 +24,7 @@ from imbot.streams.boundary import Boundary, Outputs
 from imbot.streams.faust_app import StageApp, StageConsumer, create_app
 from imbot.streams.health import LagReporter, serve
 from imbot.streams.lanes import KeyedLanes
-from imbot.streams.metrics import BUDGET_DAILY_COST, IN_FLIGHT
+from imbot.streams.metrics import BUDGET_DAILY_COST, IN_FLIGHT, known_stage_series
 from imbot.streams.pipeline import PROCESSING_STAGES, SENDER_STAGES, Resource, needs_of
 from imbot.streams.stages import STAGES, Resources
 
@@ -185,6 +185,7 @@ def build(settings: Settings, stages: Sequence[str]) -> tuple[StageApp, Runtime]
 
     for stage_name in stages:
         stage_cls = STAGES[stage_name]
+        known_stage_series(stage_name)
         topic = app.topic(settings.topic(stage_cls.input_topic), key_type=bytes, value_type=bytes)
 
         async def agent(stream: Any, stage_cls: Any = stage_cls) -> None:

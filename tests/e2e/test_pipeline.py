@@ -257,6 +257,6 @@ def test_every_process_serves_its_own_metrics(stack: DevStack) -> None:
     assert set(urls) >= {"gateway", "worker", "sender"}
     assert len(set(urls.values())) == len(urls)
     pages = {name: httpx.get(url, timeout=5).text for name, url in urls.items()}
-    assert 'imbot_stage_messages_total{stage="route",outcome="ok"}' in pages["worker"]
+    assert 'imbot_stage_messages_total{outcome="ok",stage="route"}' in pages["worker"]
     assert 'stage="send"' in pages["sender"]
     assert "imbot_gateway" in pages["gateway"]

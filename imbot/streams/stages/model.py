@@ -7,6 +7,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -46,7 +47,7 @@ from imbot.core.retry import Backoff
 from imbot.core.settings import Policy
 from imbot.core.tokens import estimate_tokens
 from imbot.moderation.metrics import MODERATION_DECISIONS
-from imbot.moderation.release import CLAUSE_BREAKS, SENTENCE_ENDS
+from imbot.moderation.release import CLAUSE_BREAKS, SENTENCE_ENDS, release_point
 from imbot.routing.budgets import DEFAULT_OUTPUT_CAP, Budgets
 from imbot.storage import AuditEntry, AuditLog, Health, History, Quotas, Reservation, UsageRecords
 from imbot.streams.boundary import AfterPublish, Emit, Outputs
@@ -201,10 +202,10 @@ class CallModel(PipelineStage, stage="model"):
             )
             env = env.model_copy(update={"route": route})
         try:
-            if route.stream or (route.live == "stream" and self.chunks is not None):
-                result = await self._streamed(env, route, request, remaining, held)
-            else:
-                async with self._typing(env, route):
+            async with self._typing(env, route):
+                if route.stream or (route.live == "stream" and self.chunks is not None):
+                    result = await self._streamed(env, route, request, remaining, held)
+                else:
                     result = await self.catalog.complete(
                         route.models, request, deadline_s=remaining
                     )
@@ -475,8 +476,9 @@ _TYPING_AFTER_S = 1.0
 
 
 class _Live:
-    """The model's text so far, published as it grows: once a sentence or a clause has
-    ended since the last record (the review releases nothing else), and at most every
+    """The model's text so far, published as it grows: once the review would have
+    something new to release (``moderation.release``: a sentence, or the clauses of a
+    long one, ended since the last record), and at most every
     ``streaming.chunk_interval_s`` — less often when this worker streams so many answers
     at once that its records would pass ``streaming.max_chunk_records_per_s``: each
     record can become an Easemob call, and the app has 100 a second."""
@@ -484,14 +486,20 @@ class _Live:
     def __init__(self, stage: CallModel, env: Envelope) -> None:
         self.stage = stage
         self.env = env
-        self.last = time.monotonic()
+        self.last = -math.inf  # the first words go as soon as they can be released
         self.seq = 0
-        self.ended = False  # a sentence or a clause ended since the last record
+        self.tail = ""  # the text since the last record's release point
+        self.ready = False  # the tail holds something the review can release
+        self.breaking = False  # the last delta ended with a break
 
     def due(self, delta: str) -> bool:
-        if not self.ended:
-            self.ended = any(ch in _BREAKS for ch in delta)
-        if not self.ended:
+        if not delta:
+            return False
+        self.tail += delta
+        if not self.ready and (self.breaking or any(ch in _BREAKS for ch in delta)):
+            self.ready = self._cut() > 0
+        self.breaking = delta[-1] in _BREAKS
+        if not self.ready:
             return False
         streaming = self.stage.streaming
         every = max(
@@ -500,9 +508,13 @@ class _Live:
         )
         return time.monotonic() - self.last >= every
 
+    def _cut(self) -> int:
+        return release_point(self.tail, max_hold_chars=self.stage.streaming.max_hold_chars)
+
     async def publish(self, text: str) -> None:
         self.last = time.monotonic()
-        self.ended = False
+        self.tail = self.tail[self._cut() :]
+        self.ready = False
         await self.stage.publish_partial(self.env, Partial(text=text, seq=self.seq))
         self.seq += 1
 
