@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: dev test lint typecheck imports unit integration e2e bench chaos wrk clean deploy-check \
-	deploy-policy promtool monitoring-check
+	deploy-policy promtool monitoring-check browser console-screenshots
 
 # (Re)install when pyproject.toml changes; works from a fresh clone with only python3.
 $(STAMP): pyproject.toml
@@ -33,7 +33,7 @@ PYTEST_ARGS ?=
 imports: $(STAMP)
 	$(PYTEST) tests/unit/test_import_rules.py
 
-test: lint typecheck imports deploy-check monitoring-check
+test: lint typecheck imports deploy-check monitoring-check browser
 	$(PYTEST) $(PYTEST_ARGS)
 
 # The Kubernetes manifests (deploy/), offline: every overlay rendered with kubectl >= 1.27
@@ -91,8 +91,30 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(PYTEST) tests/integration $(PYTEST_ARGS)
 
-e2e: $(STAMP)
+e2e: $(STAMP) browser
 	$(PYTEST) tests/e2e $(PYTEST_ARGS)
+
+# The console's real-browser test (tests/e2e/test_console_browser.py): Debian's chromium (and
+# CJK fonts, so Chinese text is readable in screenshots), driven by Playwright for Python
+# (the `browser` extra) with its executable path set: Playwright's own browsers are never
+# downloaded. Installed when missing and root; otherwise says how (the test then skips).
+browser: $(STAMP)
+	@if ! command -v chromium >/dev/null 2>&1 || ! fc-list :lang=zh 2>/dev/null | grep -q .; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y --no-install-recommends chromium fonts-noto-cjk \
+	      || { apt-get update && apt-get install -y --no-install-recommends chromium fonts-noto-cjk; }; \
+	  else \
+	    echo "chromium is missing: sudo apt-get install -y --no-install-recommends chromium" \
+	      "fonts-noto-cjk (the browser test skips without it)" >&2; \
+	  fi; \
+	fi
+	@$(BIN)/python -c "import playwright" 2>/dev/null \
+	  || $(BIN)/python -m pip install --quiet -e '.[dev,browser]'
+
+# The console's screenshots (docs/img/console-*.png, docs/console.md), from the browser test.
+console-screenshots: $(STAMP) browser
+	IMBOT_SCREENSHOTS_DIR=docs/img $(PYTEST) tests/e2e/test_console_browser.py $(PYTEST_ARGS)
 
 # The benchmarks' plots need matplotlib (the `bench` extra): installed once, again when
 # pyproject.toml changes. `make test` does not need it.

@@ -544,6 +544,7 @@ def run_point(plan: Plan) -> Point:
         db_url = _postgres_url()
         database = db_url.rsplit("/", 1)[1]
         stack = DevStack(
+            console=False,
             env={
                 "IMBOT_KAFKA_BOOTSTRAP": broker.bootstrap,
                 "IMBOT_KAFKA_EMBEDDED": "true",

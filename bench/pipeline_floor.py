@@ -189,6 +189,7 @@ def run(
     policy.write_text(POLICY, encoding="utf-8")
     db_url = _postgres_url() if database == "postgresql" else f"sqlite+aiosqlite:///{root}/imbot.db"
     stack = DevStack(
+        console=False,
         env={
             "IMBOT_KAFKA_BOOTSTRAP": broker.bootstrap,
             "IMBOT_KAFKA_EMBEDDED": "true",

@@ -258,6 +258,7 @@ def run(
     rate = RATE if model_ms <= 1000 else RATE / 2
     policy.write_text(POLICY.format(model_ms=model_ms), encoding="utf-8")
     stack = DevStack(
+        console=False,
         env={
             "IMBOT_KAFKA_BOOTSTRAP": broker.bootstrap,
             "IMBOT_KAFKA_EMBEDDED": "true",

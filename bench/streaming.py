@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import statistics
 import tempfile
 import time
@@ -46,7 +47,8 @@ import yaml
 from aiokafka import AIOKafkaConsumer
 
 from bench.loadgen import percentile
-from bench.pipeline_floor import _cpu_seconds, _drop_postgres, _postgres_cpu_seconds, _postgres_url
+from bench.pipeline import _postgres_backends
+from bench.pipeline_floor import _cpu_seconds, _drop_postgres, _postgres_url
 from bench.report import write_section
 from imbot.cli.devstack import DevStack, simulate
 from imbot.core import topics
@@ -130,8 +132,13 @@ def _cpu(pids: dict[str, int]) -> dict[str, float]:
     for name, pid in pids.items():
         with contextlib.suppress(OSError):
             out[name] = _cpu_seconds(pid)
-    out["postgres"] = _postgres_cpu_seconds()
     return out
+
+
+def _spent(before: dict[str, float], after: dict[str, float], answers: int) -> dict[str, float]:
+    """CPU ms per answer by process; a database backend that started in the window counts
+    whole, one that ended in it is lost (bench.pipeline does the same)."""
+    return {k: (after[k] - before.get(k, 0.0)) * 1000 / max(1, answers) for k in after}
 
 
 async def _round(stack: DevStack, result: Result, users: list[str], round_no: int) -> None:
@@ -256,6 +263,7 @@ def run(mode: str, streams: int, rounds: int) -> Result:
     with EmbeddedBroker() as broker:
         db_url = _postgres_url()
         stack = DevStack(
+            console=False,
             env={
                 "IMBOT_KAFKA_BOOTSTRAP": broker.bootstrap,
                 "IMBOT_KAFKA_EMBEDDED": "true",
@@ -281,18 +289,27 @@ def run(mode: str, streams: int, rounds: int) -> Result:
             if broker.pid is not None:
                 pids["broker"] = broker.pid
             users = [f"s{uuid.uuid4().hex[:8]}" for _ in range(streams)]
-            before = _cpu(pids)
+            database = db_url.rsplit("/", 1)[1]
+            before, backends = _cpu(pids), _postgres_backends(database)
             for n in range(rounds):
                 asyncio.run(_round(stack, result, users, n))
-            after = _cpu(pids)
-            answers = max(1, len(result.samples))
-            result.cpu = {k: (after[k] - before.get(k, after[k])) * 1000 / answers for k in after}
+            result.cpu = _spent(before, _cpu(pids), len(result.samples))
+            spent = _spent(
+                {str(p): c for p, c in backends.items()},
+                {str(p): c for p, c in _postgres_backends(database).items()},
+                len(result.samples),
+            )
+            result.cpu["postgres"] = sum(spent.values())
             asyncio.run(_collect(stack, result, users))
             stack.check_alive()
         finally:
             stack.stop()
             _drop_postgres(db_url)
     return result
+
+
+def _load() -> str:
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def _p(values: list[float], q: float) -> str:
@@ -384,7 +401,8 @@ def report(results: list[Result], streams: int, rounds: int, write: bool) -> Non
             " screen minus (the call's start + the model's first-token time), from the delivered"
             " envelope; 'after the model's last token' = the answer whole on the screen minus the"
             " model stage's end. 'text intact' = the screen's text equals the delivered answer."
-            " Everything on the same 2 cores."
+            f" Everything on the same 2 cores (load average {_load()} at the end, other work"
+            " on the machine included)."
         )
     )
     print(body)

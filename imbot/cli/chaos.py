@@ -452,6 +452,7 @@ class ChaosRun:
             topic_partitions=plan.partitions,
         )
         self.stack = DevStack(
+            console=False,
             env=env,
             log_dir=self.log_dir,
             state_file=work_dir / "dev.json",

@@ -27,6 +27,7 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -92,6 +93,12 @@ class DevStack:
     # Each worker's and the sender's Prometheus port (IMBOT_WORKER_METRICS_PORT per
     # process: two processes on one port would stop the second).
     metrics_ports: dict[str, int] = field(default_factory=dict)
+    # The operator console (docs/console.md): whether it runs (benchmarks leave it out:
+    # it scrapes every /metrics page every few seconds), its port, development logins.
+    console: bool = True
+    console_port: int = 0
+    console_token: str = ""  # an operator's
+    console_viewer_token: str = ""
     _args: dict[str, list[str]] = field(default_factory=dict)
     _logs: list[IO[bytes]] = field(default_factory=list)
     _metrics_base: int = 0
@@ -210,7 +217,32 @@ class DevStack:
             stage_args += ["--stage", stage]
         self._spawn("worker", ["-m", "imbot", "worker", *stage_args], env)
         self._spawn("sender", ["-m", "imbot", "sender"], env)
+        if self.console:
+            env.update(self._console_env(env))  # kept in self.env: a restart keeps them
+            self._spawn("console", ["-m", "imbot", "console"], env)
         self.write_state()
+
+    # -- the operator console -------------------------------------------------
+
+    def _console_env(self, env: dict[str, str]) -> dict[str, str]:
+        """The console's port, a development login (unless tokens are configured) and
+        the /metrics pages it reads in place of a Prometheus."""
+        if not self.console_port:
+            self.console_port = _port_or_free(8070) if self.usual_ports else free_port()
+        extra = {"IMBOT_CONSOLE_PORT": str(self.console_port)}
+        if not env.get("IMBOT_CONSOLE_TOKENS"):
+            self.console_token = self.console_token or secrets.token_urlsafe(18)
+            self.console_viewer_token = self.console_viewer_token or secrets.token_urlsafe(18)
+            extra["IMBOT_CONSOLE_TOKENS"] = (
+                f"dev:operator:{self.console_token},dev-viewer:viewer:{self.console_viewer_token}"
+            )
+        if not env.get("IMBOT_CONSOLE_METRICS_URLS"):
+            extra["IMBOT_CONSOLE_METRICS_URLS"] = ",".join(self.metrics_urls().values())
+        return extra
+
+    @property
+    def console_url(self) -> str:
+        return f"http://127.0.0.1:{self.console_port}/"
 
     def add_service(self, name: str, args: list[str]) -> None:
         """Start one more service (``["-m", "imbot", "worker", "--stage", "model"]``)

@@ -47,6 +47,13 @@ def cmd_sender(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_console(args: argparse.Namespace) -> int:
+    from imbot.console.app import main
+
+    main(_settings())
+    return 0
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -92,6 +99,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
 imbot is running (first reply after {took:.1f}s).
 
   Easemob callback URL  {stack.callback_url}
+  operator console      {stack.console_url}   (operator token: {stack.console_token or "see IMBOT_CONSOLE_TOKENS"}; viewer: {stack.console_viewer_token or "—"})
   callback secret       {stack.secret}   (IMBOT_CALLBACK_SECRETS)
   Kafka (embedded)      {env["IMBOT_KAFKA_BOOTSTRAP"]}
   database              {env["IMBOT_DATABASE_URL"]}
@@ -171,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("sender", help="deliver replies through the Easemob REST API").set_defaults(
         func=cmd_sender
     )
+    sub.add_parser(
+        "console", help="serve the operator console (pipeline, conversations, DLQ, money)"
+    ).set_defaults(func=cmd_console)
     migrate = sub.add_parser("migrate", help="apply database migrations")
     migrate.add_argument(
         "--check", action="store_true", help="apply nothing; exit 2 when migrations are behind"

@@ -146,12 +146,44 @@ class Settings(BaseSettings):
     # How long the sender keeps retrying one reply (429, 5xx, Easemob down) before DLQ.
     sender_deadline_s: float = 600.0
 
+    # -- console (imbot console, docs/console.md) ------------------------------
+    # Loopback by default: the console shows conversations; it is published through the
+    # Ingress (deploy/) or a tunnel, never by accident.
+    console_host: str = "127.0.0.1"
+    console_port: int = 8070  # beside the gateway (8080) and the dev simulator (8090)
+    # Who may log in: "name:role:token" entries, comma separated; role is operator (sees
+    # text, may act) or viewer (ids and metadata only). Empty: only a trusted proxy logs in.
+    console_tokens: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    # Signs session cookies. Empty: a random key per process (sessions end at a restart,
+    # and replicas do not share them: set it when the console runs more than once).
+    console_session_key: SecretStr = SecretStr("")
+    console_session_hours: float = 12.0
+    # Trust an authenticating proxy's X-Forwarded-User / X-Forwarded-Groups (oauth2-proxy).
+    # Off by default: without a proxy in front anyone could send the headers.
+    console_trusted_proxy: bool = False
+    console_operator_groups: Annotated[tuple[str, ...], NoDecode] = ("imbot-operators",)
+    console_viewer_groups: Annotated[tuple[str, ...], NoDecode] = ("imbot-viewers",)
+    # Rates for the overview: a Prometheus that scrapes the services, or else the
+    # services' own /metrics pages (comma separated URLs; `imbot dev` sets them).
+    prometheus_url: str = ""
+    console_metrics_urls: Annotated[tuple[str, ...], NoDecode] = ()
+    # How long the console waits for Prometheus or a /metrics page before it shows the
+    # page without that part (the overview must stay fast when a service is down).
+    console_fetch_timeout_s: float = 2.0
+
     # -- operations -----------------------------------------------------------
     policy_file: Path = DEFAULT_POLICY_FILE
     log_level: str = "INFO"
     log_json: bool = True
 
-    @field_validator("callback_secrets", mode="before")
+    @field_validator(
+        "callback_secrets",
+        "console_tokens",
+        "console_operator_groups",
+        "console_viewer_groups",
+        "console_metrics_urls",
+        mode="before",
+    )
     @classmethod
     def _secrets_from_commas(cls, value: object) -> object:
         return _split_commas(value)

@@ -139,6 +139,11 @@ class Publisher:
                 attempt += 1
                 await asyncio.sleep(_CONNECT_BACKOFF.delay(attempt))
                 continue
+            except BaseException:
+                # Stopped while connecting (the gateway shuts down): close what was opened.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(producer.stop())
+                raise
             break
         # Publishing may start now (a publish pays for what is still missing); ready waits.
         self.producer = producer

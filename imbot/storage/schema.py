@@ -76,8 +76,13 @@ class MessageRow(Base):
     provider: Mapped[str | None] = mapped_column(String(PROVIDER_LEN), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
-    # The router reads "the last N turns of a conversation": newest first by id.
-    __table_args__ = (Index("ix_messages_conversation_id_id", "conversation_id", "id"),)
+    # The router reads "the last N turns of a conversation": newest first by id. The
+    # console finds a user's messages by author and counts recent ones by time.
+    __table_args__ = (
+        Index("ix_messages_conversation_id_id", "conversation_id", "id"),
+        Index("ix_messages_author_id", "author", "id"),
+        Index("ix_messages_created_at", "created_at"),
+    )
 
 
 class DeliveryRow(Base):
@@ -122,7 +127,9 @@ class UsageRow(Base):
     cost: Mapped[float | None] = mapped_column(Float, nullable=True)
     currency: Mapped[str | None] = mapped_column(String(8), nullable=True)
     latency_ms: Mapped[float] = mapped_column(Float, default=0.0)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, index=True
+    )
 
 
 class ModerationAuditRow(Base):
@@ -186,6 +193,8 @@ class QuotaReservationRow(Base):
         Index("ix_quota_reservations_state_expires", "state", "expires_at"),
         Index("ix_quota_reservations_user_created", "user_id", "created_at"),
         Index("ix_quota_reservations_lease", "lease_id", "state"),
+        Index("ix_quota_reservations_created", "created_at"),  # the console's spend over time
+        Index("ix_quota_reservations_msg_id", "msg_id"),  # a message's trace, its rating's tier
     )
 
 
@@ -244,3 +253,23 @@ class ModelHealthRow(Base):
     model: Mapped[str] = mapped_column(String(MODEL_LEN), primary_key=True)
     open_until: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ConsoleAuditRow(Base):
+    """One action an operator took in the console (storage.console): who, what, on what,
+    and how it ended. ``detail`` is JSON of ids and counts, never user text."""
+
+    __tablename__ = "console_audit"
+
+    id: Mapped[int] = mapped_column(_ID, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    operator: Mapped[str] = mapped_column(String(ACCOUNT_ID_LEN))
+    role: Mapped[str] = mapped_column(String(16))
+    action: Mapped[str] = mapped_column(String(32))  # requeue | replay | set-tier | …
+    target: Mapped[str] = mapped_column(String(CONVERSATION_ID_LEN))
+    detail: Mapped[str] = mapped_column(Text)
+    outcome: Mapped[str] = mapped_column(String(16))  # done | refused | failed
+    __table_args__ = (
+        Index("ix_console_audit_at", "at"),
+        Index("ix_console_audit_target", "action", "target"),
+    )

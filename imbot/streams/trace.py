@@ -151,14 +151,17 @@ async def trace(
     *,
     since_ms: int | None = None,
     until_ms: int | None = None,
+    partition: int | None = None,
     idle_s: float = DEFAULT_IDLE_S,
 ) -> TraceResult:
     """Every record of ``msg_id`` on every pipeline topic, sandbox and DLQ included,
-    in time order."""
+    in time order. ``partition``: only that partition of each topic (every record of a
+    message is keyed by its conversation, so one partition holds them all when the
+    topics have as many partitions)."""
     id_needle = needle(msg_id)
     order = {settings.topic(base): i for i, base in enumerate(TOPICS)}
     found: list[tuple[tuple[int, float, int, int, int], dict[str, Any]]] = []
-    bounds = Bounds(since_ms=since_ms, until_ms=until_ms)
+    bounds = Bounds(partition=partition, since_ms=since_ms, until_ms=until_ms)
     names = [settings.topic(base) for base in TOPICS]
     async with SliceReader(settings, names, bounds, missing_ok=True, idle_s=idle_s) as reader:
         async for batch in reader.batches():

@@ -35,6 +35,7 @@ def stack(
     policy_file = root / "policy.yaml"
     policy_file.write_text(yaml.safe_dump(policy, allow_unicode=True), encoding="utf-8")
     dev = DevStack(
+        console=False,
         env={
             "IMBOT_KAFKA_BOOTSTRAP": broker.bootstrap,
             "IMBOT_KAFKA_EMBEDDED": "true",

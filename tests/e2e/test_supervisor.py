@@ -69,7 +69,7 @@ def test_killing_imbot_dev_ends_every_child(tmp_path: Path) -> None:
     )
     pids: dict[str, int] = {}
     try:
-        wanted = {"broker", "simulator", "gateway", "worker", "sender"}
+        wanted = {"broker", "simulator", "gateway", "worker", "sender", "console"}
         pids = _wait_state(tmp_path / ".imbot" / "dev.json", wanted, dev)
         deadline = time.monotonic() + 90
         while b"imbot is running" not in (tmp_path / "dev.out").read_bytes():

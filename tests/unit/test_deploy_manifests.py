@@ -2,7 +2,7 @@
 requests and limits, shutdown that fits the grace period, a disruption budget for every
 Deployment, network policies, secrets only by reference, topics that match the settings.
 
-The figures checked against come from the code: the gateway's routes (``create_app``),
+The figures checked against come from the code: the gateway's and the console's routes,
 the settings each container starts with, the model entry's default timeout, the topics
 of ``core.topics``, the Secret-typed settings and the providers' key variables.
 """
@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, SecretStr
 
+from imbot.console.app import create_app as create_console
 from imbot.core import catalog as model_config
 from imbot.core import topics
 from imbot.core.settings import Settings, load_policy
@@ -95,8 +96,8 @@ def _image_user() -> int:
 
 def test_every_pod_is_hardened(overlay: Rendered) -> None:
     pods = _pods(overlay)
-    # One per worker stage, the sender, the gateway, the migration Job.
-    assert len(pods) == len(PROCESSING_STAGES) + 3
+    # One per worker stage, the sender, the gateway, the console, the migration Job.
+    assert len(pods) == len(PROCESSING_STAGES) + 4
     for pod in pods:
         name, spec = _name(pod), pod_spec(pod)
         assert spec is not None
@@ -136,12 +137,16 @@ def _port(container: Manifest, ref: str | int) -> int:
 
 
 def test_every_deployment_has_probes_on_ports_and_paths_that_exist(overlay: Rendered) -> None:
-    gateway_routes = {r.canonical for r in create_app(Settings()).router.resources()}
+    routes_of = {
+        "gateway": {r.canonical for r in create_app(Settings()).router.resources()},
+        "console": {r.canonical for r in create_console(Settings()).router.resources()},
+    }
     worker_routes = {r.canonical for r in health_app(lambda: True).router.resources()}
     for deployment in overlay.of_kind("Deployment"):
         [container] = list(containers(deployment))
         settings = settings_of(overlay, deployment)
-        routes = gateway_routes if _command(container) == "gateway" else worker_routes
+        command = _command(container)
+        routes = routes_of.get(command, worker_routes)
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             handler = container[probe]
             if "httpGet" in handler:
@@ -149,13 +154,13 @@ def test_every_deployment_has_probes_on_ports_and_paths_that_exist(overlay: Rend
                 port = _port(container, handler["httpGet"]["port"])
             else:
                 port = _port(container, handler["tcpSocket"]["port"])
-            served = (
-                settings.gateway_port
-                if _command(container) == "gateway"
-                else settings.worker_metrics_port
+            served = {"gateway": settings.gateway_port, "console": settings.console_port}.get(
+                command, settings.worker_metrics_port
             )
             assert port == served, f"{_name(deployment)}: {probe} probes {port}, serves {served}"
-        if _command(container) != "gateway":
+        if command == "console":
+            assert settings.console_host == "0.0.0.0"  # its Service reaches it
+        elif command != "gateway":
             # A worker's metrics server must listen beyond loopback for probes and Prometheus.
             assert settings.worker_metrics_host == "0.0.0.0"
         else:
@@ -180,6 +185,9 @@ def test_stopping_fits_the_grace_period(overlay: Rendered) -> None:
             sleep = container["lifecycle"]["preStop"]["sleep"]["seconds"]
             assert sleep >= 5, f"{name}: endpoints and the ingress need seconds to forget it"
             assert sleep + settings.gateway_body_timeout_s + 5 <= grace, name
+            continue
+        if _command(container) == "console":
+            assert grace >= 10, f"{name}: aiohttp's shutdown timeout (5 s) and a margin"
             continue
         # Handlers in flight get the stop grace, then commit, close, leave the group.
         assert settings.stage_stop_grace_s + 5 <= grace, f"{name}: stop grace {grace}"
@@ -331,6 +339,8 @@ def test_each_pod_reads_only_the_secrets_it_needs(overlay: Rendered) -> None:
             )
             if secret == "imbot-callback":
                 assert args == ["gateway"], f"{pod} reads the callback secret"
+            if secret == "imbot-console":
+                assert args == ["console"], f"{pod} reads the console's logins"
             if secret == "imbot-providers":
                 assert row is not None
                 assert "catalog" in row.needs, f"{pod} reads provider keys"
@@ -400,6 +410,17 @@ def test_network_policies_deny_by_default_and_allow_what_each_pod_uses(overlay: 
             assert all("namespaceSelector" in peer for r in ingress for peer in r["from"])
 
 
+def _ingress(overlay: Rendered, name: str) -> tuple[Manifest, Manifest]:
+    """The Ingress ``name`` and the one path of its one rule."""
+    ingress = overlay.one("Ingress", name)
+    [rule] = ingress["spec"]["rules"]
+    [path] = rule["http"]["paths"]
+    [tls] = ingress["spec"]["tls"]
+    assert rule["host"] in tls["hosts"]
+    assert tls["secretName"]
+    return ingress, path
+
+
 def test_the_gateway_is_reached_from_the_ingress_controller_only(overlay: Rendered) -> None:
     gateway = overlay.one("Deployment", "imbot-gateway")
     [container] = list(containers(gateway))
@@ -412,21 +433,38 @@ def test_the_gateway_is_reached_from_the_ingress_controller_only(overlay: Render
         for peer in r["from"]
     ]
     assert sorted(set(sources)) == ["ingress-nginx", "monitoring"]
-    [ingress] = overlay.of_kind("Ingress")
-    [rule] = ingress["spec"]["rules"]
-    [path] = rule["http"]["paths"]
+    _, path = _ingress(overlay, "imbot-gateway")
     assert path["path"] == Settings().callback_path
     assert path["pathType"] == "Exact"
     service = overlay.one("Service", path["backend"]["service"]["name"])
     assert _selects({"matchLabels": service["spec"]["selector"]}, _labels(gateway))
-    [tls] = ingress["spec"]["tls"]
-    assert rule["host"] in tls["hosts"]
-    assert tls["secretName"]
+    assert {_name(i) for i in overlay.of_kind("Ingress")} == {"imbot-gateway", "imbot-console"}
+
+
+def test_the_console_is_reached_from_the_ingress_controller_on_a_host_of_its_own(
+    overlay: Rendered,
+) -> None:
+    console = overlay.one("Deployment", "imbot-console")
+    [container] = list(containers(console))
+    http = _port(container, "http")
+    sources = {
+        peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+        for p in _policies(overlay, "Ingress", _labels(console))
+        for r in p["spec"].get("ingress", [])
+        if any(port["port"] == http for port in r["ports"])
+        for peer in r["from"]
+    }
+    assert sources == {"ingress-nginx"}
+    ingress, path = _ingress(overlay, "imbot-console")
+    gateway, _ = _ingress(overlay, "imbot-gateway")
+    assert ingress["spec"]["rules"][0]["host"] != gateway["spec"]["rules"][0]["host"]
+    service = overlay.one("Service", path["backend"]["service"]["name"])
+    assert _selects({"matchLabels": service["spec"]["selector"]}, _labels(console))
 
 
 def test_production_gets_its_certificate_from_cert_manager(production: Rendered) -> None:
-    [ingress] = production.of_kind("Ingress")
-    assert ingress["metadata"]["annotations"]["cert-manager.io/cluster-issuer"]
+    for ingress in production.of_kind("Ingress"):
+        assert ingress["metadata"]["annotations"]["cert-manager.io/cluster-issuer"]
 
 
 def test_prometheus_scrapes_every_metrics_port(production: Rendered) -> None:
@@ -434,6 +472,8 @@ def test_prometheus_scrapes_every_metrics_port(production: Rendered) -> None:
     services = production.of_kind("Service")
     for deployment in production.of_kind("Deployment"):
         [container] = list(containers(deployment))
+        if _command(container) == "console":
+            continue  # no metrics of its own: it reads the others' (IMBOT_PROMETHEUS_URL)
         port_names = {p["name"] for p in container["ports"]}
         scraped = [
             endpoint

@@ -151,7 +151,7 @@ def test_every_deployment_runs_a_real_imbot_command(overlay: Rendered) -> None:
     commands = {d["metadata"]["name"]: _command(d) for d in overlay.of_kind("Deployment")}
     for name, args in commands.items():
         parsed = parser.parse_args(args)  # exits (SystemExit) on an unknown command or stage
-        assert parsed.command in {"gateway", "worker", "sender"}, f"{name}: {args}"
+        assert parsed.command in {"gateway", "worker", "sender", "console"}, f"{name}: {args}"
     assert [args for args in commands.values() if args == ["gateway"]] == [["gateway"]]
     for job in overlay.of_kind("Job"):
         assert parser.parse_args(_command(job)).command == "migrate"
