@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from playwright.async_api import Browser, Page, ViewportSize, async_playwright
 
 from imbot.cli.devstack import DevStack, simulate
 
@@ -34,18 +35,10 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 
-try:
-    from playwright.async_api import Browser, Page, ViewportSize, async_playwright
-except ImportError:  # pragma: no cover - depends on the machine
-    async_playwright = None  # type: ignore[assignment]
-
 DESKTOP: ViewportSize = {"width": 1280, "height": 800}
 PHONE: ViewportSize = {"width": 390, "height": 844}
 
 pytestmark = [
-    pytest.mark.skipif(
-        async_playwright is None, reason="playwright is not installed: run `make browser`"
-    ),
     pytest.mark.skipif(
         shutil.which(CHROMIUM) is None, reason="Debian's chromium is missing: run `make browser`"
     ),
