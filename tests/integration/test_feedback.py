@@ -167,16 +167,22 @@ async def test_a_signature_replayed_with_another_rating_is_never_published(
 
 
 @pytest.mark.parametrize(
-    "data",
+    # Made when the test runs: a callback's timestamp must be within the gateway's window
+    # (five minutes), and collection can be longer ago than that.
+    "make",
     [
-        _rated(rating="meh"),
-        _rated(reply="x" * 65),
-        _rated(reply="12\x0034"),
-        _rated(sender="ai_bot"),
-        _rated(to="bob"),
-        callback("hi bob", to="bob", ext={"imbot_feedback": {"msg_id": REPLY, "rating": "up"}}),
-        callback(body={"type": "cmd", "action": "imbot_feedback"}, ext={"rating": "up"}),
-        callback(body={"type": "cmd", "action": "imbot_feedback"}, ext={"imbot_feedback": 1}),
+        lambda: _rated(rating="meh"),
+        lambda: _rated(reply="x" * 65),
+        lambda: _rated(reply="12\x0034"),
+        lambda: _rated(sender="ai_bot"),
+        lambda: _rated(to="bob"),
+        lambda: callback(
+            "hi bob", to="bob", ext={"imbot_feedback": {"msg_id": REPLY, "rating": "up"}}
+        ),
+        lambda: callback(body={"type": "cmd", "action": "imbot_feedback"}, ext={"rating": "up"}),
+        lambda: callback(
+            body={"type": "cmd", "action": "imbot_feedback"}, ext={"imbot_feedback": 1}
+        ),
     ],
     ids=[
         "word",
@@ -190,10 +196,10 @@ async def test_a_signature_replayed_with_another_rating_is_never_published(
     ],
 )
 async def test_an_invalid_rating_is_not_feedback_and_passes(
-    gateway: tuple[Client, Settings], data: dict[str, Any]
+    gateway: tuple[Client, Settings], make: Callable[[], dict[str, Any]]
 ) -> None:
     client, settings = gateway
-    assert await _post(client, data) == (200, {"valid": True})
+    assert await _post(client, make()) == (200, {"valid": True})
     assert await _topic(settings, topics.FEEDBACK, 1, timeout=1.0) == []
     assert await _topic(settings, topics.INBOUND, 1, timeout=0.5) == []  # a cmd: not for the AI
 

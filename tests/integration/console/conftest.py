@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Callable
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 from aiohttp import web
@@ -12,6 +13,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from imbot.console.app import create_app
 from imbot.core.settings import Settings
 from imbot.storage import Storage, open_storage
+from imbot.storage.database import upgrade
+from tests.conftest import _create_database, _drop_database, _run
 
 OPERATOR_TOKEN = "operator-token-0123456789"
 VIEWER_TOKEN = "viewer-token-0123456789ab"
@@ -19,6 +22,24 @@ TOKENS = f"olga:operator:{OPERATOR_TOKEN},victor:viewer:{VIEWER_TOKEN}"
 PAGE = {"Accept": "text/html"}
 
 Client = TestClient[web.Request, web.Application]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A database of this test's own, SQLite and PostgreSQL in turn: the console's pages
+    count and list everything in it (the session's shared PostgreSQL database holds what
+    other tests wrote, the e2e stacks' included)."""
+    if request.param == "sqlite":
+        yield str(request.getfixturevalue("sqlite_url"))
+        return
+    name = f"imbot_console_{uuid.uuid4().hex[:10]}"
+    _run(_create_database(name))
+    url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        _run(_drop_database(name))
 
 
 @pytest.fixture
