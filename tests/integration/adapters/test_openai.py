@@ -252,11 +252,16 @@ async def test_slow_response_hits_the_deadline(
 async def test_per_model_timeout_bounds_one_attempt(
     openai_fake: FakeOpenAI, make_catalog: CatalogFactory
 ) -> None:
-    openai_fake.push(Reply(body=openai_fake.completion_body("m"), delay_s=3))
-    catalog = make_catalog({"gpt": entry(openai_fake, timeout_s=0.2)})
-    result = await catalog.complete(["gpt"], REQUEST, deadline_s=5)
+    # The first answer would come after 10 s: the attempt is cut at the model's 1.5 s and
+    # the second one answers at once (1.5 s leaves room for a busy machine: a second
+    # attempt cut short too would make three).
+    openai_fake.push(Reply(body=openai_fake.completion_body("m"), delay_s=10))
+    catalog = make_catalog({"gpt": entry(openai_fake, timeout_s=1.5)})
+    started = time.monotonic()
+    result = await catalog.complete(["gpt"], REQUEST, deadline_s=20)
     assert result.attempts == 2
-    assert result.latency_ms < 1000
+    assert time.monotonic() - started < 9  # not the 10 s answer
+    assert result.latency_ms < 1500
 
 
 async def test_content_filter_finish_is_reported_not_raised(
