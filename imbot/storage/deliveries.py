@@ -167,6 +167,21 @@ _MARK_FAILED = sql(
 _EASEMOB_ID_MAX = _length(DeliveryRow.__table__.c.easemob_msg_id)
 
 
+def _sent(
+    msg_id: str, part: int, easemob_msg_id: str, end_offset: int, reply_digest: str, parts: int
+) -> dict[str, object]:
+    """The values of a part's row recorded as sent (its target added by the caller)."""
+    return {
+        "msg_id": msg_id,
+        "part": part,
+        "parts": parts,
+        "easemob_msg_id": easemob_msg_id[:_EASEMOB_ID_MAX],
+        "end_offset": end_offset,
+        "reply_digest": reply_digest,
+        "now": utcnow(),
+    }
+
+
 class DeliveryLedger:
     """The ledger of reply parts and the history writes of a delivered reply."""
 
@@ -245,19 +260,11 @@ class DeliveryLedger:
         written afterwards, group-committed apart from it (``record_exchange``), so it
         can neither roll back nor delay this row.
         """
-        values = {
-            "msg_id": msg_id,
-            "part": part,
-            "parts": parts,
-            "target_kind": target_kind,
-            "target": target,
-            "easemob_msg_id": easemob_msg_id[:_EASEMOB_ID_MAX],
-            "end_offset": end_offset,
-            "reply_digest": reply_digest,
-            "now": utcnow(),
-        }
+        values = _sent(msg_id, part, easemob_msg_id, end_offset, reply_digest, parts)
         async with self._database.writing_one() as session:
-            await session.execute(_MARK_SENT, values)
+            await session.execute(
+                _MARK_SENT, {**values, "target_kind": target_kind, "target": target}
+            )
 
     async def sent_if_absent(
         self,
@@ -272,17 +279,8 @@ class DeliveryLedger:
     ) -> bool:
         """Record ``part`` as sent with nothing sent to Easemob (a ledger closed before it
         was opened), unless the part has a row already; True when written."""
-        values = {
-            "msg_id": msg_id,
-            "part": part,
-            "parts": parts,
-            "target_kind": target_kind,
-            "target": target,
-            "easemob_msg_id": "",
-            "end_offset": end_offset,
-            "reply_digest": reply_digest,
-            "now": utcnow(),
-        }
+        values = _sent(msg_id, part, "", end_offset, reply_digest, parts)
+        values.update(target_kind=target_kind, target=target)
         async with self._database.writing_one() as session:
             return (await session.execute(_SENT_IF_ABSENT, values)).first() is not None
 
