@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import statistics
 import tempfile
@@ -47,8 +46,8 @@ import yaml
 from aiokafka import AIOKafkaConsumer
 
 from bench.loadgen import percentile
-from bench.pipeline import _postgres_backends
-from bench.pipeline_floor import _cpu_seconds, _drop_postgres, _postgres_url
+from bench.pipeline import CpuSnapshot
+from bench.pipeline_floor import _drop_postgres, _postgres_url
 from bench.report import write_section
 from imbot.cli.devstack import DevStack, simulate
 from imbot.core import topics
@@ -125,20 +124,6 @@ class Result:
     def intact(self) -> int:
         """Answers whose text on the screen is the delivered answer, whole."""
         return sum(1 for s in self.samples.values() if s.shown and s.shown == s.answer)
-
-
-def _cpu(pids: dict[str, int]) -> dict[str, float]:
-    out = {}
-    for name, pid in pids.items():
-        with contextlib.suppress(OSError):
-            out[name] = _cpu_seconds(pid)
-    return out
-
-
-def _spent(before: dict[str, float], after: dict[str, float], answers: int) -> dict[str, float]:
-    """CPU ms per answer by process; a database backend that started in the window counts
-    whole, one that ended in it is lost (bench.pipeline does the same)."""
-    return {k: (after[k] - before.get(k, 0.0)) * 1000 / max(1, answers) for k in after}
 
 
 async def _round(stack: DevStack, result: Result, users: list[str], round_no: int) -> None:
@@ -290,16 +275,11 @@ def run(mode: str, streams: int, rounds: int) -> Result:
                 pids["broker"] = broker.pid
             users = [f"s{uuid.uuid4().hex[:8]}" for _ in range(streams)]
             database = db_url.rsplit("/", 1)[1]
-            before, backends = _cpu(pids), _postgres_backends(database)
+            before = CpuSnapshot.take(pids, database)
             for n in range(rounds):
                 asyncio.run(_round(stack, result, users, n))
-            result.cpu = _spent(before, _cpu(pids), len(result.samples))
-            spent = _spent(
-                {str(p): c for p, c in backends.items()},
-                {str(p): c for p, c in _postgres_backends(database).items()},
-                len(result.samples),
-            )
-            result.cpu["postgres"] = sum(spent.values())
+            result.cpu = CpuSnapshot.take(pids, database).since(before, len(result.samples))
+            del result.cpu["loadgen"]  # this process: it polls the screens, not imbot's work
             asyncio.run(_collect(stack, result, users))
             stack.check_alive()
         finally:

@@ -256,7 +256,20 @@ def test_every_process_serves_its_own_metrics(stack: DevStack) -> None:
     urls = stack.metrics_urls()
     assert set(urls) >= {"gateway", "worker", "sender"}
     assert len(set(urls.values())) == len(urls)
-    pages = {name: httpx.get(url, timeout=5).text for name, url in urls.items()}
+    pages = {name: _page(url) for name, url in urls.items()}
     assert 'imbot_stage_messages_total{outcome="ok",stage="route"}' in pages["worker"]
     assert 'stage="send"' in pages["sender"]
     assert "imbot_gateway" in pages["gateway"]
+
+
+def _page(url: str, timeout: float = 30.0) -> str:
+    """A metrics page, once its server listens (a worker opens it after joining its group,
+    which can be after the stack answered its first message)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return httpx.get(url, timeout=5).text
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)

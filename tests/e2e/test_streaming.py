@@ -17,6 +17,7 @@ import yaml
 from imbot.cli.devstack import DevStack, simulate
 from imbot.core.settings import DEFAULT_POLICY_FILE
 from imbot.devtools.broker import EmbeddedBroker
+from tests.e2e.conftest import running_stack
 
 # A model that takes a few seconds to write: first token after 0.3-0.5 s, then 40-60
 # tokens/s, 120-160 tokens (the demo's text is CJK: about one token per character).
@@ -32,28 +33,8 @@ def stack(
     for model in policy["models"].values():
         model.update(SLOW)
     policy["streaming"] = {"chunk_interval_s": 0.3, "typing_every_s": 1.0}
-    policy_file = root / "policy.yaml"
-    policy_file.write_text(yaml.safe_dump(policy, allow_unicode=True), encoding="utf-8")
-    dev = DevStack(
-        console=False,
-        env={
-            "IMBOT_KAFKA_BOOTSTRAP": broker.bootstrap,
-            "IMBOT_KAFKA_EMBEDDED": "true",
-            "IMBOT_TOPIC_PREFIX": f"s{uuid.uuid4().hex[:6]}.",
-            "IMBOT_TOPIC_PARTITIONS": "3",
-            "IMBOT_DATABASE_URL": pg_url,
-            "IMBOT_CALLBACK_SECRETS": "e2e-secret",
-            "IMBOT_POLICY_FILE": str(policy_file),
-        },
-        log_dir=root / "logs",
-        state_file=root / "dev.json",
-    )
-    dev.start()
-    try:
-        dev.wait_ready(timeout=60)
+    with running_stack(root, broker, pg_url, policy, prefix="s", console=False) as dev:
         yield dev
-    finally:
-        dev.stop()
 
 
 def _screen(stack: DevStack, **query: Any) -> dict[str, Any]:
