@@ -132,7 +132,8 @@ def _wait_streaming(stack: DevStack, users: list[str]) -> None:
             if any(i["kind"] == "stream" and i["text"] for i in items):
                 waiting.discard(user)
         time.sleep(0.05)
-    assert not waiting, "no stream started"
+    screens = {user: _screen(stack, user=user)["items"] for user in waiting}
+    assert not waiting, f"no stream started: {screens}; logs in {stack.log_dir}"
 
 
 async def _answers(stack: DevStack, msg_ids: list[str]) -> dict[str, str]:

@@ -89,9 +89,12 @@ async def test_the_session_cookie_is_httponly_strict_and_secure_behind_tls(
         allow_redirects=False,
     )
     assert tls.cookies["imbot_console"]["secure"]
-    # A cookie whose signature does not match is nobody.
+    # A cookie whose signature does not match is nobody. (The signature is hex: its last
+    # digit is changed to another one, never to itself.)
+    last = cookie.value[-1]
+    forged = cookie.value[:-1] + ("1" if last == "0" else "0")
     console.session.cookie_jar.clear()
-    console.session.cookie_jar.update_cookies({"imbot_console": cookie.value[:-2] + "00"})
+    console.session.cookie_jar.update_cookies({"imbot_console": forged})
     assert (await console.get("/audit", allow_redirects=False)).status == 401
 
 
