@@ -317,7 +317,8 @@ class CpuSnapshot:
 
 def _profile(pids: dict[str, int], seconds: float) -> list[subprocess.Popen[bytes]]:
     """py-spy on the worker and the sender over the measured window, collapsed stacks into
-    ``$IMBOT_BENCH_PROFILE/<process>-<pid>.txt`` (nothing when the variable is unset)."""
+    ``$IMBOT_BENCH_PROFILE/<process>-<pid>.txt`` (nothing when the variable is unset;
+    ``IMBOT_BENCH_PROFILE_GIL=1`` samples only the thread holding the GIL)."""
     out = os.environ.get("IMBOT_BENCH_PROFILE")
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not out or not Path(spy).exists():
@@ -339,6 +340,9 @@ def _profile(pids: dict[str, int], seconds: float) -> list[subprocess.Popen[byte
                 str(pid),
                 "-o",
                 f"{out}/{name}-{pid}.txt",
+                # Only the thread holding the GIL: Python's own CPU. Without it a thread
+                # waiting for a core (two cores, a dozen busy processes) looks busy too.
+                *(["--gil"] if os.environ.get("IMBOT_BENCH_PROFILE_GIL") else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

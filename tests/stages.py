@@ -4,16 +4,19 @@ and the default policy with a test's changes."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from imbot.adapters import ModelCatalog
+from imbot.core.envelope import Envelope
 from imbot.core.settings import DEFAULT_POLICY_FILE, Settings, load_settings
 from imbot.routing.budgets import Budgets
 from imbot.routing.health import OpenCircuits
 from imbot.routing.tiers import TierBook
+from imbot.streams.boundary import AfterPublish, Emit
 from imbot.streams.stages import CallModel, Files, Route
 
 
@@ -65,3 +68,13 @@ def model_stage(
         files=files,
         health=store.health if health else None,
     )
+
+
+async def handled(stage: CallModel, env: Envelope, *, within_s: float = 10) -> list[Emit]:
+    """What the model stage emits for ``env``, with its after-publish work done (the
+    settlement, the usage row) as the boundary does it once the outputs are published."""
+    outputs = await stage.handle(env, deadline=time.monotonic() + within_s)
+    for after in outputs:
+        if isinstance(after, AfterPublish):
+            await after.run()
+    return [out for out in outputs if isinstance(out, Emit)]

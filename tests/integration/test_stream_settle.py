@@ -17,7 +17,7 @@ from imbot.storage import Storage
 from imbot.streams.boundary import Emit
 from tests.envelopes import direct_envelope
 from tests.fakes.providers import FakeOpenAI
-from tests.stages import default_policy, model_stage, route_stage, settings_with
+from tests.stages import default_policy, handled, model_stage, route_stage, settings_with
 
 PRICE = 100.0  # CNY per million tokens
 
@@ -53,7 +53,7 @@ async def _call(settings: Settings, store: Storage) -> tuple[str, Emit | Excepti
     catalog = build_catalog(settings.policy.models)
     stage = model_stage(settings, store, catalog)
     try:
-        [out, *_] = await stage.handle(routed.envelope, deadline=time.monotonic() + 10)
+        [out] = await handled(stage, routed.envelope)
         assert isinstance(out, Emit)
         return env.sender, out
     except RetryableError as exc:

@@ -22,7 +22,7 @@ from imbot.streams.boundary import Emit
 from tests.envelopes import direct_envelope
 from tests.fakes.providers import FakeOpenAI
 from tests.integration.conftest import new_easemob_client
-from tests.stages import default_policy, model_stage, route_stage, settings_with
+from tests.stages import default_policy, handled, model_stage, route_stage, settings_with
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 2048
 
@@ -68,7 +68,7 @@ async def _through(
     catalog = build_catalog(settings.policy.models)
     try:
         stage = model_stage(settings, store, catalog, files=client)
-        [out, *_] = await stage.handle(routed.envelope, deadline=time.monotonic() + 10)
+        [out] = await handled(stage, routed.envelope)
     finally:
         await catalog.aclose()
     assert isinstance(out, Emit)

@@ -135,6 +135,7 @@ class CallModel(PipelineStage, stage="model"):
         self.routing = policy.routing
         self.files = files
         self._next_sweep = 0.0
+        self._settling: set[asyncio.Task[None]] = set()  # settlements being written
         self.catalog = catalog
         self.audit = audit
         self.history = history
@@ -174,16 +175,26 @@ class CallModel(PipelineStage, stage="model"):
                 extra={"msg_id": env.msg_id, "error": type(exc).__name__},
             )
             return [answer(env, self.name, self.replies.unsupported, "unsupported")]
-        if env.replay is None and await self.usage.answered(env.msg_id):
-            # A copy of a message this stage already answered (a route worker died before
-            # committing it, and it was routed again): its answer is on its way; a second
-            # call would be paid twice, and a quota reply could reach the user first. An
-            # operator's replay is meant to call the model again.
-            log.info("already answered: copy dropped", extra={"msg_id": env.msg_id})
-            return []
         request = chat_request(env, images)
         await self._sweep()
-        held = await self._reserve(env, route, request)
+        # Is this a copy of a message this stage already answered (a route worker died
+        # before committing it, and it was routed again)? Its answer is on its way; a
+        # second call would be paid twice, and a quota reply could reach the user first.
+        # An operator's replay is meant to call the model again. The check and the
+        # reservation are made at once (the call waits one round trip, not two); a copy,
+        # rare, gives back the reservation it took.
+        held, copy = await asyncio.gather(
+            self._reserve(env, route, request), self._answered(env), return_exceptions=True
+        )
+        if isinstance(copy, BaseException) or copy:
+            if isinstance(held, Reservation):
+                await self._settle(env, held, None)
+            if isinstance(copy, BaseException):
+                raise copy
+            log.info("already answered: copy dropped", extra={"msg_id": env.msg_id})
+            return []
+        if isinstance(held, BaseException):
+            raise held
         if isinstance(held, QuotaView):
             ROUTE_DECISIONS.labels("quota_refused", route.tier or "").inc()
             refused = route.model_copy(update={"quota": held})
@@ -248,16 +259,36 @@ class CallModel(PipelineStage, stage="model"):
             provider_request_id=result.provider_request_id,
             attempts=result.attempts,
         )
-        # Settled before the completion goes on: a crash after this point re-runs the
-        # call, and that second call is paid (and reserved, and settled) again.
-        await self._settle(env, held, completion)
-        # The usage row is written once the completion is on its way to the next
-        # stage, and before this record is acknowledged: durable, but off the path
-        # the user waits on (a commit costs milliseconds).
+        # Settled while the completion is published, not before: a round trip off the
+        # path the user waits on. The settlement goes on whatever becomes of the
+        # publish (a failed one re-runs the call, and that second call is reserved and
+        # settled again); the record is acknowledged only once it is written. The usage
+        # row follows it, once the completion is on its way to the next stage.
+        settling = self._settle_soon(env, held, completion)
         return [
             Emit(self.forward, env.stamped(self.name, completion=completion)),
-            AfterPublish(functools.partial(self._record_usage, env, completion)),
+            AfterPublish(functools.partial(self._after_answer, settling, env, completion)),
         ]
+
+    async def _answered(self, env: Envelope) -> bool:
+        return env.replay is None and await self.usage.answered(env.msg_id)
+
+    def _settle_soon(
+        self, env: Envelope, held: Reservation | None, completion: Completion
+    ) -> asyncio.Task[None] | None:
+        if held is None:
+            return None
+        task = asyncio.ensure_future(self._settle(env, held, completion))
+        self._settling.add(task)  # held until done: the loop keeps only weak references
+        task.add_done_callback(self._settling.discard)
+        return task
+
+    async def _after_answer(
+        self, settling: asyncio.Task[None] | None, env: Envelope, completion: Completion
+    ) -> None:
+        if settling is not None:
+            await asyncio.shield(settling)  # never raises (``_settle``)
+        await self._record_usage(env, completion)
 
     async def _report_circuits(self, chain: Sequence[str]) -> None:
         """Tell the other workers (the route stage) when a circuit of this chain changed

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 from imbot.core.envelope import ChatType, Envelope, ImageRef, QuotaView, RouteDecision, Turn
 from imbot.core.routing import MICROS
@@ -112,7 +113,20 @@ class Route(PipelineStage, stage="route"):
             complexity = score_complexity(text, turns=0)
             level = routing.level_for(complexity.score).name
             chain, rule = user_tier.models[level], "level"
-        history = await self._history(env, route, chain)
+        # The budgets' standing does not depend on the history: both are read at once,
+        # so a budget costs the route no round trip of its own.
+        standing = (
+            asyncio.ensure_future(self.quota.states(self.budgets.scopes(env, tier)))
+            if tier is not None
+            else None
+        )
+        try:
+            history = await self._history(env, route, chain)
+        except BaseException:
+            if standing is not None:
+                standing.cancel()
+                standing.add_done_callback(_retrieved)
+            raise
         if complexity is not None and history:
             complexity = score_complexity(text, turns=len(history))
             level = routing.level_for(complexity.score).name
@@ -125,8 +139,9 @@ class Route(PipelineStage, stage="route"):
                 + estimate_tokens(text)
                 + sum(estimate_tokens(t.content) for t in history)
             )
-            states = await self.quota.states(self.budgets.scopes(env, tier))
+            assert standing is not None
             assert user_tier is not None
+            states = await standing
 
             def standing_of(chain: Sequence[str]) -> QuotaView:
                 return budget_view(
@@ -248,3 +263,9 @@ def _image_refs(env: Envelope) -> tuple[ImageRef, ...]:
             filename=filename[:256] if isinstance(filename, str) else None,
         ),
     )
+
+
+def _retrieved(task: asyncio.Task[Any]) -> None:
+    """A read given up (the history read failed): its own error, if any, is dropped."""
+    if not task.cancelled():
+        task.exception()
