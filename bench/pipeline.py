@@ -625,9 +625,14 @@ def _config_table(points: list[Point]) -> list[str]:
     return rows
 
 
+def _ms(ms: float) -> str:
+    """Milliseconds (the ratio's own precision); "never" for a message never answered."""
+    return "never" if ms == math.inf else f"{ms:.0f}"
+
+
 def _ab_table(points: list[Point]) -> list[str]:
     rows = [
-        "| latency | msg/s | p99 budgets on s | p99 budgets off s | on / off |",
+        "| latency | msg/s | p99 budgets on ms | p99 budgets off ms | on / off |",
         "|---|---|---|---|---|",
     ]
     by = {(p.latency, p.budgets, p.rate): p for p in points}
@@ -637,7 +642,7 @@ def _ab_table(points: list[Point]) -> list[str]:
             continue
         both = math.isfinite(on.p99) and math.isfinite(off.p99) and off.p99 > 0
         ratio = f"{on.p99 / off.p99:.2f}×" if both else "—"
-        rows.append(f"| {latency} | {rate:.0f} | {_s(on.p99)} | {_s(off.p99)} | {ratio} |")
+        rows.append(f"| {latency} | {rate:.0f} | {_ms(on.p99)} | {_ms(off.p99)} | {ratio} |")
     return rows
 
 

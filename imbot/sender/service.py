@@ -56,7 +56,7 @@ from imbot.sender.pacing import Pacer
 from imbot.sender.split import part_end, split_reply
 from imbot.sender.stream import StreamSender, stream_ledger_id
 from imbot.sender.targets import reply_digest, reply_target
-from imbot.storage import UNCERTAIN_ANSWER, DeliveryLedger, unstorable
+from imbot.storage import UNCERTAIN_ANSWER, Claim, DeliveryLedger, unstorable
 
 log = logging.getLogger("imbot.sender")
 
@@ -148,7 +148,19 @@ class ReplySender:
                     parts=finished.chunks, easemob_msg_ids=streamed, duplicate=finished.duplicate
                 )
         digest = reply_digest(text)
-        ledger = await self.store.ledger(ledger_id)
+        size = self.max_part_bytes
+        claimant = f"{self._name}:{next(self._calls)}"
+        # Most replies are new, and claiming their first part says so: a row made by this
+        # claim (first attempt, no earlier claimant) means no part was ever tried, since
+        # parts go in order. Then the ledger need not be read. Otherwise it says what was
+        # sent; a claim of part 0 held now is claimed again below by the same claimant.
+        # The pacer's wait comes before the claim, so the lease covers only the send.
+        await self.client.wait_turn()
+        if time.monotonic() > deadline:  # (a claim made now would only block the retry)
+            raise RetryableError("delivery deadline passed")
+        first = await self._claim(ledger_id, 0, claimant, text, size, kind, target)
+        fresh = first is not None and first.attempt == 1 and not first.uncertain
+        ledger = {} if fresh else await self.store.ledger(ledger_id)
 
         # Skip what was sent already: parts 0, 1, … as long as the ledger has them.
         ids: list[str] = []
@@ -165,8 +177,6 @@ class ReplySender:
             start = row.end_offset
         resumed = len(ids)
 
-        size = self.max_part_bytes
-        claimant = f"{self._name}:{next(self._calls)}"
         while start < len(text) or not ids:
             if time.monotonic() > deadline:
                 raise RetryableError("delivery deadline passed")
@@ -182,17 +192,13 @@ class ReplySender:
             if kind != "users" and self.mention_asker:
                 ext["em_at_list"] = [env.sender]
             ids_log = {"msg_id": env.msg_id, "conversation": env.conversation_id, "part": index}
-            # The pacer's wait comes before the claim, so the lease covers only the send.
-            await self.client.wait_turn()
-            claim = await self.store.claim_part(
-                ledger_id,
-                index,
-                claimant,
-                lease_s=self.claim_lease_s,
-                parts=parts,
-                target_kind=kind,
-                target=target,
-            )
+            if fresh:
+                claim, fresh = first, False  # made above, for this part and this split
+            else:
+                await self.client.wait_turn()
+                claim = await self._claim(
+                    ledger_id, index, claimant, text[start:], size, kind, target
+                )
             if claim is None:
                 PARTS_SENT.labels("claimed_elsewhere").inc()
                 log.info("part claimed by another sender, leaving it to that one", extra=ids_log)
@@ -260,6 +266,16 @@ class ReplySender:
             PARTS_SENT.labels("duplicate").inc()
             log.info("duplicate outbound record, nothing sent", extra={"msg_id": env.msg_id})
         return Delivery(parts=len(ids), easemob_msg_ids=tuple(ids), duplicate=duplicate)
+
+    async def _claim(
+        self, ledger_id: str, index: int, claimant: str, rest: str, size: int,
+        kind: TargetKind, target: str,
+    ) -> Claim | None:  # fmt: skip
+        """Claim part ``index``, the first of what is left (``rest``) split at ``size``."""
+        return await self.store.claim_part(
+            ledger_id, index, claimant, lease_s=self.claim_lease_s,
+            parts=index + len(split_reply(rest, size)), target_kind=kind, target=target,
+        )  # fmt: skip
 
     async def _failed(
         self,
