@@ -741,7 +741,14 @@ def plot(points: list[Point], path: Path, smoke: bool) -> bool:
         ax.set_yscale("log")
         plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
         ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain)
+        # Minor ticks labelled at 2 and 5 of each decade only: all of them overlap.
+        ax.yaxis.set_minor_formatter(
+            ticker.FuncFormatter(
+                lambda v, _: (
+                    f"{v:g}" if round(v / 10 ** math.floor(math.log10(v))) in (2, 5) else ""
+                )
+            )
+        )
         ax.tick_params(axis="y", which="minor", labelsize=7)
         ax.set_xticks(sorted({p.rate for p in mine}))
         ax.grid(True, which="both", alpha=0.3)
