@@ -262,6 +262,14 @@ class Complexity:
     score: float  # 0.0 (small talk) .. 1.0 (hard multi-step work)
     features: dict[str, float]  # every feature's value, in 0..1
     contributions: dict[str, float]  # how much each feature added to the score
+    empty: bool = False  # no text to score: 0 whatever the history
+
+    def with_turns(self, turns: int) -> Complexity:
+        """The same text scored with ``turns`` earlier turns (``score_complexity(text,
+        turns=turns)`` without reading the text again)."""
+        if self.empty:
+            return self
+        return _scored({**self.features, "turns": _saturate(max(0, turns), _TURNS_FULL)})
 
 
 def _saturate(count: int, full: int) -> float:
@@ -347,7 +355,15 @@ def _features(window: str, total_chars: int, turns: int) -> dict[str, float]:
 
 def _zero() -> Complexity:
     zeros = dict.fromkeys(WEIGHTS, 0.0)
-    return Complexity(score=0.0, features=zeros, contributions=dict(zeros))
+    return Complexity(score=0.0, features=zeros, contributions=dict(zeros), empty=True)
+
+
+def _scored(features: dict[str, float]) -> Complexity:
+    contributions = {name: round(WEIGHTS[name] * value, 4) for name, value in features.items()}
+    raw = BIAS + sum(contributions.values())
+    return Complexity(
+        score=round(min(1.0, max(0.0, raw)), 4), features=features, contributions=contributions
+    )
 
 
 def score_complexity(text: str, *, turns: int = 0) -> Complexity:
@@ -356,9 +372,4 @@ def score_complexity(text: str, *, turns: int = 0) -> Complexity:
     window = _CONTROL.sub(" ", text[:WINDOW])
     if not window.strip():
         return _zero()
-    features = _features(window, max(len(text), 1), turns)
-    contributions = {name: round(WEIGHTS[name] * value, 4) for name, value in features.items()}
-    raw = BIAS + sum(contributions.values())
-    return Complexity(
-        score=round(min(1.0, max(0.0, raw)), 4), features=features, contributions=contributions
-    )
+    return _scored(_features(window, max(len(text), 1), turns))

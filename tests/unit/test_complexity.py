@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from imbot.core.settings import DEFAULT_POLICY_FILE, load_policy
 from imbot.routing.complexity import WEIGHTS, WINDOW, Complexity, score_complexity
@@ -103,6 +105,13 @@ def test_turns_raise_the_score_of_the_same_text() -> None:
     first, later = score_complexity(text), score_complexity(text, turns=12)
     assert later.features["turns"] > first.features["turns"] == 0
     assert later.score > first.score
+
+
+@given(text=st.text(max_size=300), turns=st.integers(min_value=-2, max_value=40))
+def test_rescoring_with_turns_is_scoring_with_them(text: str, turns: int) -> None:
+    """The route scores once without history and then with its turns: the same result
+    as scoring the text with them from the start."""
+    assert score_complexity(text).with_turns(turns) == score_complexity(text, turns=turns)
 
 
 def test_latin_words_match_whole_even_next_to_chinese() -> None:

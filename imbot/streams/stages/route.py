@@ -128,7 +128,7 @@ class Route(PipelineStage, stage="route"):
                 standing.add_done_callback(_retrieved)
             raise
         if complexity is not None and history:
-            complexity = score_complexity(text, turns=len(history))
+            complexity = complexity.with_turns(len(history))
             level = routing.level_for(complexity.score).name
             assert user_tier is not None
             chain = user_tier.models[level]
