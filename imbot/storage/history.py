@@ -2,12 +2,38 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Select, func, select, update
+from sqlalchemy import Integer, Select, String, bindparam, func, select, update
 
 from imbot.core.envelope import Turn
 from imbot.core.tokens import estimate_tokens
 from imbot.storage.database import Database
 from imbot.storage.schema import ConversationRow, MessageRow
+
+# The newest ``limit`` messages of a conversation since its history was last cleared.
+# Built once: building it and its cache key for every message cost 0.2 ms of CPU.
+_HISTORY = (
+    select(
+        MessageRow.role,
+        MessageRow.text,
+        MessageRow.tokens,
+        MessageRow.msg_id,
+        MessageRow.kind,
+        MessageRow.reply_to,
+        MessageRow.provider,
+    )
+    .where(
+        MessageRow.conversation_id == bindparam("conversation_id", type_=String),
+        MessageRow.id
+        > func.coalesce(
+            select(ConversationRow.history_from_id)
+            .where(ConversationRow.id == bindparam("conversation_id", type_=String))
+            .scalar_subquery(),
+            0,
+        ),
+    )
+    .order_by(MessageRow.id.desc())
+    .limit(bindparam("limit", type_=Integer))
+)
 
 
 class HistoryWindow:
@@ -37,9 +63,12 @@ class HistoryWindow:
         """
         if turns <= 0:
             return ()
-        query = self.history_query(conversation_id, 2 * turns + 2)
         async with self._database.reading() as session:
-            rows = (await session.execute(query)).all()
+            rows = (
+                await session.execute(
+                    _HISTORY, {"conversation_id": conversation_id, "limit": 2 * turns + 2}
+                )
+            ).all()
         picked: list[Turn] = []
         skipped: set[str] = set()  # user messages whose reply was not a model answer
         used = 0
@@ -67,29 +96,9 @@ class HistoryWindow:
     def history_query(
         conversation_id: str, limit: int
     ) -> Select[tuple[str, str, int | None, str, str, str | None, str | None]]:
-        """The newest ``limit`` messages of a conversation since its history was last cleared."""
-        cleared = (
-            select(ConversationRow.history_from_id)
-            .where(ConversationRow.id == conversation_id)
-            .scalar_subquery()
-        )
-        return (
-            select(
-                MessageRow.role,
-                MessageRow.text,
-                MessageRow.tokens,
-                MessageRow.msg_id,
-                MessageRow.kind,
-                MessageRow.reply_to,
-                MessageRow.provider,
-            )
-            .where(
-                MessageRow.conversation_id == conversation_id,
-                MessageRow.id > func.coalesce(cleared, 0),
-            )
-            .order_by(MessageRow.id.desc())
-            .limit(limit)
-        )
+        """The newest ``limit`` messages of a conversation since its history was last
+        cleared: the statement ``history_window`` runs, with its values bound."""
+        return _HISTORY.params(conversation_id=conversation_id, limit=limit)
 
     async def clear_history(self, conversation_id: str) -> None:
         """Leave everything said so far out of future history windows (rows stay, for audit)."""
