@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import String, bindparam, select
 
 from imbot.core.envelope import Envelope
 from imbot.core.tokens import estimate_tokens
@@ -182,6 +182,20 @@ def _sent(
     }
 
 
+# Every part of one ledger (built once: a statement and its cache key cost more than
+# running it).
+_LEDGER = select(
+    DeliveryRow.part,
+    DeliveryRow.status,
+    DeliveryRow.easemob_msg_id,
+    DeliveryRow.attempts,
+    DeliveryRow.end_offset,
+    DeliveryRow.reply_digest,
+    DeliveryRow.error,
+    DeliveryRow.parts,
+).where(DeliveryRow.msg_id == bindparam("msg_id", type_=String))
+
+
 class DeliveryLedger:
     """The ledger of reply parts and the history writes of a delivered reply."""
 
@@ -193,18 +207,8 @@ class DeliveryLedger:
         self._exchanges = GroupCommit(database, _INSERT_EXCHANGE, order_by="msg_id")
 
     async def ledger(self, msg_id: str) -> dict[int, LedgerRow]:
-        query = select(
-            DeliveryRow.part,
-            DeliveryRow.status,
-            DeliveryRow.easemob_msg_id,
-            DeliveryRow.attempts,
-            DeliveryRow.end_offset,
-            DeliveryRow.reply_digest,
-            DeliveryRow.error,
-            DeliveryRow.parts,
-        ).where(DeliveryRow.msg_id == msg_id)
         async with self._database.reading() as session:
-            rows = (await session.execute(query)).all()
+            rows = (await session.execute(_LEDGER, {"msg_id": msg_id})).all()
         return {r.part: LedgerRow(*r) for r in rows}
 
     async def claim_part(
