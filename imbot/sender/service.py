@@ -158,7 +158,8 @@ class ReplySender:
         await self.client.wait_turn()
         if time.monotonic() > deadline:  # (a claim made now would only block the retry)
             raise RetryableError("delivery deadline passed")
-        first = await self._claim(ledger_id, 0, claimant, text, size, kind, target)
+        parts = len(split_reply(text, size))  # if no part was sent: part 0 of these
+        first = await self._claim(ledger_id, 0, claimant, parts, kind, target)
         fresh = first is not None and first.attempt == 1 and not first.uncertain
         ledger = {} if fresh else await self.store.ledger(ledger_id)
 
@@ -182,7 +183,8 @@ class ReplySender:
                 raise RetryableError("delivery deadline passed")
             index = len(ids)
             end = part_end(text, start, size)
-            parts = index + len(split_reply(text[start:], size))
+            if not fresh:  # (fresh: part 0 of the split made for the claim above)
+                parts = index + len(split_reply(text[start:], size))
             ext: dict[str, object] = {
                 "imbot_reply_to": env.msg_id,
                 "imbot_part": index,
@@ -196,9 +198,7 @@ class ReplySender:
                 claim, fresh = first, False  # made above, for this part and this split
             else:
                 await self.client.wait_turn()
-                claim = await self._claim(
-                    ledger_id, index, claimant, text[start:], size, kind, target
-                )
+                claim = await self._claim(ledger_id, index, claimant, parts, kind, target)
             if claim is None:
                 PARTS_SENT.labels("claimed_elsewhere").inc()
                 log.info("part claimed by another sender, leaving it to that one", extra=ids_log)
@@ -268,13 +268,12 @@ class ReplySender:
         return Delivery(parts=len(ids), easemob_msg_ids=tuple(ids), duplicate=duplicate)
 
     async def _claim(
-        self, ledger_id: str, index: int, claimant: str, rest: str, size: int,
-        kind: TargetKind, target: str,
-    ) -> Claim | None:  # fmt: skip
-        """Claim part ``index``, the first of what is left (``rest``) split at ``size``."""
+        self, ledger_id: str, index: int, claimant: str, parts: int, kind: TargetKind, target: str
+    ) -> Claim | None:
+        """Claim part ``index`` of ``parts`` for the length of a send."""
         return await self.store.claim_part(
             ledger_id, index, claimant, lease_s=self.claim_lease_s,
-            parts=index + len(split_reply(rest, size)), target_kind=kind, target=target,
+            parts=parts, target_kind=kind, target=target,
         )  # fmt: skip
 
     async def _failed(

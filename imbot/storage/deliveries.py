@@ -168,13 +168,23 @@ _EASEMOB_ID_MAX = _length(DeliveryRow.__table__.c.easemob_msg_id)
 
 
 def _sent(
-    msg_id: str, part: int, easemob_msg_id: str, end_offset: int, reply_digest: str, parts: int
+    msg_id: str,
+    part: int,
+    easemob_msg_id: str,
+    *,
+    end_offset: int,
+    reply_digest: str,
+    parts: int,
+    target_kind: str,
+    target: str,
 ) -> dict[str, object]:
-    """The values of a part's row recorded as sent (its target added by the caller)."""
+    """The values of a part's row recorded as sent."""
     return {
         "msg_id": msg_id,
         "part": part,
         "parts": parts,
+        "target_kind": target_kind,
+        "target": target,
         "easemob_msg_id": easemob_msg_id[:_EASEMOB_ID_MAX],
         "end_offset": end_offset,
         "reply_digest": reply_digest,
@@ -264,11 +274,12 @@ class DeliveryLedger:
         written afterwards, group-committed apart from it (``record_exchange``), so it
         can neither roll back nor delay this row.
         """
-        values = _sent(msg_id, part, easemob_msg_id, end_offset, reply_digest, parts)
+        values = _sent(
+            msg_id, part, easemob_msg_id, end_offset=end_offset, reply_digest=reply_digest,
+            parts=parts, target_kind=target_kind, target=target,
+        )  # fmt: skip
         async with self._database.writing_one() as session:
-            await session.execute(
-                _MARK_SENT, {**values, "target_kind": target_kind, "target": target}
-            )
+            await session.execute(_MARK_SENT, values)
 
     async def sent_if_absent(
         self,
@@ -283,8 +294,10 @@ class DeliveryLedger:
     ) -> bool:
         """Record ``part`` as sent with nothing sent to Easemob (a ledger closed before it
         was opened), unless the part has a row already; True when written."""
-        values = _sent(msg_id, part, "", end_offset, reply_digest, parts)
-        values.update(target_kind=target_kind, target=target)
+        values = _sent(
+            msg_id, part, "", end_offset=end_offset, reply_digest=reply_digest,
+            parts=parts, target_kind=target_kind, target=target,
+        )  # fmt: skip
         async with self._database.writing_one() as session:
             return (await session.execute(_SENT_IF_ABSENT, values)).first() is not None
 
